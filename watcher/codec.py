@@ -1,0 +1,439 @@
+"""Decoding and encoding: the only module that reads image bytes or writes encoded ones.
+
+Decoding is strict: only regular files are opened (FIFOs, sockets and devices never), symlinks are
+refused without reading their target when asked, only an allow-list of formats is tried, a
+truncated image is an error, and a decompression-bomb warning is an error. Every failure becomes a
+``RejectedInput`` with a stable reason.
+
+Encoding never fails for a mode mismatch: the image is brought to a mode the format can store,
+alpha is flattened onto a background where the format has none, 16-bit and float images are
+*scaled* to 8 bits, CMYK goes through its ICC profile, and the colour and metadata policies decide
+which ICC profile, EXIF and XMP the output carries.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import stat
+import struct
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cache
+from typing import IO, Any
+
+from PIL import Image, ImageCms, ImageColor, UnidentifiedImageError
+
+from .errors import RejectedInput
+
+# Formats opened by default (Pillow format names). Configurable per run.
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF", "MPO")
+OUTPUT_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "avif": "AVIF", "bmp": "BMP",
+                  "tiff": "TIFF", "gif": "GIF"}
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "AVIF": ".avif", "BMP": ".bmp",
+              "TIFF": ".tif", "GIF": ".gif", "MPO": ".jpg"}
+# Output formats that store more than one frame.
+ANIMATED_FORMATS = {"GIF", "WEBP", "PNG", "TIFF", "AVIF"}
+ALPHA_FORMATS = {"PNG", "WEBP", "AVIF", "TIFF", "GIF"}
+ORIENTATION = 0x0112
+COPYRIGHT_TAGS = (0x013B, 0x8298)  # Artist, Copyright
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    pixel_limit: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+    max_file_size: int = 0  # 0: no limit
+
+
+@dataclass(frozen=True)
+class Source:
+    """A decoded input: its first frame (possibly drafted) and what is known about the file."""
+
+    image: Image.Image
+    format: str
+    size: tuple[int, int]  # the stored size, before any reduced-scale decode
+    n_frames: int
+    bytes_in: int
+    icc: bytes | None
+    exif: bytes | None
+    xmp: bytes | None
+    file: IO[bytes] | None = None  # kept open while later frames may be read
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+# --- opening ------------------------------------------------------------------------------------
+
+def open_regular(path: str, *, nofollow: bool, max_size: int = 0) -> tuple[IO[bytes], int]:
+    """Open ``path`` for reading only if it is a regular file; never block on a FIFO."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError as exc:
+        raise RejectedInput("missing", f"{path}: no such file") from exc
+    except PermissionError as exc:
+        raise RejectedInput("permission-denied", f"{path}: {exc.strerror}") from exc
+    if stat.S_ISLNK(st.st_mode):
+        if nofollow:
+            raise RejectedInput("symlink", f"{path} is a symbolic link; links are not followed")
+        try:
+            st = os.stat(path)
+        except FileNotFoundError as exc:
+            raise RejectedInput("missing", f"{path}: dangling symbolic link") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise RejectedInput("not-a-file", f"{path} is not a regular file ({_kind(st.st_mode)})")
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError as exc:
+        raise RejectedInput("missing", f"{path}: no such file") from exc
+    except PermissionError as exc:
+        raise RejectedInput("permission-denied", f"{path}: {exc.strerror}") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RejectedInput("symlink", f"{path} became a symbolic link") from exc
+        raise RejectedInput("permission-denied", f"{path}: {exc.strerror}") from exc
+    st = os.fstat(fd)  # the file we opened, not the name we looked at
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise RejectedInput("not-a-file", f"{path} is not a regular file ({_kind(st.st_mode)})")
+    if max_size and st.st_size > max_size:
+        os.close(fd)
+        raise RejectedInput("too-large", f"{path} is {st.st_size} bytes; max_file_size is "
+                                         f"{max_size}")
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+                  IndexError, KeyError, TypeError, AttributeError, MemoryError)
+
+
+def _classify(path: str, exc: BaseException) -> RejectedInput:
+    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return RejectedInput("decompression-bomb", f"{path}: {exc}")
+    text = str(exc)
+    if "truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text:
+        return RejectedInput("truncated", f"{path}: {text or type(exc).__name__}")
+    if isinstance(exc, MemoryError):
+        return RejectedInput("decompression-bomb", f"{path}: out of memory decoding")
+    return RejectedInput("corrupt", f"{path}: {type(exc).__name__}: {text}")
+
+
+def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
+           plan: Callable[[Image.Image], tuple[str, tuple[int, int]] | None] | None = None,
+           ) -> Source:
+    """Open and fully decode the first frame of ``path``.
+
+    ``plan(image)`` is called once the header is read (size, mode, EXIF known, no pixels yet);
+    it may return (mode, size) to ask a JPEG for a reduced-scale decode no smaller than ``size``
+    (libjpeg DCT scaling): a thumbnail of a 48 MP photo then never holds the full image.
+    """
+    f, nbytes = open_regular(path, nofollow=nofollow, max_size=limits.max_file_size)
+    Image.MAX_IMAGE_PIXELS = limits.pixel_limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(f, formats=limits.formats)
+            except UnidentifiedImageError as exc:
+                raise _unidentified(f, path, limits) from exc
+            except _DECODE_ERRORS as exc:
+                raise _classify(path, exc) from exc
+            except Image.DecompressionBombWarning as exc:
+                raise _classify(path, exc) from exc
+            stored = im.size
+            fmt = im.format or "?"
+            n_frames = getattr(im, "n_frames", 1)
+            icc, exif, xmp = _metadata(im)
+            draft = plan(im) if plan is not None else None
+            try:
+                if draft is not None and fmt in ("JPEG", "MPO"):
+                    mode, size = draft
+                    if im.mode != "RGB":
+                        mode = im.mode  # only YCbCr colour JPEGs have a luma-only shortcut
+                    im.draft(mode, size)
+                im.load()
+            except _DECODE_ERRORS as exc:
+                raise _classify(path, exc) from exc
+            except Image.DecompressionBombWarning as exc:
+                raise _classify(path, exc) from exc
+        if n_frames == 1:
+            f.close()  # keep the file only where more frames may be read
+        return Source(im, fmt, stored, n_frames, nbytes, icc, exif, xmp,
+                      f if n_frames > 1 else None)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _unidentified(f: IO[bytes], path: str, limits: DecodeLimits) -> RejectedInput:
+    f.seek(0)
+    try:
+        with Image.open(f) as other:
+            fmt = other.format
+    except Exception:  # noqa: BLE001 - any failure here means: not an image we know
+        return RejectedInput("not-an-image", f"{path}: not a recognised image "
+                                             f"(allowed: {', '.join(limits.formats)})")
+    return RejectedInput("format-not-allowed", f"{path}: {fmt} is not in the allowed formats "
+                                               f"({', '.join(limits.formats)})")
+
+
+def _metadata(im: Image.Image) -> tuple[bytes | None, bytes | None, bytes | None]:
+    icc = im.info.get("icc_profile") or None
+    exif = im.info.get("exif") or None
+    xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp") or None
+    if isinstance(xmp, str):
+        xmp = xmp.encode()
+    return icc, (exif if isinstance(exif, bytes) else None), xmp
+
+
+def frames(src: Source, path: str, limit: int) -> Iterator[tuple[Image.Image, int]]:
+    """Yield (frame, duration ms) for the first ``limit`` frames of an animated source."""
+    im = src.image
+    for i in range(min(src.n_frames, limit)):
+        try:
+            im.seek(i)
+            im.load()
+        except _DECODE_ERRORS as exc:
+            raise _classify(path, exc) from exc
+        yield im.copy(), int(im.info.get("duration", 100) or 100)
+
+
+# --- bringing pixels to a working form ----------------------------------------------------------
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or float image to 8-bit L: the full range maps to 0-255."""
+    if im.mode.startswith("I;16"):
+        im = im.convert("I") if im.mode != "I;16" else im
+        return im.point(lambda v: v * (255 / 65535)).convert("L") if im.mode == "I" \
+            else im.point(lambda v: v * (255 / 65535), "L")
+    if im.mode == "I":
+        lo, hi = im.getextrema()
+        if lo >= 0 and hi <= 255:
+            return im.convert("L")
+        if lo >= 0 and hi <= 65535:
+            return im.point(lambda v: v * (255 / 65535)).convert("L")
+        lo = min(lo, 0)
+        return im.point(lambda v: (v - lo) * (255 / (hi - lo))).convert("L")
+    if im.mode == "F":
+        lo, hi = im.getextrema()
+        if lo >= 0 and hi <= 1.0:
+            return im.point(lambda v: v * 255).convert("L")
+        lo = min(lo, 0.0)
+        span = (hi - lo) or 1.0
+        return im.point(lambda v: (v - lo) * (255 / span)).convert("L")
+    return im
+
+
+@cache
+def _srgb() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+@cache
+def srgb_icc() -> bytes:
+    return _srgb().tobytes()
+
+
+def _profile(icc: bytes) -> ImageCms.ImageCmsProfile | None:
+    try:
+        return ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    except (OSError, ImageCms.PyCMSError, TypeError, ValueError):
+        return None
+
+
+def _is_srgb(profile: ImageCms.ImageCmsProfile) -> bool:
+    desc = (profile.profile.profile_description or "").lower()
+    return "srgb" in desc
+
+
+def _space(profile: ImageCms.ImageCmsProfile) -> str:
+    return (profile.profile.xcolor_space or "").strip().upper()
+
+
+def working(src: Source, colour: str, notes: list[str]) -> Image.Image:
+    """The decoded first frame in L, LA, RGB or RGBA, converted to sRGB when asked."""
+    return to_working(src.image, src.icc, colour, notes)
+
+
+def to_working(im: Image.Image, icc: bytes | None, colour: str, notes: list[str]) -> Image.Image:
+    profile = _profile(icc) if icc else None
+    if icc and profile is None:
+        notes.append("icc profile unreadable; colours taken as sRGB")
+    if im.mode == "CMYK":
+        if profile is not None and _space(profile) == "CMYK":
+            try:
+                return ImageCms.profileToProfile(im, profile, _srgb(), outputMode="RGB")
+            except ImageCms.PyCMSError as exc:
+                notes.append(f"cmyk profile conversion failed ({exc}); naive conversion used")
+        return im.convert("RGB")  # Adobe-inverted CMYK is already un-inverted by the decoder
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        im = to_8bit(im)
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode == "PA":
+        im = im.convert("RGBA")
+    elif im.mode in ("La", "RGBa"):
+        im = im.convert({"La": "LA", "RGBa": "RGBA"}[im.mode])
+    elif im.mode == "L" and "transparency" in im.info:
+        im = im.convert("LA")
+    elif im.mode == "RGB" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    elif im.mode not in ("L", "LA", "RGB", "RGBA"):
+        im = im.convert("RGB")  # YCbCr, LAB, HSV, RGBX
+    if (colour == "srgb" and profile is not None and im.mode in ("RGB", "RGBA")
+            and _space(profile) == "RGB" and not _is_srgb(profile)):
+        im = _convert_rgb(im, profile, notes)
+    return im
+
+
+def _convert_rgb(im: Image.Image, profile: ImageCms.ImageCmsProfile,
+                 notes: list[str]) -> Image.Image:
+    alpha = im.getchannel("A") if im.mode == "RGBA" else None
+    rgb = im.convert("RGB") if alpha is not None else im
+    try:
+        out = ImageCms.profileToProfile(rgb, profile, _srgb(), outputMode="RGB")
+    except ImageCms.PyCMSError as exc:
+        notes.append(f"icc conversion to sRGB failed ({exc}); pixels left as they are")
+        return im
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out
+
+
+# --- encoding -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How a pipeline's output is encoded. Validated by config; defaults are the safe ones."""
+
+    format: str = "same"  # same | jpeg | png | webp | avif | bmp | tiff | gif
+    quality: int = 85
+    metadata: str = "strip"  # strip | keep | copyright
+    colour: str = "srgb"  # srgb | keep
+    background: str = "#ffffff"
+    frames: str = "first"  # first | all
+    max_frames: int = 100
+    auto_orient: bool = True
+    optimize: bool = False
+    progressive: bool = False
+    lossless: bool = False
+
+    def output_format(self, input_format: str) -> str:
+        if self.format == "same":
+            return "JPEG" if input_format == "MPO" else (
+                input_format if input_format in EXTENSIONS else "PNG")
+        return OUTPUT_FORMATS[self.format]
+
+
+def fit_mode(im: Image.Image, fmt: str, background: str) -> Image.Image:
+    """Bring ``im`` to a mode ``fmt`` stores, flattening alpha where ``fmt`` has none."""
+    im = to_working(im, None, "keep", []) if im.mode not in ("L", "LA", "RGB", "RGBA") else im
+    has_alpha = im.mode in ("LA", "RGBA")
+    if has_alpha and fmt not in ALPHA_FORMATS:
+        im = flatten(im, background)
+    if fmt == "GIF" and im.mode == "LA":
+        im = im.convert("RGBA")
+    if fmt in ("BMP",) and im.mode not in ("L", "RGB"):
+        im = im.convert("RGB")
+    return im
+
+
+def flatten(im: Image.Image, background: str) -> Image.Image:
+    """Composite an image with alpha onto an opaque background colour."""
+    gray = im.mode == "LA"
+    rgba = im.convert("RGBA")
+    bg = Image.new("RGBA", im.size, ImageColor.getrgb(background))
+    out = Image.alpha_composite(bg, rgba).convert("RGB")
+    return out.convert("L") if gray else out
+
+
+def _exif_bytes(src_exif: bytes | None, policy: str, oriented: bool,
+                notes: list[str]) -> bytes | None:
+    if not src_exif or policy == "strip":
+        return None
+    try:
+        exif = Image.Exif()
+        exif.load(src_exif)
+        if policy == "copyright":
+            kept = Image.Exif()
+            for tag in COPYRIGHT_TAGS:
+                if tag in exif:
+                    kept[tag] = exif[tag]
+            return kept.tobytes() if len(kept) else None
+        if oriented and ORIENTATION in exif:
+            exif[ORIENTATION] = 1
+        return exif.tobytes()
+    except Exception as exc:  # noqa: BLE001 - malformed EXIF must never fail the image
+        notes.append(f"exif dropped: unreadable ({type(exc).__name__})")
+        return None
+
+
+_XMP_ORIENT = re.compile(rb'tiff:Orientation(="|>)([0-9])')
+
+
+def save(images: list[tuple[Image.Image, int]], fp: IO[bytes], fmt: str, opts: OutputOptions,
+         src: Source, *, oriented: bool, notes: list[str]) -> None:
+    """Encode one image (or the frames of an animation) in ``fmt`` to ``fp``."""
+    first = fit_mode(images[0][0], fmt, opts.background)
+    params: dict[str, Any] = {}
+    if fmt in ("JPEG", "WEBP", "AVIF"):
+        params["quality"] = opts.quality
+    if fmt == "JPEG":
+        params["optimize"] = opts.optimize
+        params["progressive"] = opts.progressive
+    if fmt == "PNG":
+        params["optimize"] = opts.optimize
+    if fmt == "WEBP":
+        params["lossless"] = opts.lossless
+    if fmt == "TIFF":
+        params["compression"] = "tiff_deflate"
+    icc = _output_icc(first, src.icc, opts.colour)
+    if icc and fmt != "GIF":
+        params["icc_profile"] = icc
+    exif = _exif_bytes(src.exif, opts.metadata, oriented, notes)
+    if exif and fmt in ("JPEG", "PNG", "WEBP", "AVIF", "TIFF"):
+        params["exif"] = exif
+    if opts.metadata == "keep" and src.xmp and fmt in ("JPEG", "PNG", "WEBP", "AVIF"):
+        params["xmp"] = _XMP_ORIENT.sub(rb'tiff:Orientation\g<1>1', src.xmp) if oriented \
+            else src.xmp
+    first.info = {}  # nothing rides along that the policy did not choose
+    if len(images) > 1:
+        rest = [fit_mode(im, fmt, opts.background) for im, _ in images[1:]]
+        for im in rest:
+            im.info = {}
+        params.update(save_all=True, append_images=rest,
+                      duration=[d for _, d in images], loop=0)
+    first.save(fp, format=fmt, **params)
+
+
+def _output_icc(im: Image.Image, icc: bytes | None, colour: str) -> bytes | None:
+    if not icc:
+        return None
+    rgb = im.mode in ("RGB", "RGBA")
+    if colour == "srgb":
+        return srgb_icc() if rgb else None
+    profile = _profile(icc)
+    if profile is None:
+        return None
+    space = _space(profile)
+    if (space == "RGB" and rgb) or (space == "GRAY" and im.mode in ("L", "LA")):
+        return icc
+    return srgb_icc() if rgb else None

@@ -1,0 +1,401 @@
+"""Frozen settings: built-in pipelines, ``watcher.toml``, ``--ops`` strings, validated once.
+
+Every mistake is refused at load with the file, pipeline, step and key named, e.g.
+``watcher.toml: pipelines.web.steps[1][resize].width: expected int, got str '800px'``.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any
+
+from . import codec, transforms
+from .codec import DecodeLimits, OutputOptions
+from .errors import ConfigError
+from .pipeline import Pipeline, Step
+from .transforms import join
+
+CONFLICT_POLICIES = ("skip", "overwrite", "rename")
+START_METHODS = ("forkserver", "spawn")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the pool of worker processes runs."""
+
+    workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    task_timeout: float = 300.0  # seconds one input may take before its worker is killed
+    max_tasks_per_worker: int = 0  # recycle a worker after this many tasks (0: never)
+    crash_retries: int = 1  # a task whose worker died is tried this many more times
+    grace: float = 30.0  # on stop: how long running tasks may take to finish
+    start_method: str = "forkserver"
+
+
+@dataclass(frozen=True)
+class Settings:
+    pipelines: Mapping[str, Pipeline]
+    use: tuple[str, ...]  # the pipelines applied when none is named
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    on_conflict: str = "skip"
+    source: str = "<built-in>"
+
+    def select(self, names: Sequence[str]) -> tuple[Pipeline, ...]:
+        out = []
+        for name in names or self.use:
+            if name not in self.pipelines:
+                raise ConfigError(f"pipeline {name!r}", "no such pipeline; defined: "
+                                  + ", ".join(sorted(self.pipelines)))
+            out.append(self.pipelines[name])
+        return tuple(out)
+
+
+def _steps(*ops: str) -> tuple[Step, ...]:
+    return tuple(parse_step(op, "built-in") for op in ops)
+
+
+def builtin_pipelines() -> dict[str, Pipeline]:
+    return {
+        "thumbnail": Pipeline("thumbnail", _steps("thumbnail(128, 128)"), "thumbnail"),
+        "web": Pipeline("web", _steps("resize(width=1600, height=1600, upscale=False)"), "web",
+                        OutputOptions(format="jpeg", quality=82, progressive=True)),
+        "processed": Pipeline("processed", _steps("grayscale", "resize_half"), "processed"),
+    }
+
+
+def default_settings() -> Settings:
+    p = builtin_pipelines()
+    return Settings(MappingProxyType(p), ("thumbnail",))
+
+
+# --- steps and --ops strings --------------------------------------------------------------------
+
+_SPLIT = re.compile(r"[|;]")
+
+
+def split_ops(text: str) -> list[str]:
+    """Split ``"auto_orient, thumbnail(128,128) | blur(1)"`` at separators outside brackets."""
+    items, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if depth == 0 and (ch == "," or _SPLIT.match(ch)):
+            items.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur).strip())
+    return [i for i in items if i]
+
+
+def parse_step(text: str, where: str) -> Step:
+    """``"thumbnail(128, 128)"``, ``"resize(width=800)"`` or ``"grayscale"`` -> a bound Step."""
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError as exc:
+        raise ConfigError(where, f"cannot parse step {text!r}: {exc.msg}") from exc
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    if isinstance(node, ast.Call):
+        func = node.func
+        try:
+            args = [ast.literal_eval(a) for a in node.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}
+        except ValueError as exc:
+            raise ConfigError(where, f"step {text!r}: arguments must be literals") from exc
+        node = func
+    if not isinstance(node, ast.Name):
+        raise ConfigError(where, f"step {text!r}: expected NAME or NAME(args)")
+    return make_step(node.id, args, kwargs, where)
+
+
+def make_step(name: str, args: Sequence[Any], kwargs: Mapping[str, Any], where: str) -> Step:
+    spec = transforms.lookup(name, f"{where}[{name}]" if where else name)
+    return Step(spec.name, spec.bind(tuple(args), kwargs, where))
+
+
+def step_from_callable(func: Callable[..., Any], where: str) -> Step:
+    """A Python callable as a step: built-ins map to their registry entry; others are checked
+    to be importable top-level functions, so a worker process can load them."""
+    spec = transforms.spec_for_callable(func)
+    if spec is not None:
+        return Step(spec.name, spec.bind((), {}, where))
+    if isinstance(func, str):
+        return parse_step(func, where)
+    qual = getattr(func, "__qualname__", "")
+    module = getattr(func, "__module__", None)
+    hint = ("define it with 'def' at the top level of an importable module (not a lambda, a "
+            "nested function or a method), or use a registered name such as 'grayscale'")
+    if not callable(func) or not qual or "<" in qual or "." in qual or module is None:
+        raise ConfigError(where, f"{func!r} cannot be sent to a worker process: {hint}")
+    if module == "__main__":
+        import __main__  # noqa: PLC0415
+
+        if not getattr(__main__, "__file__", None):
+            raise ConfigError(where, f"{qual} is defined in an interactive session, which worker "
+                                     f"processes cannot import: {hint}")
+    import pickle  # noqa: PLC0415
+
+    try:
+        pickle.dumps(func)
+    except Exception as exc:
+        raise ConfigError(where, f"{qual} cannot be sent to a worker process ({exc}): "
+                                 f"{hint}") from exc
+    return Step(f"{module}.{qual}", (), func)
+
+
+def pipeline_from(items: Sequence[Any], name: str = "processed", suffix: str | None = None,
+                  output: OutputOptions | None = None) -> Pipeline:
+    """A pipeline from callables, registry names or step strings (the Python API and --ops)."""
+    steps: list[Step] = []
+    for i, item in enumerate(items):
+        where = f"transforms[{i}]"
+        if isinstance(item, Step):
+            steps.append(item)
+        elif isinstance(item, str):
+            steps.extend(parse_step(s, where) for s in split_ops(item))
+        else:
+            steps.append(step_from_callable(item, where))
+    if not steps:
+        raise ConfigError("transforms", "no transforms given")
+    return Pipeline(name, tuple(steps), name if suffix is None else suffix,
+                    output or OutputOptions())
+
+
+# --- watcher.toml -------------------------------------------------------------------------------
+
+_OUTPUT_KEYS = {f.name for f in fields(OutputOptions)}
+_CHOICES = {"format": ("same", *codec.OUTPUT_FORMATS), "metadata": ("strip", "keep", "copyright"),
+            "colour": ("srgb", "keep"), "frames": ("first", "all")}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
+          "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
+
+
+def parse_size(value: Any, where: str) -> int:
+    """Bytes from an int or a string like ``"200 MB"`` / ``"1GiB"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(where, f"expected a size such as 50000000 or \"50 MB\", got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _typed(value: Any, kind: type, where: str, lo: float | None = None,
+           hi: float | None = None) -> Any:
+    """Check one scalar setting; ``where`` is its full location."""
+    return transforms.Param("", kind, min=lo, max=hi).check(value, where)
+
+
+def _reject_unknown(table: Mapping[str, Any], known: set[str], where: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(join(where, key), "unknown key; known: " + ", ".join(sorted(known)))
+
+
+def output_options(table: Mapping[str, Any], where: str,
+                   base: OutputOptions | None = None) -> OutputOptions:
+    base = base or OutputOptions()
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _OUTPUT_KEYS:
+            continue
+        w = join(where, key)
+        if key in _CHOICES:
+            v = value.lower() if isinstance(value, str) else value
+            if v not in _CHOICES[key]:
+                raise ConfigError(w, f"expected one of {', '.join(_CHOICES[key])}, got {value!r}")
+            values[key] = v
+        elif key == "quality":
+            values[key] = _typed(value, int, w, 1, 100)
+        elif key == "max_frames":
+            values[key] = _typed(value, int, w, 1, 100_000)
+        elif key == "background":
+            values[key] = _typed(value, str, w)
+            try:
+                from PIL import ImageColor  # noqa: PLC0415
+
+                ImageColor.getrgb(value)
+            except ValueError as exc:
+                raise ConfigError(w, f"not a colour: {value!r}") from exc
+        else:
+            values[key] = _typed(value, bool, w)
+    return replace(base, **values)
+
+
+def _pipeline(name: str, table: Any, where: str, defaults: OutputOptions) -> Pipeline:
+    if not isinstance(table, dict):
+        raise ConfigError(where, "expected a table")
+    _reject_unknown(table, {"steps", "suffix", *_OUTPUT_KEYS}, where)
+    raw = table.get("steps")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}.steps", "expected a non-empty list of steps")
+    steps: list[Step] = []
+    for i, item in enumerate(raw):
+        w = f"{where}.steps[{i}]"
+        if isinstance(item, str):
+            parts = split_ops(item)
+            if len(parts) != 1:
+                raise ConfigError(w, f"one step per list item, got {item!r}")
+            steps.append(parse_step(parts[0], w))
+        elif isinstance(item, dict):
+            op = item.get("op")
+            if not isinstance(op, str):
+                raise ConfigError(f"{w}.op", "each step table needs op = \"name\"")
+            steps.append(make_step(op, (), {k: v for k, v in item.items() if k != "op"}, w))
+        else:
+            raise ConfigError(w, f"expected a string or a table, got {type(item).__name__}")
+    suffix = table.get("suffix", name)
+    if not isinstance(suffix, str) or not re.fullmatch(r"[\w.+-]*", suffix):
+        raise ConfigError(f"{where}.suffix", f"letters, digits, '_', '-', '.', '+' only, "
+                                             f"got {suffix!r}")
+    return Pipeline(name, tuple(steps), suffix, output_options(table, where, defaults))
+
+
+def load(path: str | os.PathLike[str] | None, **overrides: Any) -> Settings:
+    """Settings from a TOML file (or the built-ins), with keyword overrides applied last."""
+    settings = default_settings() if path is None else parse(_read(str(path)), str(path))
+    return apply_overrides(settings, **overrides)
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(path, "config file not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror}") from exc
+
+
+def parse(doc: Mapping[str, Any], name: str = "watcher.toml") -> Settings:
+    def where(key: str) -> str:
+        return f"{name}: {key}"
+
+    _reject_unknown(doc, {"pipelines", "defaults", "engine", "input", "output", "watch"},
+                    f"{name}:")
+    defaults = output_options(_table(doc, "defaults", where), where("defaults"))
+    _reject_unknown(_table(doc, "defaults", where), _OUTPUT_KEYS, where("defaults"))
+    pipelines = builtin_pipelines()
+    for pname, ptable in _table(doc, "pipelines", where).items():
+        if not re.fullmatch(r"[A-Za-z0-9_][\w.-]*", pname):
+            raise ConfigError(where(f"pipelines.{pname}"), "pipeline names are letters, digits, "
+                                                           "'_', '-' and '.'")
+        pipelines[pname] = _pipeline(pname, ptable, where(f"pipelines.{pname}"), defaults)
+
+    eng = _table(doc, "engine", where)
+    _reject_unknown(eng, {"workers", "timeout", "max_tasks_per_worker", "crash_retries", "grace",
+                          "start_method"}, where("engine"))
+    engine = EngineSettings()
+    e: dict[str, Any] = {}
+    if "workers" in eng:
+        e["workers"] = _typed(eng["workers"], int, where("engine.workers"), 1, 1024)
+    if "timeout" in eng:
+        e["task_timeout"] = _typed(eng["timeout"], float, where("engine.timeout"), 0.01)
+    if "max_tasks_per_worker" in eng:
+        e["max_tasks_per_worker"] = _typed(eng["max_tasks_per_worker"], int,
+                                           where("engine.max_tasks_per_worker"), 0)
+    if "crash_retries" in eng:
+        e["crash_retries"] = _typed(eng["crash_retries"], int, where("engine.crash_retries"), 0,
+                                    10)
+    if "grace" in eng:
+        e["grace"] = _typed(eng["grace"], float, where("engine.grace"), 0.0)
+    if "start_method" in eng:
+        if eng["start_method"] not in START_METHODS:
+            raise ConfigError(where("engine.start_method"),
+                              f"expected one of {', '.join(START_METHODS)}")
+        e["start_method"] = eng["start_method"]
+    engine = replace(engine, **e)
+
+    inp = _table(doc, "input", where)
+    _reject_unknown(inp, {"formats", "pixel_limit", "max_file_size"}, where("input"))
+    limits = DecodeLimits()
+    if "formats" in inp:
+        limits = replace(limits, formats=_formats(inp["formats"], where("input.formats")))
+    if "pixel_limit" in inp:
+        limits = replace(limits, pixel_limit=_typed(inp["pixel_limit"], int,
+                                                    where("input.pixel_limit"), 1))
+    if "max_file_size" in inp:
+        limits = replace(limits, max_file_size=parse_size(inp["max_file_size"],
+                                                          where("input.max_file_size")))
+
+    out = _table(doc, "output", where)
+    _reject_unknown(out, {"pipelines", "on_conflict"}, where("output"))
+    use = out.get("pipelines", ["thumbnail"])
+    if isinstance(use, str):
+        use = [use]
+    if not isinstance(use, list) or not all(isinstance(u, str) for u in use) or not use:
+        raise ConfigError(where("output.pipelines"), "expected a list of pipeline names")
+    for i, u in enumerate(use):
+        if u not in pipelines:
+            raise ConfigError(where(f"output.pipelines[{i}]"),
+                              f"no pipeline {u!r}; defined: {', '.join(sorted(pipelines))}")
+    conflict = out.get("on_conflict", "skip")
+    if conflict not in CONFLICT_POLICIES:
+        raise ConfigError(where("output.on_conflict"),
+                          f"expected one of {', '.join(CONFLICT_POLICIES)}, got {conflict!r}")
+    return Settings(MappingProxyType(pipelines), tuple(use), engine, limits, conflict, name)
+
+
+def _formats(value: Any, where: str) -> tuple[str, ...]:
+    from PIL import Image  # noqa: PLC0415
+
+    Image.init()
+    known = set(Image.OPEN)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(where, "expected a non-empty list of format names")
+    out = []
+    for i, v in enumerate(value):
+        name = v.upper() if isinstance(v, str) else v
+        name = {"JPG": "JPEG", "TIF": "TIFF"}.get(name, name)
+        if name not in known:
+            raise ConfigError(f"{where}[{i}]", f"unknown format {v!r}; known: "
+                              + ", ".join(sorted(known)))
+        out.append(name)
+    return tuple(out)
+
+
+def _table(doc: Mapping[str, Any], key: str, where: Callable[[str], str]) -> dict[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(where(key), "expected a table")
+    return value
+
+
+def apply_overrides(s: Settings, *, workers: int | None = None, timeout: float | None = None,
+                    on_conflict: str | None = None, max_tasks_per_worker: int | None = None,
+                    grace: float | None = None, pixel_limit: int | None = None,
+                    max_file_size: int | None = None, start_method: str | None = None) -> Settings:
+    engine, limits = s.engine, s.limits
+    if workers is not None:
+        engine = replace(engine, workers=_typed(workers, int, "workers", 1, 1024))
+    if timeout is not None:
+        engine = replace(engine, task_timeout=_typed(timeout, float, "timeout", 0.01))
+    if max_tasks_per_worker is not None:
+        engine = replace(engine, max_tasks_per_worker=max_tasks_per_worker)
+    if grace is not None:
+        engine = replace(engine, grace=_typed(grace, float, "grace", 0.0))
+    if start_method is not None:
+        if start_method not in START_METHODS:
+            raise ConfigError("start_method", f"expected one of {', '.join(START_METHODS)}")
+        engine = replace(engine, start_method=start_method)
+    if pixel_limit is not None:
+        limits = replace(limits, pixel_limit=_typed(pixel_limit, int, "pixel_limit", 1))
+    if max_file_size is not None:
+        limits = replace(limits, max_file_size=max_file_size)
+    if on_conflict is not None:
+        if on_conflict not in CONFLICT_POLICIES:
+            raise ConfigError("on_conflict", f"expected one of {', '.join(CONFLICT_POLICIES)}")
+        s = replace(s, on_conflict=on_conflict)
+    return replace(s, engine=engine, limits=limits)

@@ -1,0 +1,132 @@
+"""File safety: atomic writes, no-clobber publishing, and collision-free output names.
+
+An output is written to a hidden temp name in its destination folder, flushed and fsynced, then
+published under its final name in one step (``os.replace`` to overwrite, ``os.link`` to refuse a
+different existing file), and the folder is fsynced. A reader never sees a partial file, and a
+kill -9 leaves at most a hidden temp file that ``temp_name`` lets its owner find and remove.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import filecmp
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from .errors import RejectedInput
+
+TEMP_SUFFIX = ".watcher-tmp"
+
+
+def temp_name(final: str, pid: int) -> str:
+    """The temp file a process ``pid`` writes before publishing ``final``."""
+    head, tail = os.path.split(final)
+    return os.path.join(head, f".{tail}.{pid}{TEMP_SUFFIX}")
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(final: str, write: Callable[[IO[bytes]], None], *, overwrite: bool) -> int:
+    """Write ``final`` atomically through ``write(fileobj)``; returns the bytes written.
+
+    With ``overwrite`` False an existing file is never replaced: if it holds the very same bytes
+    (a task that ran twice), that is success; otherwise ``output-conflict``.
+    """
+    folder = os.path.dirname(final) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = temp_name(final, os.getpid())
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by an earlier process with a recycled pid
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        publish(tmp, final, overwrite=overwrite)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(folder)
+    return size
+
+
+def publish(tmp: str, final: str, *, overwrite: bool) -> None:
+    """Give ``tmp`` the name ``final`` in one step; ``tmp`` is left for the caller to remove."""
+    if overwrite:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final)  # fails with EEXIST instead of replacing
+    except FileExistsError:
+        if filecmp.cmp(tmp, final, shallow=False):
+            return
+        raise RejectedInput("output-conflict",
+                            f"{final} exists with different content; not overwritten") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        # File systems without hard links (FAT, some FUSE): check, then rename over nothing.
+        if os.path.lexists(final):
+            if filecmp.cmp(tmp, final, shallow=False):
+                return
+            raise RejectedInput("output-conflict",
+                                f"{final} exists with different content; not overwritten") from None
+        os.replace(tmp, final)
+
+
+def remove_temps(paths: list[str], pid: int) -> list[str]:
+    """Remove the temp files process ``pid`` may have left for these final paths."""
+    removed = []
+    for final in paths:
+        tmp = temp_name(final, pid)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+            removed.append(tmp)
+    return removed
+
+
+def output_name(stem: str, suffix: str, ext: str, counter: int = 0) -> str:
+    """``{stem}_{suffix}{ext}``, with ``_{counter}`` before the extension when counter > 1."""
+    base = f"{stem}_{suffix}" if suffix else stem
+    return f"{base}_{counter}{ext}" if counter > 1 else f"{base}{ext}"
+
+
+class NameAllocator:
+    """Hands out output paths so that no two inputs of one run share one.
+
+    ``exists`` tells whether a path is already taken on disk (for the ``rename`` policy).
+    """
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+
+    def claim(self, folder: str, stem: str, suffix: str, ext: str, *,
+              avoid_existing: bool) -> str:
+        counter = 1
+        while True:
+            path = os.path.normpath(os.path.join(folder, output_name(stem, suffix, ext, counter)))
+            key = os.path.normcase(path)
+            if key not in self._taken and not (avoid_existing and os.path.lexists(path)):
+                self._taken.add(key)
+                return path
+            counter += 1
+
+
+def walk_images(root: str) -> Iterator[str]:
+    """Every regular file under ``root``, sorted, skipping dot-files and not following links."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or name.endswith(TEMP_SUFFIX):
+                continue
+            yield str(Path(dirpath) / name)

@@ -1,0 +1,236 @@
+"""One input -> safe decode -> transform chains -> atomic outputs. No processes here.
+
+A ``Pipeline`` is a frozen, picklable description (named steps with validated parameters, a name
+suffix and output options); a ``Processor`` holds the pipelines a worker was started with and turns
+one ``Task`` into one ``Result``. Where every pipeline of a task starts by shrinking, the input is
+decoded at reduced scale (JPEG DCT scaling) and the shrinking step resizes straight to the size it
+would have produced from the full image.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from . import codec, transforms
+from .codec import DecodeLimits, OutputOptions, Source
+from .errors import RejectedInput
+from .files import atomic_write
+from .tasks import Result, Task
+
+Size = tuple[int, int]
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
+
+
+@dataclass(frozen=True)
+class Step:
+    """One transform with bound parameters: a registry name, or a user callable."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+    func: Callable[..., Image.Image] | None = None  # user callables, pickled by reference
+
+    @property
+    def spec(self) -> transforms.TransformSpec | None:
+        return None if self.func is not None else transforms.lookup(self.name)
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        fn = self.func if self.func is not None else transforms.lookup(self.name).func
+        out = fn(im, **dict(self.params))
+        if not isinstance(out, Image.Image):
+            raise TypeError(f"transform {self.name} returned {type(out).__name__}, not an image "
+                            "(in-place methods such as Image.thumbnail return None)")
+        return out
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    steps: tuple[Step, ...]
+    suffix: str
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+
+@dataclass(frozen=True)
+class _Shrink:
+    index: int  # which step shrinks
+    target: Size  # its output size, from the full-size (oriented) image
+    need: Size  # the smallest decode it may start from, in stored orientation
+    luma: bool  # only luminance is needed up to that step
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(codec.ORIENTATION, 1) or 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is dealt with by auto_orient
+        return 1
+
+
+def plan_shrink(p: Pipeline, stored: Size, orientation: int) -> _Shrink | None:
+    """Where ``p`` starts by shrinking (after orientation/grayscale steps only), say how much."""
+    oriented = p.output.auto_orient or any(s.spec and s.spec.orients for s in p.steps)
+    swap = oriented and orientation in _SWAPS_AXES
+    size = (stored[1], stored[0]) if swap else stored
+    luma = False
+    for i, step in enumerate(p.steps):
+        spec = step.spec
+        if spec is None:
+            return None
+        if spec.orients:
+            continue
+        if spec.luma:
+            luma = True
+            continue
+        if spec.size is None:
+            return None
+        target = spec.size(size, **dict(step.params))
+        if target[0] >= size[0] and target[1] >= size[1]:
+            return None
+        need = (math.ceil(target[0] * spec.gap), math.ceil(target[1] * spec.gap))
+        return _Shrink(i, target, (need[1], need[0]) if swap else need, luma)
+    return None
+
+
+def _exact(size: Size) -> Step:
+    return Step("resize", (("width", size[0]), ("height", size[1]), ("scale", None),
+                           ("upscale", True)))
+
+
+def output_format(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in codec.EXTENSIONS:
+        raise RejectedInput("write-failed", f"{path}: no encoder for extension {ext!r}")
+    return "JPEG" if fmt == "MPO" else fmt
+
+
+class Processor:
+    """Turns tasks into results with a fixed set of pipelines (what a worker holds)."""
+
+    def __init__(self, pipelines: Mapping[str, Pipeline], limits: DecodeLimits) -> None:
+        self.pipelines = dict(pipelines)
+        self.limits = limits
+
+    def run(self, task: Task) -> Result:
+        t0 = time.perf_counter()
+        notes: list[str] = []
+        written: list[str] = []
+        bytes_in = bytes_out = 0
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", transforms.OrientationWarning)
+                bytes_in, bytes_out = self._run(task, notes, written)
+            notes.extend(str(w.message) for w in caught
+                         if issubclass(w.category, transforms.OrientationWarning))
+        except RejectedInput as exc:
+            return self._fail(task, t0, exc.reason, exc.detail, "RejectedInput", written, notes,
+                              bytes_in)
+        except _TransformError as exc:
+            cause = exc.__cause__ or exc
+            return self._fail(task, t0, "transform-failed",
+                              f"{exc.step}: {type(cause).__name__}: {cause}",
+                              type(cause).__name__, written, notes, bytes_in,
+                              tb=traceback.format_exception(cause))
+        except OSError as exc:
+            return self._fail(task, t0, "write-failed", f"{exc}", type(exc).__name__, written,
+                              notes, bytes_in)
+        except MemoryError as exc:
+            return self._fail(task, t0, "decompression-bomb", f"out of memory: {exc}",
+                              "MemoryError", written, notes, bytes_in)
+        return Result(task.seq, task.path, True, tuple(written), duration=_since(t0),
+                      worker=os.getpid(), attempt=task.attempt, bytes_in=bytes_in,
+                      bytes_out=bytes_out, warnings=tuple(notes))
+
+    def _fail(self, task: Task, t0: float, reason: str, error: str, etype: str,
+              written: list[str], notes: list[str], bytes_in: int,
+              tb: list[str] | None = None) -> Result:
+        if tb:
+            notes = [*notes, "".join(tb[-6:]).strip()]
+        return Result(task.seq, task.path, False, tuple(written), reason, error, etype,
+                      _since(t0), os.getpid(), task.attempt, bytes_in, 0, tuple(notes))
+
+    def _run(self, task: Task, notes: list[str], written: list[str]) -> tuple[int, int]:
+        pipes = []
+        for out in task.outputs:
+            p = self.pipelines.get(out.pipeline)
+            if p is None:
+                raise RejectedInput("transform-failed", f"unknown pipeline {out.pipeline!r}")
+            pipes.append((p, out.path, output_format(out.path)))
+
+        plans: list[_Shrink | None] = []
+
+        def draft(im: Image.Image) -> tuple[str, Size] | None:
+            orientation = _orientation(im)
+            plans.extend(plan_shrink(p, im.size, orientation) for p, _, _ in pipes)
+            if not plans or any(s is None for s in plans) or getattr(im, "n_frames", 1) > 1:
+                return None
+            need = (max(s.need[0] for s in plans if s), max(s.need[1] for s in plans if s))
+            return ("L" if all(s and s.luma for s in plans) else "RGB", need)
+
+        src = codec.decode(task.path, limits=self.limits, nofollow=task.nofollow, plan=draft)
+        try:
+            base = codec.working(src, "srgb" if any(p.output.colour == "srgb" for p, _, _ in pipes)
+                                 else "keep", notes)
+            if src.n_frames > 1 and base is src.image:
+                base = base.copy()  # seeking for later frames must not change it
+            bytes_out = 0
+            for (p, path, fmt), shrink in zip(pipes, plans, strict=True):
+                images = self._frames(src, p, fmt, base, shrink, task.path, notes)
+                oriented = p.output.auto_orient or any(s.spec and s.spec.orients for s in p.steps)
+                bytes_out += atomic_write(
+                    path, lambda f, im=images, p=p, fmt=fmt, o=oriented: codec.save(
+                        im, f, fmt, p.output, src, oriented=o, notes=notes),
+                    overwrite=task.overwrite)
+                written.append(path)
+        finally:
+            src.close()
+        return src.bytes_in, bytes_out
+
+    def _frames(self, src: Source, p: Pipeline, fmt: str, base: Image.Image,
+                shrink: _Shrink | None, path: str,
+                notes: list[str]) -> list[tuple[Image.Image, int]]:
+        if src.n_frames > 1 and p.output.frames == "all" and fmt in codec.ANIMATED_FORMATS:
+            if src.n_frames > p.output.max_frames:
+                notes.append(f"animation has {src.n_frames} frames; kept the first "
+                             f"{p.output.max_frames} (max_frames)")
+            out = []
+            for frame, duration in codec.frames(src, path, p.output.max_frames):
+                im = codec.to_working(frame, src.icc, p.output.colour, [])
+                out.append((apply(p, im, shrink), duration))
+            return out
+        duration = int(src.image.info.get("duration", 0) or 0)
+        return [(apply(p, base, shrink), duration)]
+
+
+class _TransformError(Exception):
+    def __init__(self, step: str) -> None:
+        super().__init__(step)
+        self.step = step
+
+
+def apply(p: Pipeline, im: Image.Image, shrink: _Shrink | None = None) -> Image.Image:
+    """Run ``p``'s steps on ``im`` (orientation first when the pipeline asks for it)."""
+    steps = list(p.steps)
+    if shrink is not None:
+        steps[shrink.index] = _exact(shrink.target)
+    if p.output.auto_orient:
+        im = transforms.auto_orient(im)
+        steps = [s for s in steps if not (s.spec and s.spec.orients)]
+    for step in steps:
+        try:
+            im = step(im)
+        except Exception as exc:
+            raise _TransformError(step.name) from exc
+    return im
+
+
+def _since(t0: float) -> float:
+    return round(time.perf_counter() - t0, 6)

@@ -1,0 +1,62 @@
+"""Frozen task and result types: what crosses the queue between the engine and its workers.
+
+A task carries paths and pipeline names, never pixels. A result carries what was written, or why
+not. Both are small, hashable and picklable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class OutputPlan:
+    """One output to write: which pipeline makes it and the final path it gets."""
+
+    pipeline: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """Process ``path`` with each planned output. ``seq`` is unique per engine run."""
+
+    seq: int
+    path: str
+    outputs: tuple[OutputPlan, ...]
+    attempt: int = 1
+    # Replace an existing output file (True), or refuse to clobber a different one (False).
+    overwrite: bool = False
+    # Open the input with O_NOFOLLOW: a symlink is rejected, never read (watch mode).
+    nofollow: bool = False
+
+    def retry(self) -> Task:
+        return Task(self.seq, self.path, self.outputs, self.attempt + 1, self.overwrite,
+                    self.nofollow)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What happened to one task. ``ok`` with ``outputs``, or ``reason`` and ``error``."""
+
+    seq: int
+    path: str
+    ok: bool
+    outputs: tuple[str, ...] = ()
+    reason: str = ""
+    error: str = ""
+    error_type: str = ""
+    duration: float = 0.0
+    worker: int = 0
+    attempt: int = 1
+    bytes_in: int = 0
+    bytes_out: int = 0
+    warnings: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """The stop sentinel: a worker that takes it from the queue finishes and exits."""
+
+
+STOP = Stop()

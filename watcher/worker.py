@@ -1,0 +1,123 @@
+"""The worker: a plain loop over a task queue, run in a long-lived process by the engine.
+
+``Worker`` can be driven in a test without a process (``process_one``); ``worker_main`` is the
+module-level process target. The worker records which task it holds in its shared slot (so the
+supervisor can charge a crash or a timeout to the right file) and sends each result back on its
+own pipe. It ignores SIGINT (the terminal sends Ctrl-C to the whole process group; the supervisor
+decides), finishes its current task on SIGTERM, and exits when its parent is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .codec import DecodeLimits
+from .pipeline import Pipeline, Processor
+from .tasks import Result, Stop, Task
+
+# Slot layout (a shared array of doubles, one per worker).
+SEQ, STARTED, IDLE_SINCE = 0, 1, 2
+SLOT_SIZE = 3
+IDLE = -1.0
+
+EXIT_OK = 0
+EXIT_INIT_FAILED = 3  # the worker could not even start: the supervisor stops, not respawns
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    pipelines: Mapping[str, Pipeline]
+    limits: DecodeLimits
+    max_tasks: int = 0
+    log_format: str = "json"
+    log_level: str = "warning"
+    parent_pid: int = 0
+
+
+class Worker:
+    """Holds the pipelines; turns one task into one result."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.processor = Processor(cfg.pipelines, cfg.limits)
+        self.done = 0
+
+    def process_one(self, task: Task) -> Result:
+        self.done += 1
+        return self.processor.run(task)
+
+    @property
+    def spent(self) -> bool:
+        return bool(self.cfg.max_tasks) and self.done >= self.cfg.max_tasks
+
+
+_terminate = False
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    global _terminate
+    _terminate = True
+
+
+def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: Any,
+                cfg: WorkerConfig) -> None:
+    """Process target: take tasks until a stop sentinel, SIGTERM, recycling or parent death."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_term)
+    try:
+        from . import log  # noqa: PLC0415
+
+        log.configure("worker", cfg.log_format, cfg.log_level)
+        logger = log.get().bind(worker=os.getpid(), slot=index)
+        worker = Worker(cfg)
+    except Exception as exc:  # noqa: BLE001 - report and exit with the documented code
+        print(f"watcher worker failed to start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(EXIT_INIT_FAILED)
+    logger.debug("worker.started")
+    parent = os.getppid()
+    while not _terminate:
+        try:
+            item = tasks.get(timeout=0.5)
+        except queue.Empty:
+            if os.getppid() != parent or (cfg.parent_pid and not _alive(cfg.parent_pid)):
+                logger.warning("worker.orphaned")
+                break
+            continue
+        if isinstance(item, Stop):
+            break
+        with lock:
+            slot[SEQ] = float(item.seq)
+            slot[STARTED] = time.monotonic()
+        result = worker.process_one(item)
+        try:
+            results.send(result)
+        except (BrokenPipeError, OSError):
+            break  # the supervisor is gone
+        with lock:  # only after the result is sent: a kill before this re-runs, never loses
+            slot[SEQ] = IDLE
+            slot[IDLE_SINCE] = time.monotonic()
+        if worker.spent:
+            logger.debug("worker.recycling", tasks=worker.done)
+            break
+    logger.debug("worker.stopped", tasks=worker.done)
+    with contextlib.suppress(OSError):
+        results.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
