@@ -219,9 +219,8 @@ def frames(src: Source, path: str, limit: int) -> Iterator[tuple[Image.Image, in
 def to_8bit(im: Image.Image) -> Image.Image:
     """Scale a 16/32-bit integer or float image to 8-bit L: the full range maps to 0-255."""
     if im.mode.startswith("I;16"):
-        im = im.convert("I") if im.mode != "I;16" else im
-        return im.point(lambda v: v * (255 / 65535)).convert("L") if im.mode == "I" \
-            else im.point(lambda v: v * (255 / 65535), "L")
+        # via "I": point() on I;16 ignores a requested output mode
+        return im.convert("I").point(lambda v: v * (255 / 65535)).convert("L")
     if im.mode == "I":
         lo, hi = im.getextrema()
         if lo >= 0 and hi <= 255:

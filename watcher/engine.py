@@ -24,7 +24,7 @@ import queue
 import signal
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -162,18 +162,20 @@ class Engine:
             self._tasks.pop(t.seq, None)
         return withdrawn
 
-    def close(self, grace: float | None = None) -> list[Result]:
+    def close(self, grace: float | None = None,
+              abort: Callable[[], bool] | None = None) -> list[Result]:
         """Let running tasks finish for up to ``grace`` seconds, then end every worker.
 
-        Returns the results that arrived meanwhile; a task still running at the deadline is
-        killed and reported as ``cancelled``. No worker process is left behind.
+        Returns the results that arrived meanwhile; a task still running at the deadline (or
+        when ``abort()`` turns true: a second signal) is killed and reported as ``cancelled``.
+        No worker process is left behind.
         """
         grace = self.settings.grace if grace is None else grace
         results: list[Result] = []
         if self._intake:
             self.stop_intake()
         deadline = time.monotonic() + grace
-        while self._tasks and time.monotonic() < deadline:
+        while self._tasks and time.monotonic() < deadline and not (abort and abort()):
             results += self.poll(min(0.1, max(0.0, deadline - time.monotonic())), respawn=False)
         for slot in self._slots.values():
             if slot.proc.is_alive():

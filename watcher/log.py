@@ -54,10 +54,9 @@ def configure(role: str, fmt: LogFormat = "auto", level: str = "info",
     if kind == "json":
         processors += [structlog.processors.format_exc_info,
                        structlog.processors.JSONRenderer(sort_keys=False)]
-        out: Any = stream
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
-        out = _BarAwareStream(stream)
+    out: Any = _BarAwareStream(stream) if stream.isatty() else stream
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -1,0 +1,66 @@
+"""watcher: a parallel image-processing pipeline, as a batch tool and as an inbox daemon.
+
+    from watcher import process_images
+    from watcher.transforms import to_grayscale, resize_half
+    report = process_images(["a/image1.jpg", "b/image2.png"], "processed_images/",
+                            [to_grayscale, resize_half])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from .batch import ItemReport, Report
+from .codec import OutputOptions
+from .errors import ConfigError, ExitCode, RejectedInput, WatcherError
+
+__version__ = "0.1.0"
+__all__ = ["ConfigError", "ExitCode", "ItemReport", "OutputOptions", "RejectedInput", "Report",
+           "WatcherError", "process_images"]
+
+Transform = Callable[..., Any] | str
+
+
+def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | os.PathLike[str],
+                   transforms: Sequence[Transform] | None = None, *,
+                   pipeline: str | Sequence[str] | None = None,
+                   config: str | os.PathLike[str] | None = None,
+                   suffix: str | None = None,
+                   output: OutputOptions | Mapping[str, Any] | None = None,
+                   workers: int | None = None, timeout: float | None = None,
+                   on_conflict: str | None = None, progress: bool = False) -> Report:
+    """Apply transforms to every input in parallel worker processes; write results to
+    ``output_dir`` as ``{stem}_{suffix}{ext}``; return a report (never raises for a bad image).
+
+    ``transforms``: callables (top-level functions ``Image -> Image``, built-in or your own),
+    registry names (``"grayscale"``) or step strings (``"thumbnail(256, 256)"``); the output
+    suffix is ``suffix`` or ``"processed"``. Without ``transforms``, the named ``pipeline``(s)
+    from ``config`` (or the built-ins) are applied. ``inputs`` may be files, folders or globs.
+    Raises ``ConfigError`` before any work starts for anything that cannot run (a lambda, an
+    unknown transform, a bad parameter).
+    """
+    import structlog  # noqa: PLC0415
+
+    from . import batch, config as cfg, log  # noqa: PLC0415
+
+    if not structlog.is_configured():
+        log.configure("main", "auto", "warning")
+    settings = cfg.load(config, workers=workers, timeout=timeout, on_conflict=on_conflict)
+    opts = output if isinstance(output, OutputOptions) else cfg.output_options(
+        dict(output or {}), "output")
+    if transforms is not None:
+        if pipeline is not None:
+            raise ConfigError("pipeline", "give transforms or pipeline, not both")
+        pipes = (cfg.pipeline_from(list(transforms), "processed", suffix, opts),)
+    else:
+        names = [pipeline] if isinstance(pipeline, str) else list(pipeline or ())
+        pipes = settings.select(names)
+        if suffix is not None or output is not None:
+            pipes = tuple(replace(p, suffix=suffix if suffix is not None else p.suffix,
+                                  output=opts if output is not None else p.output) for p in pipes)
+    found, missing = batch.expand(os.fspath(i) for i in inputs)
+    return batch.run(found, os.fspath(output_dir), pipes, settings, progress=progress,
+                     failures=missing, log_format=log.resolve_format("auto"))

@@ -1,0 +1,329 @@
+"""Batch mode: a finite list of inputs -> planned outputs -> the engine -> a report.
+
+Inputs are files, folders (recursed, their sub-folders mirrored in the output) and globs. Output
+names are planned here, in one place, so two inputs of a run never share one; what happens to a
+file left by an earlier run is the ``on_conflict`` policy (skip, overwrite, rename). Signals only
+set a flag; the loop stops handing out work, lets running tasks finish within the grace period and
+reports the rest as cancelled.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from . import codec, log
+from .codec import OutputOptions
+from .config import Settings
+from .engine import Engine
+from .errors import ConfigError
+from .files import NameAllocator, walk_images
+from .pipeline import Pipeline
+from .tasks import OutputPlan, Result, Task
+
+_KEEP_EXT = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff",
+             ".gif"}
+_GLOB = set("*?[")
+
+
+@dataclass(frozen=True)
+class Input:
+    path: str
+    rel_dir: str = ""  # the sub-folder it sits in below a folder argument (mirrored in output)
+
+
+@dataclass
+class ItemReport:
+    input: str
+    status: str  # ok | failed | skipped | cancelled
+    outputs: list[str] = field(default_factory=list)
+    reason: str = ""
+    error: str = ""
+    duration: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("ok", "skipped")
+
+
+@dataclass
+class Report:
+    """What a batch did: one item per input (outputs or error), totals and wall time."""
+
+    items: list[ItemReport]
+    wall_time: float = 0.0
+    workers: int = 0
+    interrupted: int = 0  # the signal number that stopped the run, 0 if none
+
+    def count(self, status: str) -> int:
+        return sum(1 for i in self.items if i.status == status)
+
+    @property
+    def succeeded(self) -> int:
+        return self.count("ok")
+
+    @property
+    def failed(self) -> int:
+        return self.count("failed")
+
+    @property
+    def skipped(self) -> int:
+        return self.count("skipped")
+
+    @property
+    def cancelled(self) -> int:
+        return self.count("cancelled")
+
+    @property
+    def ok(self) -> bool:
+        return not self.interrupted and all(i.ok for i in self.items)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return {"inputs": len(self.items), "succeeded": self.succeeded, "failed": self.failed,
+                "skipped": self.skipped, "cancelled": self.cancelled,
+                "outputs": sum(len(i.outputs) for i in self.items if i.status == "ok")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"totals": self.totals, "wall_time": self.wall_time, "workers": self.workers,
+                "interrupted": self.interrupted, "items": [asdict(i) for i in self.items]}
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
+    """Files, folders and globs -> inputs (first occurrence wins); unmatched globs -> failures."""
+    inputs: list[Input] = []
+    missing: list[ItemReport] = []
+    seen: set[str] = set()
+
+    def add(inp: Input) -> None:
+        key = os.path.normcase(os.path.abspath(inp.path))
+        if key not in seen:
+            seen.add(key)
+            inputs.append(inp)
+
+    for arg in args:
+        if os.path.isdir(arg):
+            for path in walk_images(arg):
+                add(Input(path, os.path.relpath(os.path.dirname(path), arg)))
+        elif not os.path.lexists(arg) and _GLOB & set(arg):
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                missing.append(ItemReport(arg, "failed", reason="missing",
+                                          error=f"{arg}: no file matches"))
+            for m in matches:
+                if os.path.isdir(m):
+                    for path in walk_images(m):
+                        add(Input(path, os.path.relpath(os.path.dirname(path), m)))
+                else:
+                    add(Input(m))
+        else:
+            add(Input(arg))
+    return inputs, missing
+
+
+def read_list(stream: Iterable[str]) -> list[str]:
+    """Paths from a list file or stdin: one per line; blank lines and '#' comments skipped."""
+    return [line.rstrip("\n\r") for line in stream
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+def output_ext(opts: OutputOptions, path: str, allowed: Sequence[str]) -> str:
+    if opts.format != "same":
+        return codec.EXTENSIONS[codec.OUTPUT_FORMATS[opts.format]]
+    ext = os.path.splitext(path)[1]
+    if ext.lower() in _KEEP_EXT:
+        return ext
+    try:  # an unusual or missing extension: ask the header (no pixels are decoded)
+        with Image.open(path, formats=allowed) as im:
+            return codec.EXTENSIONS.get(im.format or "", ".png")
+    except Exception:  # noqa: BLE001 - the worker will report what is wrong with it
+        return ext or ".png"
+
+
+@dataclass
+class Plan:
+    tasks: list[Task]
+    items: dict[int, ItemReport]  # by task seq, filled as results come in
+    done: list[ItemReport]  # decided without running (skipped by the conflict policy)
+    order: list[str]  # inputs in the order given
+
+
+def plan(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline],
+         on_conflict: str, allowed: Sequence[str], *, nofollow: bool = False) -> Plan:
+    alloc = NameAllocator()
+    tasks: list[Task] = []
+    items: dict[int, ItemReport] = {}
+    done: list[ItemReport] = []
+    for seq, inp in enumerate(inputs):
+        folder = os.path.normpath(os.path.join(out_dir, inp.rel_dir))
+        stem = os.path.splitext(os.path.basename(inp.path))[0]
+        outputs: list[OutputPlan] = []
+        existing: list[str] = []
+        for p in pipelines:
+            ext = output_ext(p.output, inp.path, allowed)
+            path = alloc.claim(folder, stem, p.suffix, ext, avoid_existing=on_conflict == "rename")
+            if on_conflict == "skip" and os.path.lexists(path):
+                existing.append(path)
+            else:
+                outputs.append(OutputPlan(p.name, path))
+        if not outputs:
+            done.append(ItemReport(inp.path, "skipped", existing, reason="outputs-exist",
+                                   error="every output exists (on_conflict=skip)"))
+            continue
+        tasks.append(Task(seq, inp.path, tuple(outputs), overwrite=on_conflict == "overwrite",
+                          nofollow=nofollow))
+        items[seq] = ItemReport(inp.path, "pending", existing)
+    return Plan(tasks, items, done, [i.path for i in inputs])
+
+
+# --- running ------------------------------------------------------------------------------------
+
+class _Signals:
+    """Records SIGINT/SIGTERM; the batch loop acts on them. Installed only in the main thread."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], settings: Settings,
+        *, progress: bool = False, log_format: str = "json", log_level: str = "warning",
+        failures: Sequence[ItemReport] = (),
+        on_result: Callable[[ItemReport], None] | None = None) -> Report:
+    """Process ``inputs`` with every pipeline in ``pipelines``; never raises for a bad input."""
+    t0 = time.perf_counter()
+    logger = log.get("watcher.batch")
+    names = [p.name for p in pipelines]
+    if len(set(names)) != len(names):
+        raise ConfigError("pipelines", f"a pipeline is named twice: {names}")
+    os.makedirs(out_dir, exist_ok=True)
+    report = Report([*failures], workers=0)
+    if not inputs:
+        logger.info("batch.empty", output=out_dir, note="no inputs; nothing to do")
+        report.wall_time = round(time.perf_counter() - t0, 6)
+        return report
+
+    p = plan(inputs, out_dir, pipelines, settings.on_conflict, settings.limits.formats)
+    for item in p.done:
+        logger.info("file.skipped", input=item.input, outputs=item.outputs, reason=item.reason)
+    workers = max(1, min(settings.engine.workers, len(p.tasks)))
+    report.workers = workers if p.tasks else 0
+    bar = _bar(len(inputs), progress)
+    bar.update(len(p.done))
+
+    def record(r: Result) -> None:
+        item = p.items[r.seq]
+        item.status = "ok" if r.ok else ("cancelled" if r.reason == "cancelled" else "failed")
+        item.outputs = [*item.outputs, *r.outputs]
+        item.reason, item.error, item.duration = r.reason, r.error, r.duration
+        item.warnings = list(r.warnings)
+        _log_fate(logger, item, r, quiet=progress)
+        bar.update(1)
+        if on_result:
+            on_result(item)
+
+    if p.tasks:
+        from dataclasses import replace  # noqa: PLC0415
+
+        engine = Engine(replace(settings.engine, workers=workers), {x.name: x for x in pipelines},
+                        settings.limits, log_format=log_format, log_level=log_level)
+        with _Signals() as sigs:
+            try:
+                engine.start()
+                for task in p.tasks:
+                    engine.submit(task)
+                while engine.outstanding and not sigs.received:
+                    for r in engine.poll(0.25):
+                        record(r)
+                if sigs.received:
+                    report.interrupted = sigs.received[0]
+                    withdrawn = engine.stop_intake()
+                    logger.warning("batch.interrupted",
+                                   signal=signal.Signals(sigs.received[0]).name,
+                                   running=engine.outstanding, not_started=len(withdrawn),
+                                   grace=settings.engine.grace)
+                    for t in withdrawn:
+                        record(Result(t.seq, t.path, False, reason="cancelled",
+                                      error="interrupted before it started"))
+            finally:
+                for r in engine.close(settings.engine.grace,
+                                      abort=lambda: len(sigs.received) > 1):
+                    record(r)
+                if sigs.received:
+                    report.interrupted = sigs.received[0]
+    bar.close()
+
+    report.items += p.done + [p.items[t.seq] for t in p.tasks]
+    order = {path: i for i, path in enumerate(p.order)}
+    report.items.sort(key=lambda i: order.get(i.input, -1))
+    report.wall_time = round(time.perf_counter() - t0, 6)
+    _log_summary(logger, report)
+    return report
+
+
+def _log_fate(logger: Any, item: ItemReport, r: Result, *, quiet: bool) -> None:
+    fields: dict[str, Any] = {"input": item.input, "outputs": list(r.outputs),
+                              "duration_ms": round(r.duration * 1000, 1), "worker": r.worker}
+    if r.ok:
+        fields.update(bytes_in=r.bytes_in, bytes_out=r.bytes_out)
+        if r.warnings:
+            fields["warnings"] = list(r.warnings)
+        (logger.debug if quiet and not r.warnings else logger.info)("file.processed", **fields)
+    elif item.status == "cancelled":
+        logger.warning("file.cancelled", input=item.input, error=r.error)
+    else:
+        fields.update(reason=r.reason, error=r.error, attempt=r.attempt)
+        if r.warnings:
+            fields["warnings"] = list(r.warnings)
+        logger.error("file.failed", **fields)
+
+
+def _log_summary(logger: Any, report: Report) -> None:
+    wall = report.wall_time or 1e-9
+    done = report.succeeded + report.failed
+    logger.info("batch.finished", **report.totals, wall_time_s=round(report.wall_time, 3),
+                images_per_s=round(done / wall, 2), workers=report.workers,
+                interrupted=report.interrupted or None)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm  # noqa: PLC0415
+
+    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, leave=False)

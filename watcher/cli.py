@@ -1,0 +1,252 @@
+"""The ``watcher`` command: parse, load settings, set up logging, run, map the outcome to an exit code.
+
+    watcher batch img_*.bmp --out thumbnails/ --pipeline thumbnail
+    watcher batch photos/ --out web/ --ops "auto_orient, resize(width=1600)" --format webp
+    watcher check-config --config watcher.toml
+    watcher transforms
+    watcher make-samples samples/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from typing import Any, NoReturn
+
+from . import __version__, batch, codec, config, log, transforms
+from .errors import REASONS, ConfigError, ExitCode, WatcherError
+
+EPILOG = """exit codes:
+  0    every input succeeded (or was skipped because its outputs exist)
+  1    the run completed but at least one input failed (see the log / --report)
+  2    bad command line or configuration; nothing was processed
+  3    internal error (worker processes could not start, a bug)
+  130  interrupted by SIGINT (Ctrl-C); 143 by SIGTERM. Running tasks were allowed to finish.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="watcher", description="Parallel image-processing pipeline: a batch "
+                     "tool and an inbox daemon.", epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"watcher {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    b = sub.add_parser("batch", help="process a list of images and exit", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Process files, folders (recursively, mirroring sub-folders) "
+                       "and globs with one or more pipelines, in parallel worker processes.")
+    b.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image files, folders or globs; '-' reads a list of paths from stdin")
+    b.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
+    b.add_argument("--list", metavar="FILE", action="append", default=[],
+                   help="read input paths from FILE, one per line ('-' for stdin)")
+    b.add_argument("-p", "--pipeline", action="append", default=[], metavar="NAME",
+                   help="pipeline from the config or built-ins (repeatable; each makes an "
+                        "output). Built-ins: thumbnail, web, processed")
+    b.add_argument("--ops", metavar="STEPS",
+                   help='an ad-hoc pipeline, e.g. "auto_orient, thumbnail(128,128)"')
+    b.add_argument("--suffix", help="output name suffix (default: the pipeline's; for --ops, "
+                                    "the step names joined by '-')")
+    b.add_argument("--format", choices=["same", *codec.OUTPUT_FORMATS],
+                   help="output format for this run (overrides the pipelines')")
+    b.add_argument("--quality", type=int, metavar="1-100", help="JPEG/WebP/AVIF quality")
+    b.add_argument("-c", "--config", metavar="FILE", help="watcher.toml (default: ./watcher.toml "
+                   "if present, else the built-ins)")
+    b.add_argument("-j", "--workers", type=_positive_int, help="worker processes (default: "
+                   "one per CPU)")
+    b.add_argument("--timeout", type=_positive_float, help="seconds one input may take")
+    b.add_argument("--on-conflict", choices=config.CONFLICT_POLICIES,
+                   help="an output file already exists: skip the input's output (default), "
+                        "overwrite it, or rename the new one (name_2.ext)")
+    b.add_argument("--report", metavar="FILE", help="write the full report as JSON ('-': stdout)")
+    _log_args(b)
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+    b.set_defaults(subparser=b)
+
+    c = sub.add_parser("check-config", help="validate a config file and print the effective "
+                                            "settings")
+    c.add_argument("-c", "--config", metavar="FILE", help="watcher.toml to check")
+
+    sub.add_parser("transforms", help="list the built-in transforms and their parameters")
+
+    s = sub.add_parser("make-samples", help="write a set of sample images to try watcher on")
+    s.add_argument("folder")
+    s.add_argument("-n", "--count", type=_positive_int, default=12)
+    return parser
+
+
+def _log_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
+                   help="auto: JSON when stderr is not a terminal")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+
+
+def _config_path(given: str | None) -> str | None:
+    if given:
+        return given
+    return "watcher.toml" if os.path.isfile("watcher.toml") else None
+
+
+def cmd_batch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    fmt = log.resolve_format(args.log_format)
+    log.configure("main", fmt, args.log_level)
+    settings = config.load(_config_path(args.config), workers=args.workers, timeout=args.timeout,
+                           on_conflict=args.on_conflict)
+    if args.ops and args.pipeline:
+        parser.error("give --ops or --pipeline, not both")
+    try:
+        pipes = _pipelines(args, settings, parser)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    paths = [a for a in args.inputs if a != "-"]
+    return _run_batch(args, settings, pipes, paths, fmt)
+
+
+def _pipelines(args: argparse.Namespace, settings: config.Settings,
+               parser: argparse.ArgumentParser) -> tuple[Any, ...]:
+    if args.ops:
+        steps = [config.parse_step(x, "--ops") for x in config.split_ops(args.ops)]
+        if not steps:
+            parser.error("--ops: no steps given")
+        suffix = args.suffix or "-".join(s.name for s in steps)
+        pipes: tuple[Any, ...] = (config.pipeline_from(steps, "ops", suffix),)
+    else:
+        pipes = settings.select(args.pipeline)
+        if args.suffix:
+            if len(pipes) > 1:
+                parser.error("--suffix needs exactly one pipeline")
+            pipes = (replace(pipes[0], suffix=args.suffix),)
+    if args.format or args.quality is not None:
+        if args.quality is not None and not 1 <= args.quality <= 100:
+            parser.error(f"--quality: must be 1-100, got {args.quality}")
+        changes = {k: v for k, v in (("format", args.format), ("quality", args.quality))
+                   if v is not None}
+        pipes = tuple(replace(p, output=replace(p.output, **changes)) for p in pipes)
+    return pipes
+
+
+def _run_batch(args: argparse.Namespace, settings: config.Settings, pipes: tuple[Any, ...],
+               paths: list[str], fmt: str) -> int:
+    logger = log.get("watcher.cli")
+    lists = list(args.list) + (["-"] if "-" in args.inputs else [])
+    for name in lists:
+        if name == "-":
+            paths += batch.read_list(sys.stdin)
+        else:
+            try:
+                with open(name, encoding="utf-8") as f:
+                    paths += batch.read_list(f)
+            except OSError as exc:
+                raise ConfigError(f"--list {name}", exc.strerror or str(exc)) from exc
+    found, missing = batch.expand(paths)
+    progress = sys.stderr.isatty() and not args.no_progress
+    report = batch.run(found, args.out, pipes, settings, progress=progress, log_format=fmt,
+                       log_level="warning", failures=missing)
+    for item in missing:
+        logger.error("file.failed", input=item.input, reason=item.reason, error=item.error)
+    if args.report:
+        text = json.dumps(report.to_dict(), indent=2)
+        if args.report == "-":
+            print(text)
+        else:
+            with open(args.report, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+    if report.interrupted:
+        return 128 + report.interrupted
+    return ExitCode.OK if report.ok else ExitCode.SOME_FAILED
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = _config_path(args.config)
+    settings = config.load(path)
+    doc = {
+        "source": settings.source,
+        "engine": asdict(settings.engine),
+        "input": asdict(settings.limits),
+        "output": {"pipelines": list(settings.use), "on_conflict": settings.on_conflict},
+        "pipelines": {name: {"suffix": p.suffix,
+                             "steps": [_step_text(s) for s in p.steps],
+                             **asdict(p.output)} for name, p in settings.pipelines.items()},
+    }
+    print(json.dumps(doc, indent=2, default=list))
+    print(f"config OK: {settings.source}", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _step_text(step: Any) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in step.params if v is not None)
+    return f"{step.name}({args})" if args else step.name
+
+
+def cmd_transforms() -> int:
+    for name, spec in sorted(transforms.REGISTRY.items()):
+        params = ", ".join(f"{p.name}: {p.kind.__name__}"
+                           + ("" if p.default is transforms._REQUIRED else f" = {p.default!r}")
+                           for p in spec.params)
+        doc = (spec.func.__doc__ or "").strip().splitlines()[0]
+        print(f"{name}({params})\n    {doc}")
+    aliases = ", ".join(f"{a} = {b}" for a, b in sorted(transforms.ALIASES.items()))
+    print(f"\naliases: {aliases}")
+    print("\nfailure reasons: " + ", ".join(REASONS))
+    return ExitCode.OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "batch":
+            return cmd_batch(args, args.subparser)
+        if args.command == "check-config":
+            return cmd_check_config(args)
+        if args.command == "transforms":
+            return cmd_transforms()
+        if args.command == "make-samples":
+            from .samples import make_samples  # noqa: PLC0415
+
+            for path in make_samples(args.folder, args.count):
+                print(path)
+            return ExitCode.OK
+    except ConfigError as exc:
+        print(f"watcher: config error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    except WatcherError as exc:
+        print(f"watcher: error: {exc}", file=sys.stderr)
+        return ExitCode.INTERNAL
+    parser.error(f"unknown command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
