@@ -74,6 +74,8 @@ def fit_size(size: Size, box: Size, *, upscale: bool = False) -> Size:
 def _resize_to(im: Image.Image, size: Size) -> Image.Image:
     if im.size == size:
         return im
+    if im.mode.startswith("I;16"):
+        im = _working(im)  # Pillow cannot reduce() raw 16-bit modes
     # reducing_gap: box pre-shrink by whole factors, then LANCZOS over the last 2x (Pillow's own
     # thumbnail strategy; indistinguishable from a full LANCZOS at a fraction of the cost).
     return im.resize(size, LANCZOS, reducing_gap=2.0)

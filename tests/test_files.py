@@ -1,0 +1,102 @@
+"""Atomic writes, no-clobber publishing, collision-free names; a kill -9 mid-write for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from watcher import files
+from watcher.errors import RejectedInput
+
+
+def test_atomic_write_publishes_complete_file(tmp_path: Path) -> None:
+    final = tmp_path / "sub" / "out.bin"
+    n = files.atomic_write(str(final), lambda f: f.write(b"x" * 1000), overwrite=False)
+    assert n == 1000 and final.read_bytes() == b"x" * 1000
+    assert [p.name for p in final.parent.iterdir()] == ["out.bin"]
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    final = tmp_path / "out.bin"
+
+    def boom(f):  # type: ignore[no-untyped-def]
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        files.atomic_write(str(final), boom, overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_clobber_refuses_different_content(tmp_path: Path) -> None:
+    final = tmp_path / "out.bin"
+    final.write_bytes(b"theirs")
+    with pytest.raises(RejectedInput) as e:
+        files.atomic_write(str(final), lambda f: f.write(b"mine"), overwrite=False)
+    assert e.value.reason == "output-conflict"
+    assert final.read_bytes() == b"theirs"
+    assert list(tmp_path.iterdir()) == [final]
+
+
+def test_no_clobber_accepts_identical_content(tmp_path: Path) -> None:
+    final = tmp_path / "out.bin"
+    final.write_bytes(b"same")
+    files.atomic_write(str(final), lambda f: f.write(b"same"), overwrite=False)
+    assert final.read_bytes() == b"same"
+
+
+def test_overwrite_replaces(tmp_path: Path) -> None:
+    final = tmp_path / "out.bin"
+    final.write_bytes(b"old")
+    files.atomic_write(str(final), lambda f: f.write(b"new"), overwrite=True)
+    assert final.read_bytes() == b"new"
+
+
+KILLER = """
+import os, signal, sys
+from watcher import files
+def write(f):
+    f.write(b"a" * 100000)
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+files.atomic_write(sys.argv[1], write, overwrite=True)
+"""
+
+
+def test_kill_9_mid_write_leaves_no_visible_output(tmp_path: Path) -> None:
+    final = tmp_path / "out.jpg"
+    final.write_bytes(b"previous good result")
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(final)], timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert proc.returncode == -signal.SIGKILL
+    assert final.read_bytes() == b"previous good result"  # never a partial file under the name
+    leftovers = [p.name for p in tmp_path.iterdir() if p != final]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.jpg.")  # hidden temp only
+    pid = int(leftovers[0].split(".")[3])
+    assert files.remove_temps([str(final)], pid) == [str(tmp_path / leftovers[0])]
+    assert list(tmp_path.iterdir()) == [final]
+
+
+def test_name_allocator_adds_counter_on_collision(tmp_path: Path) -> None:
+    alloc = files.NameAllocator()
+    a = alloc.claim(str(tmp_path), "x", "processed", ".jpg", avoid_existing=False)
+    b = alloc.claim(str(tmp_path), "x", "processed", ".jpg", avoid_existing=False)
+    assert Path(a).name == "x_processed.jpg" and Path(b).name == "x_processed_2.jpg"
+    (tmp_path / "y_t.png").write_bytes(b"")
+    c = alloc.claim(str(tmp_path), "y", "t", ".png", avoid_existing=True)
+    assert Path(c).name == "y_t_2.png"
+
+
+def test_walk_skips_dot_files_and_symlinked_dirs(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "1.jpg").write_bytes(b"")
+    (tmp_path / "a" / ".hidden.jpg").write_bytes(b"")
+    (tmp_path / "2.png").write_bytes(b"")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    found = [os.path.relpath(p, tmp_path) for p in files.walk_images(str(tmp_path))]
+    assert found == ["2.png", "a/b/1.jpg"]
