@@ -126,7 +126,7 @@ def run_cli(*args: str, cwd: Path | None = None, input: str | None = None,
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     cmd: Any = " ".join([sys.executable, "-m", "watcher", *args]) if shell \
         else [sys.executable, "-m", "watcher", *args]
-    return subprocess.run(cmd, cwd=cwd, input=input, capture_output=True, text=True,
+    return subprocess.run(cmd, check=False, cwd=cwd, input=input, capture_output=True, text=True,
                           timeout=timeout, env=full_env, shell=shell)
 
 

@@ -111,7 +111,7 @@ def test_split_ops_respects_brackets() -> None:
 def test_callables_top_level_accepted_lambdas_and_closures_refused() -> None:
     p = config.pipeline_from([crashers.invert, "grayscale", "thumbnail(64, 64)"])
     assert [s.name for s in p.steps] == ["tests.crashers.invert", "grayscale", "thumbnail"]
-    with pytest.raises(ConfigError, match="lambda|top level"):
+    with pytest.raises(ConfigError, match=r"lambda|top level"):
         config.pipeline_from([lambda im: im])
 
     def nested(im):  # type: ignore[no-untyped-def]

@@ -44,7 +44,8 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
     """
     import structlog  # noqa: PLC0415
 
-    from . import batch, config as cfg, log  # noqa: PLC0415
+    from . import batch, log  # noqa: PLC0415
+    from . import config as cfg  # noqa: PLC0415
 
     if not structlog.is_configured():
         log.configure("main", "auto", "warning")

@@ -1,4 +1,5 @@
-"""The ``watcher`` command: parse, load settings, set up logging, run, map the outcome to an exit code.
+"""The ``watcher`` command: parse, load settings, set up logging, run, map the outcome to an
+exit code.
 
     watcher batch img_*.bmp --out thumbnails/ --pipeline thumbnail
     watcher batch photos/ --out web/ --ops "auto_orient, resize(width=1600)" --format webp
@@ -246,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"watcher: error: {exc}", file=sys.stderr)
         return ExitCode.INTERNAL
     parser.error(f"unknown command {args.command!r}")
+    return ExitCode.USAGE  # not reached: error() exits
 
 
 if __name__ == "__main__":

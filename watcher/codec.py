@@ -30,8 +30,11 @@ from PIL import Image, ImageCms, ImageColor, UnidentifiedImageError
 
 from .errors import RejectedInput
 
+Image.init()  # load every plugin up front: Image.open(formats=...) only knows loaded ones
+
 # Formats opened by default (Pillow format names). Configurable per run.
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF", "MPO")
+# (MPO, a JPEG with extra frames, is opened by the JPEG plugin.)
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
 OUTPUT_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "avif": "AVIF", "bmp": "BMP",
                   "tiff": "TIFF", "gif": "GIF"}
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "AVIF": ".avif", "BMP": ".bmp",
@@ -127,7 +130,7 @@ def _classify(path: str, exc: BaseException) -> RejectedInput:
     if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
         return RejectedInput("decompression-bomb", f"{path}: {exc}")
     text = str(exc)
-    if "truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text:
+    if "truncated" in text or isinstance(exc, EOFError):
         return RejectedInput("truncated", f"{path}: {text or type(exc).__name__}")
     if isinstance(exc, MemoryError):
         return RejectedInput("decompression-bomb", f"{path}: out of memory decoding")
@@ -181,12 +184,35 @@ def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
         raise
 
 
+# Signatures of the formats watcher opens by default: a file that starts like one of them but
+# that no decoder accepts has a damaged header ("corrupt"), not "not-an-image".
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"),
+          (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _sniff(head: bytes) -> str | None:
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "AVIF"
+    return None
+
+
 def _unidentified(f: IO[bytes], path: str, limits: DecodeLimits) -> RejectedInput:
+    f.seek(0)
+    head = f.read(16)
     f.seek(0)
     try:
         with Image.open(f) as other:
             fmt = other.format
     except Exception:  # noqa: BLE001 - any failure here means: not an image we know
+        sniffed = _sniff(head)
+        if sniffed and sniffed in limits.formats:
+            return RejectedInput("corrupt", f"{path}: looks like {sniffed} but its header "
+                                            "cannot be read")
         return RejectedInput("not-an-image", f"{path}: not a recognised image "
                                              f"(allowed: {', '.join(limits.formats)})")
     return RejectedInput("format-not-allowed", f"{path}: {fmt} is not in the allowed formats "
@@ -220,22 +246,22 @@ def to_8bit(im: Image.Image) -> Image.Image:
     """Scale a 16/32-bit integer or float image to 8-bit L: the full range maps to 0-255."""
     if im.mode.startswith("I;16"):
         # via "I": point() on I;16 ignores a requested output mode
-        return im.convert("I").point(lambda v: v * (255 / 65535)).convert("L")
+        return im.convert("I").point(lambda v: v * (255 / 65535) + 0.5).convert("L")
     if im.mode == "I":
         lo, hi = im.getextrema()
         if lo >= 0 and hi <= 255:
             return im.convert("L")
         if lo >= 0 and hi <= 65535:
-            return im.point(lambda v: v * (255 / 65535)).convert("L")
+            return im.point(lambda v: v * (255 / 65535) + 0.5).convert("L")
         lo = min(lo, 0)
-        return im.point(lambda v: (v - lo) * (255 / (hi - lo))).convert("L")
+        return im.point(lambda v: (v - lo) * (255 / (hi - lo)) + 0.5).convert("L")
     if im.mode == "F":
         lo, hi = im.getextrema()
         if lo >= 0 and hi <= 1.0:
-            return im.point(lambda v: v * 255).convert("L")
+            return im.point(lambda v: v * 255 + 0.5).convert("L")
         lo = min(lo, 0.0)
         span = (hi - lo) or 1.0
-        return im.point(lambda v: (v - lo) * (255 / span)).convert("L")
+        return im.point(lambda v: (v - lo) * (255 / span) + 0.5).convert("L")
     return im
 
 

@@ -68,8 +68,15 @@ class _Shrink:
 
 
 def _orientation(im: Image.Image) -> int:
+    """EXIF orientation from what the header gave, never loading pixels (PNG's getexif()
+    would decode the whole image, and swallow its errors here)."""
+    data = im.info.get("exif")
+    if not isinstance(data, bytes):
+        return 1
     try:
-        return int(im.getexif().get(codec.ORIENTATION, 1) or 1)
+        exif = Image.Exif()
+        exif.load(data)
+        return int(exif.get(codec.ORIENTATION, 1) or 1)
     except Exception:  # noqa: BLE001 - a malformed EXIF block is dealt with by auto_orient
         return 1
 
@@ -126,10 +133,12 @@ class Processor:
         bytes_in = bytes_out = 0
         try:
             with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", transforms.OrientationWarning)
+                # Pillow reports a malformed EXIF block as a UserWarning and skips it; the
+                # file's log line should say so.
+                warnings.simplefilter("always", UserWarning)
                 bytes_in, bytes_out = self._run(task, notes, written)
-            notes.extend(str(w.message) for w in caught
-                         if issubclass(w.category, transforms.OrientationWarning))
+            notes.extend(dict.fromkeys(str(w.message).strip() for w in caught
+                                       if issubclass(w.category, UserWarning)))
         except RejectedInput as exc:
             return self._fail(task, t0, exc.reason, exc.detail, "RejectedInput", written, notes,
                               bytes_in)
@@ -176,6 +185,9 @@ class Processor:
             return ("L" if all(s and s.luma for s in plans) else "RGB", need)
 
         src = codec.decode(task.path, limits=self.limits, nofollow=task.nofollow, plan=draft)
+        if src.image.size == src.size:
+            # No reduced-scale decode happened: run every step as written on the real image.
+            plans = [None] * len(pipes)
         try:
             base = codec.working(src, "srgb" if any(p.output.colour == "srgb" for p, _, _ in pipes)
                                  else "keep", notes)
