@@ -1,16 +1,20 @@
 """Test transforms that misbehave on purpose: importable top-level functions, so real worker
-processes can run them. Each acts only on images whose top-left pixel is pure magenta (255,0,255)
-("poison"), so one batch can mix them with normal images."""
+processes can run them. Each acts only on images marked by their top-left pixel (magenta
+"poison", or cyan "slow"), so one batch can mix them with normal images. Their knobs are in the
+pixels too: workers come from a forkserver started earlier, so the test's environment at the time
+of the call does not reach them."""
 
 from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 
 from PIL import Image
 
 POISON = (255, 0, 255)
+SLOW = (0, 255, 255)
 
 
 def _poisoned(im: Image.Image) -> bool:
@@ -24,10 +28,29 @@ def kill_on_poison(im: Image.Image) -> Image.Image:
     return im
 
 
+def marker_path(token: int) -> str:
+    return os.path.join(tempfile.gettempdir(), f"watcher-test-marker-{token}")
+
+
+def poison_image(path: str, token: int = 0) -> None:
+    """A poisoned image; ``token`` (0-255) names its marker file for kill_first_time."""
+    im = Image.new("RGB", (16, 16), POISON)
+    im.putpixel((1, 0), (token, 0, 0))
+    im.save(path)
+
+
+def slow_image(path: str, seconds: float) -> None:
+    """An image that ``slow`` holds for ``seconds`` (0.1 s steps, at most 25 s)."""
+    im = Image.new("RGB", (16, 16), (120, 120, 120))
+    im.putpixel((0, 0), SLOW)
+    im.putpixel((1, 0), (round(seconds * 10), 0, 0))
+    im.save(path)
+
+
 def kill_first_time(im: Image.Image) -> Image.Image:
     """SIGKILL the worker on the first attempt only (a marker file records the attempt)."""
     if _poisoned(im):
-        marker = os.environ["WATCHER_TEST_MARKER"]
+        marker = marker_path(im.convert("RGB").getpixel((1, 0))[0])
         if not os.path.exists(marker):
             with open(marker, "w") as f:
                 f.write(str(os.getpid()))
@@ -49,8 +72,10 @@ def raise_on_poison(im: Image.Image) -> Image.Image:
 
 
 def slow(im: Image.Image) -> Image.Image:
-    """Take about a second: used to interrupt a batch while tasks run."""
-    time.sleep(float(os.environ.get("WATCHER_TEST_SLOW", "1.0")))
+    """Hold a "slow" image for the seconds written in it (used to interrupt running tasks)."""
+    rgb = im.convert("RGB")
+    if rgb.getpixel((0, 0)) == SLOW:
+        time.sleep(rgb.getpixel((1, 0))[0] / 10)
     return im
 
 

@@ -13,6 +13,12 @@ own channel. A worker records in a shared slot which task it holds; the supervis
 only under that slot's lock while the slot still shows the task it timed out, so it never kills a
 worker that may be inside ``queue.get()``. Results are accepted once per task: a late duplicate
 (a task that ran twice) is dropped.
+
+A worker that dies holding no recorded task (killed from outside while idle, or between taking a
+task and recording it) may have died inside ``queue.get()`` holding the queue's read lock, which
+would block every other worker forever. So the supervisor then replaces the queue: a new queue
+with every task not yet seen started, idle workers ended (they wait on the old queue), busy ones
+told to exit after their current task, and fresh workers on the new queue.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
 import time
@@ -40,6 +47,7 @@ from .worker import (
     EXIT_INIT_FAILED,
     IDLE,
     IDLE_SINCE,
+    RETIRE,
     SEQ,
     SLOT_SIZE,
     STARTED,
@@ -48,7 +56,6 @@ from .worker import (
 )
 
 PREFETCH = 2  # tasks waiting in the queue per worker: enough to never starve one
-LOST_AFTER = 1.0  # all workers idle this long with tasks unaccounted for: those tasks were lost
 
 
 class EngineError(WatcherError):
@@ -66,6 +73,7 @@ class _Slot:
     lock: Any
     killed_for: int = -1  # the task this worker was killed for (timeout/shutdown), if any
     cleanup: list[str] = field(default_factory=list)  # outputs whose temp files it may leave
+    retiring: bool = False  # on an abandoned queue: exits after its current task
     tasks: int = 0
 
     @property
@@ -79,9 +87,9 @@ class Stats:
     restarts: int = 0
     crashes: int = 0
     timeouts: int = 0
-    lost_recovered: int = 0
+    queue_resets: int = 0
+    requeued: int = 0
     duplicates: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Engine:
@@ -92,14 +100,17 @@ class Engine:
         self._ctx = multiprocessing.get_context(settings.start_method)
         if settings.start_method == "forkserver":
             self._ctx.set_forkserver_preload(["watcher.worker"])
-        self._cfg = WorkerConfig(dict(pipelines), limits, settings.max_tasks_per_worker,
-                                 log_format, log_level, os.getpid())
+        cfg = WorkerConfig(dict(pipelines), limits, settings.max_tasks_per_worker, log_format,
+                           log_level, os.getpid())
+        try:
+            self._cfg = pickle.dumps(cfg)
+        except Exception as exc:
+            raise EngineError(f"the pipelines cannot be sent to worker processes: {exc}") from exc
         self._queue: Any = None
         self._slots: dict[int, _Slot] = {}
         self._tasks: dict[int, Task] = {}  # outstanding: submitted, no result accepted yet
         self._pending: deque[Task] = deque()  # not yet on the queue
         self._inq: dict[int, Task] = {}  # on the queue, not yet seen started
-        self._maybe_lost = False
         self._intake = True
         self._ready: list[Result] = []
         self.stats = Stats()
@@ -217,7 +228,6 @@ class Engine:
             self._ready += self._drain(slot)
         self._reap(respawn)
         self._kill_stuck()
-        self._recover_lost()
         self._feed()
         out, self._ready = self._ready, []
         return out
@@ -261,22 +271,46 @@ class Engine:
             self._ready += self._drain(slot)  # results sent just before it died
             code = slot.proc.exitcode
             seq = slot.seq
+            reset = False
             if slot.killed_for >= 0:
                 pass  # charged when it was killed; _retire removes its temp files
             elif seq >= 0 and seq in self._tasks:
                 self._crashed(slot, seq, code)
-            elif code != 0:
-                # It died between taking a task and recording it, or while idle.
-                self._maybe_lost = True
-                self._log.warning("worker.died", worker=slot.proc.pid, exitcode=code)
+            elif code != 0 and not slot.retiring and code != EXIT_INIT_FAILED:
+                # Died while idle or between taking a task and recording it: possibly inside
+                # queue.get(), holding the queue's read lock.
+                self._log.warning("worker.died_idle", worker=slot.proc.pid, exitcode=code)
+                reset = True
             self._retire(slot)
             del self._slots[slot.index]
             if code == EXIT_INIT_FAILED:
                 raise EngineError("worker processes cannot start (see the error above); "
                                   "check the installation and the pipelines' imports")
-            if respawn and self._intake:
+            if reset:
+                self._reset_queue()
+            if respawn and self._intake and slot.index not in self._slots:
                 self.stats.restarts += 1 if code != 0 else 0
                 self._spawn(slot.index)
+
+    def _reset_queue(self) -> None:
+        """Replace a task queue whose read lock may be held by a dead worker."""
+        self.stats.queue_resets += 1
+        old, self._queue = self._queue, self._ctx.Queue()
+        for slot in list(self._slots.values()):
+            with slot.lock:
+                slot.retiring = True
+                if slot.seq < 0:
+                    slot.proc.kill()  # idle: waiting on the old queue, holding nothing
+                else:
+                    slot.shared[RETIRE] = 1.0
+        unstarted = list(self._inq.values())
+        self._inq.clear()
+        self._pending.extendleft(reversed(unstarted))
+        self.stats.requeued += len(unstarted)
+        self._log.warning("engine.queue_replaced", requeued=len(unstarted),
+                          why="a worker died outside a task, maybe holding the queue lock")
+        old.cancel_join_thread()
+        old.close()
 
     def _crashed(self, slot: _Slot, seq: int, code: int | None) -> None:
         task = self._tasks[seq]
@@ -314,22 +348,6 @@ class Engine:
                 self._ready.append(self._charge(slot, seq, "timeout",
                                                 f"still running after {limit:g} s; worker "
                                                 "killed"))
-
-    def _recover_lost(self) -> None:
-        if not self._maybe_lost or not self._inq or self._pending:
-            return
-        now = time.monotonic()
-        for slot in self._slots.values():
-            if not slot.proc.is_alive() or slot.seq >= 0 \
-                    or now - slot.shared[IDLE_SINCE] < LOST_AFTER:
-                return
-        lost = list(self._inq.values())
-        self._inq.clear()
-        self._maybe_lost = False
-        self.stats.lost_recovered += len(lost)
-        for t in lost:
-            self._log.warning("task.requeued", path=t.path, why="its worker died taking it")
-            self._pending.appendleft(t)
 
     def _feed(self) -> None:
         if not self._intake or self._queue is None:

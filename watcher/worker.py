@@ -24,9 +24,10 @@ from .codec import DecodeLimits
 from .pipeline import Pipeline, Processor
 from .tasks import Result, Stop, Task
 
-# Slot layout (a shared array of doubles, one per worker).
-SEQ, STARTED, IDLE_SINCE = 0, 1, 2
-SLOT_SIZE = 3
+# Slot layout (a shared array of doubles, one per worker). RETIRE: set by the supervisor when
+# the task queue was replaced; the worker exits after its current task instead of taking another.
+SEQ, STARTED, IDLE_SINCE, RETIRE = 0, 1, 2, 3
+SLOT_SIZE = 4
 IDLE = -1.0
 
 EXIT_OK = 0
@@ -69,12 +70,20 @@ def _on_term(signum: int, frame: Any) -> None:
 
 
 def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: Any,
-                cfg: WorkerConfig) -> None:
-    """Process target: take tasks until a stop sentinel, SIGTERM, recycling or parent death."""
+                cfg_bytes: bytes) -> None:
+    """Process target: take tasks until a stop sentinel, SIGTERM, recycling or parent death.
+
+    ``cfg_bytes`` is the pickled WorkerConfig: unpickled here, so a pipeline whose transforms
+    cannot be imported in a worker exits with EXIT_INIT_FAILED instead of a bootstrap crash.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_term)
     try:
+        import pickle  # noqa: PLC0415
+
         from . import log  # noqa: PLC0415
+
+        cfg: WorkerConfig = pickle.loads(cfg_bytes)  # noqa: S301 - our own parent's bytes
 
         log.configure("worker", cfg.log_format, cfg.log_level)
         logger = log.get().bind(worker=os.getpid(), slot=index)
@@ -105,6 +114,10 @@ def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: An
         with lock:  # only after the result is sent: a kill before this re-runs, never loses
             slot[SEQ] = IDLE
             slot[IDLE_SINCE] = time.monotonic()
+            retire = slot[RETIRE] > 0
+        if retire:
+            logger.debug("worker.retiring", why="task queue replaced")
+            break
         if worker.spent:
             logger.debug("worker.recycling", tasks=worker.done)
             break

@@ -1,0 +1,249 @@
+"""The engine with real worker processes: results, crashes (SIGKILL), timeouts, recycling,
+idle workers killed from outside, draining on close. Deadlines everywhere, no bare sleeps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import crashers
+from tests.conftest import make_image, wait_until
+from watcher import config
+from watcher.codec import DecodeLimits
+from watcher.config import EngineSettings
+from watcher.engine import Engine, EngineError
+from watcher.tasks import OutputPlan, Result, Task
+
+pytestmark = pytest.mark.integration
+
+
+def engine_for(steps: list[Any], **settings: Any) -> Engine:
+    p = config.pipeline_from(steps, "p", "p")
+    s = EngineSettings(**{"workers": 2, "task_timeout": 30.0, "grace": 5.0, **settings})
+    return Engine(s, {"p": p}, DecodeLimits())
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Iterator[list[Path]]:
+    yield [make_image(tmp_path / "in" / f"{i}.png", seed=i) for i in range(6)]
+
+
+def poison(path: Path, token: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    crashers.poison_image(str(path), token)
+    return path
+
+
+def slow(path: Path, seconds: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    crashers.slow_image(str(path), seconds)
+    return path
+
+
+def tasks_for(paths: list[Path], out: Path) -> list[Task]:
+    return [Task(i, str(p), (OutputPlan("p", str(out / f"{p.stem}_p.png")),))
+            for i, p in enumerate(paths)]
+
+
+def run_all(engine: Engine, tasks: list[Task], timeout: float = 60) -> dict[str, Result]:
+    """Submit everything and poll until every task has a result (or fail at the deadline)."""
+    results: dict[str, Result] = {}
+    for t in tasks:
+        engine.submit(t)
+    deadline = time.monotonic() + timeout
+    while engine.outstanding:
+        if time.monotonic() > deadline:
+            pytest.fail(f"engine did not finish in {timeout} s: {results}")
+        for r in engine.poll(0.2):
+            assert r.path not in results, f"two results for {r.path}"
+            results[r.path] = r
+    return results
+
+
+def test_all_tasks_complete_and_workers_end(tmp_path: Path, images: list[Path]) -> None:
+    e = engine_for(["grayscale", "resize_half"])
+    e.start()
+    try:
+        pids = e.pids
+        results = run_all(e, tasks_for(images, tmp_path / "out"))
+    finally:
+        e.close()
+    assert all(r.ok for r in results.values()), results
+    assert {r.worker for r in results.values()} <= set(pids)
+    assert len(list((tmp_path / "out").iterdir())) == 6
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_worker_killed_by_sigkill_is_replaced_and_task_fails_after_retry(
+        tmp_path: Path, images: list[Path]) -> None:
+    bad = poison(tmp_path / "in" / "bad.png")
+    e = engine_for([crashers.kill_on_poison, "thumbnail(8, 8)"])
+    e.start()
+    try:
+        results = run_all(e, tasks_for([*images, bad], tmp_path / "out"))
+    finally:
+        e.close()
+    r = results[str(bad)]
+    assert (r.ok, r.reason, r.attempt) == (False, "worker-crashed", 2)
+    assert "SIGKILL" in r.error
+    assert all(results[str(p)].ok for p in images)
+    assert e.stats.crashes == 2 and e.stats.restarts >= 2
+    assert not list((tmp_path / "out").glob(".*"))  # no temp files
+
+
+def test_crash_is_retried_once_and_can_succeed(tmp_path: Path, images: list[Path]) -> None:
+    token = os.getpid() % 256
+    marker = Path(crashers.marker_path(token))
+    marker.unlink(missing_ok=True)
+    bad = poison(tmp_path / "in" / "flaky.png", token)
+    e = engine_for([crashers.kill_first_time])
+    e.start()
+    try:
+        results = run_all(e, tasks_for([*images[:2], bad], tmp_path / "out"))
+    finally:
+        e.close()
+    assert results[str(bad)].ok and results[str(bad)].attempt == 2
+    assert marker.exists()
+    marker.unlink()
+
+
+def test_task_past_timeout_kills_worker_and_fails_with_timeout(
+        tmp_path: Path, images: list[Path]) -> None:
+    bad = poison(tmp_path / "in" / "hang.png")
+    e = engine_for([crashers.hang_on_poison], task_timeout=1.0)
+    e.start()
+    try:
+        results = run_all(e, tasks_for([bad, *images], tmp_path / "out"))
+        hung_pid = results[str(bad)].worker
+    finally:
+        e.close()
+    r = results[str(bad)]
+    assert (r.ok, r.reason) == (False, "timeout")
+    assert all(results[str(p)].ok for p in images)
+    assert e.stats.timeouts == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(hung_pid, 0)
+
+
+def test_idle_worker_killed_from_outside_does_not_stall_the_queue(
+        tmp_path: Path, images: list[Path]) -> None:
+    e = engine_for(["mirror"], workers=2)
+    e.start()
+    try:
+        first = run_all(e, tasks_for(images[:2], tmp_path / "out"))
+        assert all(r.ok for r in first.values())
+        # Both workers now wait in queue.get(); one of them holds the queue's read lock.
+        for pid in e.pids:
+            os.kill(pid, signal.SIGKILL)
+            break
+        more = tasks_for(images[2:], tmp_path / "out2")
+        more = [Task(t.seq + 100, t.path, t.outputs) for t in more]
+        results = run_all(e, more, timeout=30)
+    finally:
+        e.close()
+    assert all(r.ok for r in results.values()), results
+    assert e.stats.queue_resets >= 1
+
+
+def test_busy_worker_killed_from_outside_retries_its_task(tmp_path: Path) -> None:
+    e = engine_for([crashers.slow], workers=1)
+    e.start()
+    try:
+        task = tasks_for([slow(tmp_path / "in" / "s.png", 1.5)], tmp_path / "out")[0]
+        e.submit(task)
+        pid = e.pids[0]
+        # The worker records the task in its slot when it starts it.
+        wait_until(lambda: e._slots[0].seq == task.seq, 10, "the worker to start the task")
+        os.kill(pid, signal.SIGKILL)
+        results: list[Result] = []
+        deadline = time.monotonic() + 30
+        while e.outstanding and time.monotonic() < deadline:
+            results += e.poll(0.2)
+    finally:
+        e.close()
+    assert len(results) == 1 and results[0].ok and results[0].attempt == 2
+
+
+def test_workers_are_recycled_after_max_tasks(tmp_path: Path, images: list[Path]) -> None:
+    e = engine_for(["mirror"], workers=1, max_tasks_per_worker=2)
+    e.start()
+    try:
+        results = run_all(e, tasks_for(images, tmp_path / "out"))
+    finally:
+        e.close()
+    assert all(r.ok for r in results.values())
+    assert len({r.worker for r in results.values()}) == 3
+    assert e.stats.started >= 3 and e.stats.crashes == 0
+
+
+def test_close_drains_running_tasks_and_withdraws_the_rest(tmp_path: Path) -> None:
+    e = engine_for([crashers.slow], workers=2)
+    e.start()
+    tasks = tasks_for([slow(tmp_path / "in" / f"{i}.png", 1.0) for i in range(6)],
+                      tmp_path / "out")
+    for t in tasks:
+        e.submit(t)
+    wait_until(lambda: sum(s.seq >= 0 for s in e._slots.values()) == 2, 10,
+               "both workers to be busy")
+    withdrawn = e.stop_intake()
+    results = e.close(grace=10)
+    assert len(withdrawn) + len(results) == 6
+    assert len(results) == 2 and all(r.ok for r in results)  # the two running ones finished
+    assert len(list((tmp_path / "out").iterdir())) == 2
+
+
+def test_close_kills_tasks_past_the_grace_period(tmp_path: Path) -> None:
+    bad = poison(tmp_path / "in" / "hang.png")
+    e = engine_for([crashers.hang_on_poison], workers=1)
+    e.start()
+    task = tasks_for([bad], tmp_path / "out")[0]
+    e.submit(task)
+    wait_until(lambda: e._slots[0].seq == task.seq, 10, "the worker to start the task")
+    t0 = time.monotonic()
+    results = e.close(grace=0.5)
+    assert time.monotonic() - t0 < 10
+    assert [(r.ok, r.reason) for r in results] == [(False, "cancelled")]
+
+
+def test_duplicate_result_is_dropped(tmp_path: Path, images: list[Path]) -> None:
+    e = engine_for(["mirror"], workers=1)
+    e.start()
+    try:
+        task = tasks_for(images[:1], tmp_path / "out")[0]
+        first = run_all(e, [task])
+        late = Result(task.seq, task.path, True)
+        assert e._accept(late) is None
+    finally:
+        e.close()
+    assert first[task.path].ok and e.stats.duplicates == 1
+
+
+def test_unimportable_transform_stops_the_engine(tmp_path: Path, images: list[Path]) -> None:
+    import sys
+    import types
+
+    mod = types.ModuleType("watcher_test_ghost")
+
+    def ghost(im):  # type: ignore[no-untyped-def]
+        return im
+
+    ghost.__module__ = "watcher_test_ghost"
+    ghost.__qualname__ = "ghost"
+    mod.ghost = ghost  # type: ignore[attr-defined]
+    sys.modules["watcher_test_ghost"] = mod  # importable here, not in a worker
+    try:
+        e = engine_for([ghost], workers=1)
+        e.start()
+        with pytest.raises(EngineError, match="cannot start"):
+            run_all(e, tasks_for(images[:1], tmp_path / "out"), timeout=30)
+        e.close(grace=0)
+    finally:
+        del sys.modules["watcher_test_ghost"]
