@@ -121,3 +121,14 @@ def test_callables_top_level_accepted_lambdas_and_closures_refused() -> None:
         config.pipeline_from([nested])
     with pytest.raises(ConfigError, match="cannot be sent"):
         config.pipeline_from([object()])
+
+
+def test_dotted_import_path_is_a_user_transform() -> None:
+    step = config.parse_step("tests.crashers.invert", "--ops")
+    assert step.func is crashers.invert and step.name == "tests.crashers.invert"
+    with pytest.raises(ConfigError, match="cannot import module"):
+        config.parse_step("nosuchpkg.mod.fn", "--ops")
+    with pytest.raises(ConfigError, match="has no 'nope'"):
+        config.parse_step("tests.crashers.nope", "--ops")
+    with pytest.raises(ConfigError, match="bad arguments"):
+        config.parse_step("tests.crashers.invert(3)", "--ops")

@@ -116,7 +116,7 @@ def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
     for arg in args:
         if os.path.isdir(arg):
             for path in walk_images(arg):
-                add(Input(path, os.path.relpath(os.path.dirname(path), arg)))
+                add(Input(path, os.path.relpath(os.path.dirname(path) or ".", arg)))
         elif not os.path.lexists(arg) and _GLOB & set(arg):
             matches = sorted(glob.glob(arg, recursive=True))
             if not matches:
@@ -125,7 +125,7 @@ def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
             for m in matches:
                 if os.path.isdir(m):
                     for path in walk_images(m):
-                        add(Input(path, os.path.relpath(os.path.dirname(path), m)))
+                        add(Input(path, os.path.relpath(os.path.dirname(path) or ".", m)))
                 else:
                     add(Input(m))
         else:
@@ -326,4 +326,10 @@ def _bar(total: int, enabled: bool) -> Any:
         return _NoBar()
     from tqdm import tqdm  # noqa: PLC0415
 
-    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, leave=False)
+    try:
+        sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except OSError:
+        sized = False
+    # A terminal that reports no width (some ptys) would get an invisible bar: use 80 columns.
+    return tqdm(total=total, unit="img", file=sys.stderr, leave=False,
+                dynamic_ncols=sized, ncols=None if sized else 80)

@@ -246,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WatcherError as exc:
         print(f"watcher: error: {exc}", file=sys.stderr)
         return ExitCode.INTERNAL
+    except Exception:  # noqa: BLE001 - a bug: log its traceback, exit with the documented code
+        log.get("watcher.cli").exception("watcher.internal_error")
+        return ExitCode.INTERNAL
     parser.error(f"unknown command {args.command!r}")
     return ExitCode.USAGE  # not reached: error() exits
 

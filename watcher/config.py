@@ -112,14 +112,52 @@ def parse_step(text: str, where: str) -> Step:
         except ValueError as exc:
             raise ConfigError(where, f"step {text!r}: arguments must be literals") from exc
         node = func
-    if not isinstance(node, ast.Name):
-        raise ConfigError(where, f"step {text!r}: expected NAME or NAME(args)")
-    return make_step(node.id, args, kwargs, where)
+    name = _dotted(node)
+    if name is None:
+        raise ConfigError(where, f"step {text!r}: expected NAME, NAME(args) or "
+                                 "package.module.function(args)")
+    return make_step(name, args, kwargs, where)
+
+
+def _dotted(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        head = _dotted(node.value)
+        return f"{head}.{node.attr}" if head else None
+    return None
 
 
 def make_step(name: str, args: Sequence[Any], kwargs: Mapping[str, Any], where: str) -> Step:
+    """A registry name, or ``package.module.function`` (a user transform, imported here)."""
+    if "." in name and name not in transforms.REGISTRY:
+        return _imported_step(name, args, kwargs, where)
     spec = transforms.lookup(name, f"{where}[{name}]" if where else name)
     return Step(spec.name, spec.bind(tuple(args), kwargs, where))
+
+
+def _imported_step(name: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+                   where: str) -> Step:
+    import importlib  # noqa: PLC0415
+    import inspect  # noqa: PLC0415
+
+    where = f"{where}[{name}]" if where else name
+    module, _, attr = name.rpartition(".")
+    try:
+        func = getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        raise ConfigError(where, f"cannot import module {module!r}: {exc}") from exc
+    except AttributeError as exc:
+        raise ConfigError(where, f"module {module!r} has no {attr!r}") from exc
+    step = step_from_callable(func, where)
+    if step.func is None:
+        return step  # it was a built-in after all
+    try:
+        bound = inspect.signature(func).bind(None, *args, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(where, f"bad arguments for {name}: {exc}") from exc
+    params = tuple((k, v) for k, v in list(bound.arguments.items())[1:])
+    return Step(step.name, params, func)
 
 
 def step_from_callable(func: Callable[..., Any], where: str) -> Step:

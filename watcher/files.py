@@ -13,7 +13,6 @@ import errno
 import filecmp
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import IO
 
 from .errors import RejectedInput
@@ -129,4 +128,4 @@ def walk_images(root: str) -> Iterator[str]:
         for name in sorted(filenames):
             if name.startswith(".") or name.endswith(TEMP_SUFFIX):
                 continue
-            yield str(Path(dirpath) / name)
+            yield os.path.join(dirpath, name)
