@@ -96,8 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
     b.set_defaults(subparser=b)
 
+    w = sub.add_parser("watch", help="run the inbox daemon", epilog=WATCH_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Process every complete file that arrives in the inbox; move "
+                       "each input to the archive (or delete/keep it) or to the quarantine.")
+    w.add_argument("-c", "--config", metavar="FILE", help="watcher.toml (default: $WATCHER_CONFIG"
+                   ", or ./watcher.toml if present, else the built-ins)")
+    _watch_args(w)
+    _log_args(w)
+    w.set_defaults(subparser=w)
+
+    r = sub.add_parser("requeue", help="move quarantined files back into the inbox")
+    r.add_argument("paths", nargs="*", metavar="PATH", help="quarantined files")
+    r.add_argument("--all", action="store_true", help="every quarantined file")
+    r.add_argument("-c", "--config", metavar="FILE", help="watcher.toml (for the folders)")
+    _watch_args(r, folders_only=True)
+    r.set_defaults(subparser=r)
+
     c = sub.add_parser("check-config", help="validate a config file and print the effective "
-                                            "settings")
+                                            "settings (environment included)")
     c.add_argument("-c", "--config", metavar="FILE", help="watcher.toml to check")
 
     sub.add_parser("transforms", help="list the built-in transforms and their parameters")
@@ -106,6 +123,79 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("folder")
     s.add_argument("-n", "--count", type=_positive_int, default=12)
     return parser
+
+
+WATCH_EPILOG = """Every option can also come from the config file's [watch] table or from an
+environment variable WATCHER_<NAME> (e.g. WATCHER_INBOX, WATCHER_SETTLE, WATCHER_WORKERS,
+WATCHER_PIPELINES=thumbnail,web); flags win over the environment, which wins over the file.
+Signals: SIGTERM/SIGINT drain and exit 0 (a second one stops at once); SIGHUP reloads the config.
+"""
+
+
+def _watch_args(p: argparse.ArgumentParser, folders_only: bool = False) -> None:
+    for name in ("inbox", "output", "archive", "quarantine", "work"):
+        p.add_argument(f"--{name}", metavar="DIR")
+    if folders_only:
+        return
+    p.add_argument("-p", "--pipeline", action="append", default=[], metavar="NAME")
+    p.add_argument("-j", "--workers", type=_positive_int)
+    p.add_argument("--timeout", type=_positive_float, help="seconds one file may take")
+    p.add_argument("--max-tasks-per-worker", type=int, metavar="N")
+    p.add_argument("--observer", choices=["auto", "inotify", "polling"])
+    p.add_argument("--poll-interval", type=_positive_float, metavar="S")
+    p.add_argument("--settle", type=float, metavar="S",
+                   help="a file unchanged this long is complete (polling, scans)")
+    p.add_argument("--on-success", choices=["archive", "delete", "keep"])
+    p.add_argument("--reconcile-interval", type=_positive_float, metavar="S")
+    p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--max-in-flight", type=int, metavar="N")
+    p.add_argument("--pixel-limit", type=_positive_int)
+    p.add_argument("--max-file-size", metavar="SIZE")
+    p.add_argument("--grace", type=float, metavar="S", help="drain time on SIGTERM")
+
+
+def watch_loader(args: argparse.Namespace) -> Any:
+    """A function giving the effective settings: file, then WATCHER_*, then flags. Called again
+    on SIGHUP."""
+    def load() -> config.Settings:
+        path = args.config or os.environ.get("WATCHER_CONFIG") or _config_path(None)
+        s = config.load(path)
+        s = config.from_environment(s, os.environ)
+        flags = {k: (getattr(args, k), "--" + k.replace("_", "-"))
+                 for k in config.WATCH_KEYS if getattr(args, k, None) is not None}
+        s = replace(s, watch=config.watch_settings(s.watch, flags))
+        over = {k: getattr(args, k, None) for k in ("workers", "timeout",
+                                                    "max_tasks_per_worker", "pixel_limit",
+                                                    "grace")}
+        if getattr(args, "max_file_size", None):
+            over["max_file_size"] = config.parse_size(args.max_file_size, "--max-file-size")
+        s = config.apply_overrides(s, **{k: v for k, v in over.items() if v is not None})
+        if getattr(args, "pipeline", None):
+            s.select(args.pipeline)  # names exist
+            s = replace(s, use=tuple(args.pipeline))
+        return s
+    return load
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .daemon import Daemon  # noqa: PLC0415
+
+    fmt = log.resolve_format(args.log_format, sys.stdout)
+    log.configure("daemon", fmt, args.log_level, stream=sys.stdout)
+    return Daemon(watch_loader(args), log_format=fmt, log_level=args.log_level).run()
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from .lifecycle import Folders, requeue  # noqa: PLC0415
+
+    if bool(args.paths) == bool(args.all):
+        args.subparser.error("give quarantined PATHs or --all")
+    s = watch_loader(args)()
+    moved = requeue(Folders(s.watch.folders()), None if args.all else list(args.paths))
+    for src, dest in moved:
+        print(f"{src} -> {dest}")
+    print(f"requeued {len(moved)} file(s)", file=sys.stderr)
+    return ExitCode.OK
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:
@@ -190,10 +280,11 @@ def _run_batch(args: argparse.Namespace, settings: config.Settings, pipes: tuple
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    path = _config_path(args.config)
-    settings = config.load(path)
+    path = args.config or os.environ.get("WATCHER_CONFIG") or _config_path(None)
+    settings = config.from_environment(config.load(path), os.environ)
     doc = {
         "source": settings.source,
+        "watch": asdict(settings.watch),
         "engine": asdict(settings.engine),
         "input": asdict(settings.limits),
         "output": {"pipelines": list(settings.use), "on_conflict": settings.on_conflict},
@@ -230,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "batch":
             return cmd_batch(args, args.subparser)
+        if args.command == "watch":
+            return cmd_watch(args)
+        if args.command == "requeue":
+            return cmd_requeue(args)
         if args.command == "check-config":
             return cmd_check_config(args)
         if args.command == "transforms":

@@ -129,6 +129,9 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib
 def _classify(path: str, exc: BaseException) -> RejectedInput:
     if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
         return RejectedInput("decompression-bomb", f"{path}: {exc}")
+    if isinstance(exc, OSError) and exc.errno is not None:
+        # the system failed to read (EIO, ESTALE on NFS...); Pillow's own errors have no errno
+        return RejectedInput("io-error", f"{path}: {exc}")
     text = str(exc)
     if "truncated" in text or isinstance(exc, EOFError):
         return RejectedInput("truncated", f"{path}: {text or type(exc).__name__}")

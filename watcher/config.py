@@ -37,6 +37,51 @@ class EngineSettings:
     start_method: str = "forkserver"
 
 
+# Names editors, browsers and sync tools give files still being written (dot-files are always
+# ignored too).
+DEFAULT_IGNORE = ("*.part", "*.partial", "*.tmp", "*.temp", "*.crdownload", "*.download",
+                  "*.swp", "*.swx", "*~", "~$*", ".~lock*", "*.!ut", "*.filepart", "*.watcher-tmp")
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """The inbox daemon: folders, how arrivals are noticed, what happens to processed inputs."""
+
+    inbox: str = "inbox"
+    output: str = "processed"
+    archive: str = "archive"
+    quarantine: str = "quarantine"
+    work: str = "work"  # claimed files wait here; same file system as the inbox
+    recursive: bool = True
+    observer: str = "auto"  # auto | inotify | polling
+    poll_interval: float = 1.0
+    settle: float = 2.0  # unchanged this long = complete (polling, scans, files created in place)
+    on_success: str = "archive"  # archive | delete | keep
+    reconcile_interval: float = 30.0
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    max_in_flight: int = 0  # claimed, unfinished files at once (0: 4 per worker)
+    retry_backoff: float = 1.0  # first wait after a transient failure (doubles, with jitter)
+    retry_backoff_max: float = 300.0
+
+    def folders(self) -> dict[str, str]:
+        return {"inbox": self.inbox, "output": self.output, "archive": self.archive,
+                "quarantine": self.quarantine, "work": self.work}
+
+
+# key: (type, lowest, highest, choices) -- shared by [watch], WATCHER_* variables and flags
+WATCH_KEYS: dict[str, tuple[type, float | None, float | None, tuple[str, ...] | None]] = {
+    "inbox": (str, None, None, None), "output": (str, None, None, None),
+    "archive": (str, None, None, None), "quarantine": (str, None, None, None),
+    "work": (str, None, None, None), "recursive": (bool, None, None, None),
+    "observer": (str, None, None, ("auto", "inotify", "polling")),
+    "poll_interval": (float, 0.05, 3600, None), "settle": (float, 0.0, 3600, None),
+    "on_success": (str, None, None, ("archive", "delete", "keep")),
+    "reconcile_interval": (float, 0.5, 86400, None), "ignore": (list, None, None, None),
+    "max_in_flight": (int, 0, 1_000_000, None), "retry_backoff": (float, 0.01, 3600, None),
+    "retry_backoff_max": (float, 0.01, 86400, None),
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     pipelines: Mapping[str, Pipeline]
@@ -45,6 +90,7 @@ class Settings:
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     on_conflict: str = "skip"
     source: str = "<built-in>"
+    watch: WatchSettings = field(default_factory=WatchSettings)
 
     def select(self, names: Sequence[str]) -> tuple[Pipeline, ...]:
         out = []
@@ -383,7 +429,98 @@ def parse(doc: Mapping[str, Any], name: str = "watcher.toml") -> Settings:
     if conflict not in CONFLICT_POLICIES:
         raise ConfigError(where("output.on_conflict"),
                           f"expected one of {', '.join(CONFLICT_POLICIES)}, got {conflict!r}")
-    return Settings(MappingProxyType(pipelines), tuple(use), engine, limits, conflict, name)
+    watch = _table(doc, "watch", where)
+    _reject_unknown(watch, set(WATCH_KEYS), where("watch"))
+    base = os.path.dirname(os.path.abspath(name)) if os.path.isfile(name) else None
+    ws = watch_settings(WatchSettings(), {k: (v, where(f"watch.{k}")) for k, v in watch.items()},
+                        base)
+    return Settings(MappingProxyType(pipelines), tuple(use), engine, limits, conflict, name, ws)
+
+
+def watch_value(key: str, value: Any, where: str) -> Any:
+    """Check one [watch] value (from the file, a WATCHER_* variable or a flag)."""
+    kind, lo, hi, choices = WATCH_KEYS[key]
+    if kind is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(where, "expected a list of file name patterns")
+        return tuple(value)
+    if kind is bool and isinstance(value, str):
+        low = value.strip().lower()
+        if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigError(where, f"expected true or false, got {value!r}")
+        value = low in ("1", "true", "yes", "on")
+    elif kind in (int, float) and isinstance(value, str):
+        try:
+            value = kind(value.strip())
+        except ValueError:
+            raise ConfigError(where, f"expected a number, got {value!r}") from None
+    value = transforms.Param("", kind, min=lo, max=hi).check(value, where)
+    if choices and value not in choices:
+        raise ConfigError(where, f"expected one of {', '.join(choices)}, got {value!r}")
+    if kind is str and not choices and not value.strip():
+        raise ConfigError(where, "must not be empty")
+    return value
+
+
+def watch_settings(ws: WatchSettings, values: Mapping[str, tuple[Any, str]],
+                   base: str | None = None) -> WatchSettings:
+    """``ws`` with ``values`` (key -> (value, where)) applied; relative folders from a config file
+    are taken from the file's folder (``base``)."""
+    changes = {}
+    for key, (value, where) in values.items():
+        v = watch_value(key, value, where)
+        if key in ("inbox", "output", "archive", "quarantine", "work") and base:
+            v = os.path.join(base, v)
+        changes[key] = v
+    return replace(ws, **changes)
+
+
+ENV_PREFIX = "WATCHER_"
+# WATCHER_* variables for the engine and input limits (the [watch] keys are WATCHER_<KEY>).
+ENV_OTHER = {"WORKERS": "workers", "TIMEOUT": "timeout", "MAX_TASKS_PER_WORKER":
+             "max_tasks_per_worker", "PIXEL_LIMIT": "pixel_limit", "MAX_FILE_SIZE":
+             "max_file_size", "GRACE": "grace"}
+
+
+def from_environment(s: Settings, env: Mapping[str, str]) -> Settings:
+    """Apply WATCHER_* variables (for containers): [watch] keys, engine and input limits, and
+    WATCHER_PIPELINES (comma-separated names)."""
+    watch = {k: (env[ENV_PREFIX + k.upper()], ENV_PREFIX + k.upper()) for k in WATCH_KEYS
+             if ENV_PREFIX + k.upper() in env}
+    s = replace(s, watch=watch_settings(s.watch, watch))
+    other: dict[str, Any] = {}
+    for var, key in ENV_OTHER.items():
+        raw = env.get(ENV_PREFIX + var)
+        if raw is None:
+            continue
+        name = ENV_PREFIX + var
+        if key == "max_file_size":
+            other[key] = parse_size(raw, name)
+            continue
+        kind = float if key in ("timeout", "grace") else int
+        try:
+            other[key] = kind(raw.strip())
+        except ValueError:
+            raise ConfigError(name, f"expected a number, got {raw!r}") from None
+        transforms.Param("", kind, min=0).check(other[key], name)
+    if other:
+        try:
+            s = apply_overrides(s, **other)
+        except ConfigError as exc:
+            var = next(v for v, k in ENV_OTHER.items() if exc.where.endswith(k))
+            raise ConfigError(ENV_PREFIX + var, exc.message) from None
+    if ENV_PREFIX + "PIPELINES" in env:
+        names = tuple(n.strip() for n in env[ENV_PREFIX + "PIPELINES"].split(",") if n.strip())
+        for n in names:
+            if n not in s.pipelines:
+                raise ConfigError(ENV_PREFIX + "PIPELINES", f"no pipeline {n!r}; defined: "
+                                  + ", ".join(sorted(s.pipelines)))
+        if not names:
+            raise ConfigError(ENV_PREFIX + "PIPELINES", "no pipeline named")
+        s = replace(s, use=names)
+    return s
 
 
 def _formats(value: Any, where: str) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ import queue
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -136,6 +136,7 @@ class Engine:
         send.close()  # the worker holds the only writing end: EOF means it is gone
         self._slots[index] = _Slot(index, proc, recv, shared, lock)
         self.stats.started += 1
+        self._log.info("worker.started", worker=proc.pid, slot=index)
 
     @property
     def outstanding(self) -> int:
@@ -218,12 +219,17 @@ class Engine:
 
     # --- one supervisor tick --------------------------------------------------------------------
 
-    def poll(self, timeout: float = 0.25, *, respawn: bool = True) -> list[Result]:
-        """Run one tick; return the results that became final during it."""
+    def poll(self, timeout: float = 0.25, *, respawn: bool = True,
+             wake: Sequence[Any] = ()) -> list[Result]:
+        """Run one tick; return the results that became final during it. ``wake``: more things
+        to wait on (a file descriptor the caller's own events write to)."""
         waitables: list[Any] = [s.conn for s in self._slots.values()]
         waitables += [s.proc.sentinel for s in self._slots.values()]
+        waitables += list(wake)
         if waitables and not self._ready:
             wait(waitables, timeout)
+        elif not waitables and timeout:
+            time.sleep(timeout)
         for slot in list(self._slots.values()):
             self._ready += self._drain(slot)
         self._reap(respawn)
@@ -279,8 +285,10 @@ class Engine:
             elif code != 0 and not slot.retiring and code != EXIT_INIT_FAILED:
                 # Died while idle or between taking a task and recording it: possibly inside
                 # queue.get(), holding the queue's read lock.
-                self._log.warning("worker.died_idle", worker=slot.proc.pid, exitcode=code)
                 reset = True
+            if code != 0:
+                self._log.warning("worker.died", worker=slot.proc.pid, exitcode=code,
+                                  held=self._tasks[seq].path if seq in self._tasks else None)
             self._retire(slot)
             del self._slots[slot.index]
             if code == EXIT_INIT_FAILED:
@@ -319,7 +327,7 @@ class Engine:
             else f"exit code {code}"
         remove_temps(self._outputs(seq), slot.proc.pid)
         if task.attempt <= self.settings.crash_retries and self._intake:
-            self._log.warning("task.retried", path=task.path, worker=slot.proc.pid,
+            self._log.warning("file.retried", path=task.path, worker=slot.proc.pid,
                               reason="worker-crashed", how=how, attempt=task.attempt)
             retry = task.retry()
             self._tasks[seq] = retry

@@ -46,12 +46,19 @@ REASONS = {
     "corrupt": "the decoder failed on the data",
     "decompression-bomb": "more pixels than the pixel limit",
     "transform-failed": "a transform raised an error on this image",
-    "write-failed": "an output could not be written",
+    "encode-failed": "the encoder could not write this image in the output format",
+    "write-failed": "an output could not be written (output folder unwritable, disk full, ...)",
+    "io-error": "reading the input failed at the system level (EIO, a network file system)",
+    "internal-error": "an unexpected error in watcher itself (logged with its traceback)",
     "output-conflict": "a different file already holds the output name",
     "worker-crashed": "the worker process died while processing this input (twice)",
     "timeout": "processing took longer than the per-file timeout",
     "cancelled": "the run was interrupted before this input was processed",
 }
+
+
+# Not the input's fault: the daemon keeps the input and retries later instead of quarantining it.
+TRANSIENT_REASONS = frozenset({"write-failed", "io-error"})
 
 
 class ExitCode(IntEnum):

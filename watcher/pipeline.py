@@ -148,12 +148,20 @@ class Processor:
                               f"{exc.step}: {type(cause).__name__}: {cause}",
                               type(cause).__name__, written, notes, bytes_in,
                               tb=traceback.format_exception(cause))
+        except _EncodeError as exc:
+            cause = exc.__cause__ or exc
+            return self._fail(task, t0, "encode-failed", f"{exc.path}: {type(cause).__name__}: "
+                              f"{cause}", type(cause).__name__, written, notes, bytes_in)
         except OSError as exc:
             return self._fail(task, t0, "write-failed", f"{exc}", type(exc).__name__, written,
                               notes, bytes_in)
         except MemoryError as exc:
             return self._fail(task, t0, "decompression-bomb", f"out of memory: {exc}",
                               "MemoryError", written, notes, bytes_in)
+        except Exception as exc:  # noqa: BLE001 - a bug must fail this input, not the worker
+            return self._fail(task, t0, "internal-error", f"{type(exc).__name__}: {exc}",
+                              type(exc).__name__, written, notes, bytes_in,
+                              tb=traceback.format_exception(exc))
         return Result(task.seq, task.path, True, tuple(written), duration=_since(t0),
                       worker=os.getpid(), attempt=task.attempt, bytes_in=bytes_in,
                       bytes_out=bytes_out, warnings=tuple(notes))
@@ -198,8 +206,8 @@ class Processor:
                 images = self._frames(src, p, fmt, base, shrink, task.path, notes)
                 oriented = p.output.auto_orient or any(s.spec and s.spec.orients for s in p.steps)
                 bytes_out += atomic_write(
-                    path, lambda f, im=images, p=p, fmt=fmt, o=oriented: codec.save(
-                        im, f, fmt, p.output, src, oriented=o, notes=notes),
+                    path, lambda f, im=images, p=p, fmt=fmt, o=oriented, path=path: _encode(
+                        im, f, fmt, p.output, src, o, notes, path),
                     overwrite=task.overwrite)
                 written.append(path)
         finally:
@@ -220,6 +228,24 @@ class Processor:
             return out
         duration = int(src.image.info.get("duration", 0) or 0)
         return [(apply(p, base, shrink), duration)]
+
+
+def _encode(images: list[tuple[Image.Image, int]], f: Any, fmt: str, opts: OutputOptions,
+            src: Source, oriented: bool, notes: list[str], path: str) -> None:
+    try:
+        codec.save(images, f, fmt, opts, src, oriented=oriented, notes=notes)
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # the file system: disk full, EIO...
+        raise _EncodeError(path) from exc  # Pillow's encoder errors carry no errno
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise _EncodeError(path) from exc
+
+
+class _EncodeError(Exception):
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
 
 
 class _TransformError(Exception):

@@ -78,6 +78,10 @@ def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: An
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_term)
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        sys.exit(EXIT_OK)
     try:
         import pickle  # noqa: PLC0415
 
@@ -92,7 +96,6 @@ def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: An
         print(f"watcher worker failed to start: {type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(EXIT_INIT_FAILED)
     logger.debug("worker.started")
-    parent = os.getppid()
     while not _terminate:
         try:
             item = tasks.get(timeout=0.5)
@@ -124,6 +127,20 @@ def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: An
     logger.debug("worker.stopped", tasks=worker.done)
     with contextlib.suppress(OSError):
         results.close()
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this worker when its parent goes (Linux). The parent is the
+    engine's process, or the forkserver, which exits when the engine's process dies: either way a
+    killed daemon leaves no worker writing outputs behind it."""
+    try:
+        import ctypes  # noqa: PLC0415
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the idle loop still notices a vanished parent
 
 
 def _alive(pid: int) -> bool:

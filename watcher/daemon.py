@@ -1,0 +1,443 @@
+"""Watch mode: the inbox daemon. Sources + engine + input lifecycle + signals, in one loop.
+
+Each tick, in a fixed order: act on recorded signals; feed observer events to the stability
+tracker; restart a dead observer (and rescan); run the reconcile scan when due; claim complete
+files (renamed into the work folder) up to the in-flight limit and hand them to the engine;
+resubmit transient failures whose back-off has passed; poll the engine and decide each finished
+file's fate exactly once: archive/delete/keep, quarantine with a sidecar, or retry later when the
+failure was not the input's fault.
+
+Signal handlers only record. SIGTERM/SIGINT: stop the observer and intake, let running files
+finish within the grace period, leave unstarted claims in the work folder and unclaimed files in
+the inbox for the next start, exit 0; a second signal stops at once. SIGHUP reloads the config:
+a new engine takes over the queued files while the old one drains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import signal
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from . import batch, lifecycle, log, sources
+from .config import Settings
+from .engine import Engine
+from .errors import TRANSIENT_REASONS, ConfigError
+from .lifecycle import Claim, Folders, NotClaimed
+from .pipeline import Pipeline
+from .tasks import OutputPlan, Result, Task
+
+TICK = 0.25  # longest wait between ticks; events, results and signals wake the loop sooner
+
+
+class Daemon:
+    def __init__(self, load: Callable[[], Settings], *, log_format: str = "json",
+                 log_level: str = "info") -> None:
+        self._load = load
+        self.settings = load()
+        self.folders = Folders(self.settings.watch.folders())
+        self._log_format = log_format
+        self._log_level = log_level
+        self._log = log.get("watcher.daemon")
+        self.engine: Engine | None = None
+        self._draining: list[Engine] = []
+        self.claims: dict[int, Claim] = {}  # claimed, not yet decided
+        self._rels: set[str] = set()  # their inbox-relative names: one in flight per name
+        self._retry: list[Claim] = []  # transient failures waiting for their back-off
+        self._kept: dict[str, tuple[int, int]] = {}  # keep mode: inputs left in the inbox
+        self._signals: list[int] = []
+        self._seq = 0
+        self._stopping = 0
+        self.tracker = sources.Stability(self.settings.watch.settle)
+        self.observer: sources.InboxObserver | None = None
+        self.counts = {"processed": 0, "quarantined": 0, "retried": 0, "skipped": 0,
+                       "reconcile_found": 0}
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    @property
+    def _pipelines(self) -> tuple[Pipeline, ...]:
+        return self.settings.select([])
+
+    @property
+    def _max_in_flight(self) -> int:
+        return self.settings.watch.max_in_flight or 4 * self.settings.engine.workers
+
+    def _new_engine(self) -> Engine:
+        pipes = self._pipelines
+        e = Engine(self.settings.engine, {p.name: p for p in pipes}, self.settings.limits,
+                   log_format=self._log_format, log_level="warning")
+        e.start()
+        return e
+
+    def _install_signals(self) -> dict[int, Any]:
+        old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            old[sig] = signal.signal(sig, self._record)
+        old[-1] = signal.set_wakeup_fd(self._wake_w)  # a signal also wakes the loop at once
+        return old
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self._signals.append(signum)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    # --- run --------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        ws = self.settings.watch
+        self.folders.check()
+        for path in lifecycle.remove_stale_temps(self.folders):
+            self._log.info("file.temp_removed", path=path, why="left by a process that is gone")
+        old = self._install_signals()
+        try:
+            self.engine = self._new_engine()
+            recovered = 0
+            for rel, path in lifecycle.leftover_claims(self.folders):
+                c = Claim(self._next_seq(), rel, path)
+                self._rels.add(rel)
+                self._dispatch(c)
+                recovered += 1
+            self.observer = sources.InboxObserver(
+                self.folders.inbox, kind=ws.observer, recursive=ws.recursive,
+                poll_interval=ws.poll_interval, wake=self.wake)
+            self.observer.start()
+            backlog = self._reconcile(count=False)
+            self._log.info("daemon.started", pid=os.getpid(), **self.folders.named(),
+                           observer=self.observer.kind, workers=self.settings.engine.workers,
+                           pipelines=[p.name for p in self._pipelines], backlog=backlog,
+                           recovered=recovered, on_success=ws.on_success)
+            next_scan = time.monotonic() + ws.reconcile_interval
+            while not self._stopping:
+                self._tick()
+                if time.monotonic() >= next_scan and not self._stopping:
+                    self._reconcile()
+                    next_scan = time.monotonic() + self.settings.watch.reconcile_interval
+            return self._shutdown()
+        finally:
+            self._restore(old)
+
+    def _restore(self, old: dict[int, Any]) -> None:
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(old.pop(-1))
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if self.observer is not None:
+            self.observer.stop()
+        for e in [self.engine, *self._draining]:
+            if e is not None:
+                e.close(0)
+
+    def _tick(self) -> None:
+        self._handle_signals()
+        if self._stopping:
+            return
+        assert self.observer is not None and self.engine is not None
+        for kind, path in self.observer.drain():
+            self._hint(kind, path)
+        if not self.observer.healthy():
+            self.observer.restart()
+            self._reconcile()
+        self._claim_ready()
+        self._retry_due()
+        for e in list(self._draining):
+            for r in e.poll(0):
+                self._fate(r)
+            if not e.outstanding:
+                e.close(0)
+                self._draining.remove(e)
+        for r in self.engine.poll(self._timeout(), wake=[self._wake_r]):
+            self._fate(r)
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    def _timeout(self) -> float:
+        t = TICK
+        if self._retry:
+            t = min(t, max(0.0, min(c.retry_at for c in self._retry) - time.monotonic()))
+        return t
+
+    # --- intake ------------------------------------------------------------------------------
+
+    def _hint(self, kind: str, path: str) -> None:
+        inbox = self.folders.inbox
+        if not path.startswith(inbox.rstrip("/") + "/"):
+            return
+        rel = os.path.relpath(path, inbox)
+        if sources.ignored(rel, self.settings.watch.ignore):
+            return
+        if kind == sources.DIR:
+            if self.settings.watch.recursive:
+                for p in sources.scan(path, recursive=True, patterns=self.settings.watch.ignore):
+                    self._hint(sources.SCAN, p)
+            return
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self.tracker.forget(path)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            return
+        if self._kept.get(rel) == (st.st_size, st.st_mtime_ns):
+            return  # an input processed in keep mode, unchanged since
+        if path not in self.tracker:
+            self._log.debug("file.detected", input=rel, how=kind)
+        self.tracker.hint(path, kind)
+
+    def _reconcile(self, count: bool = True) -> int:
+        """Scan the inbox for files no event told about; returns how many were new."""
+        ws = self.settings.watch
+        found = 0
+        for path in sources.scan(self.folders.inbox, recursive=ws.recursive,
+                                 patterns=ws.ignore):
+            if path in self.tracker:
+                continue
+            rel = os.path.relpath(path, self.folders.inbox)
+            if rel in self._rels:
+                continue
+            before = len(self.tracker)
+            self._hint(sources.SCAN, path)
+            found += len(self.tracker) - before
+        if count and found:
+            self.counts["reconcile_found"] += found
+            self._log.warning("reconcile.found", files=found,
+                              why="no event arrived for them (missed or overflowed)")
+        return found
+
+    def _claim_ready(self) -> None:
+        room = self._max_in_flight - len(self.claims)
+        if room <= 0:
+            return  # back-pressure: the rest wait in the inbox, never dropped
+        for path in self.tracker.due():
+            if room <= 0:
+                break
+            rel = os.path.relpath(path, self.folders.inbox)
+            if rel in self._rels:
+                continue  # the same name is in flight; take this one when it is done
+            if self.settings.watch.on_success == "keep" and self._outputs_exist(path, rel):
+                continue
+            try:
+                c = lifecycle.claim(self.folders, path, self._next_seq(), time.time())
+            except NotClaimed as exc:
+                if not os.path.lexists(path):
+                    self.tracker.forget(path)
+                self._log.debug("file.not_claimed", input=rel, why=str(exc))
+                continue
+            except OSError as exc:
+                self._log.warning("file.claim_failed", input=rel, error=str(exc))
+                continue
+            self.tracker.forget(path)
+            self._rels.add(rel)
+            room -= 1
+            self._dispatch(c)
+
+    def _outputs_exist(self, path: str, rel: str) -> bool:
+        outputs = self._plan(path, rel)
+        if outputs and all(os.path.exists(o.path) for o in outputs):
+            st = os.lstat(path)
+            self._kept[rel] = (st.st_size, st.st_mtime_ns)
+            self.tracker.forget(path)
+            self.counts["skipped"] += 1
+            self._log.info("file.skipped", input=rel, outputs=[o.path for o in outputs],
+                           reason="outputs-exist")
+            return True
+        return False
+
+    def _dispatch(self, c: Claim) -> None:
+        """Quarantine what must never be read; queue the rest."""
+        try:
+            st = os.lstat(c.work_path)
+        except FileNotFoundError:
+            self._forget(c)
+            self._log.warning("file.vanished", input=c.rel, why="gone from the work folder")
+            return
+        if stat.S_ISLNK(st.st_mode):
+            self._quarantine(c, "symlink", "a symbolic link; its target was not read", "", [])
+            return
+        if not stat.S_ISREG(st.st_mode):
+            self._quarantine(c, "not-a-file", "not a regular file (FIFO, socket or device); "
+                             "it was not opened", "", [])
+            return
+        self._submit(c)
+
+    def _plan(self, path: str, rel: str) -> tuple[OutputPlan, ...]:
+        rel_dir, name = os.path.split(rel)
+        stem = os.path.splitext(name)[0]
+        folder = os.path.join(self.folders.output, rel_dir)
+        formats = self.settings.limits.formats
+        return tuple(OutputPlan(p.name, os.path.join(
+            folder, f"{stem}_{p.suffix}{batch.output_ext(p.output, path, formats)}"))
+            for p in self._pipelines)
+
+    def _submit(self, c: Claim) -> None:
+        assert self.engine is not None
+        task = Task(c.seq, c.work_path, self._plan(c.work_path, c.rel), overwrite=True,
+                    nofollow=True)
+        self.claims[c.seq] = c
+        self.engine.submit(task)
+        self._log.info("file.queued", input=c.rel, seq=c.seq)
+
+    def _retry_due(self) -> None:
+        now = time.monotonic()
+        for c in [c for c in self._retry if c.retry_at <= now]:
+            self._retry.remove(c)
+            self._submit(c)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # --- fates ----------------------------------------------------------------------------------
+
+    def _fate(self, r: Result) -> None:
+        c = self.claims.pop(r.seq, None)
+        if c is None:
+            return  # a late duplicate: the fate was decided already
+        common = {"input": c.rel, "outputs": list(r.outputs), "worker": r.worker,
+                  "duration_ms": round(r.duration * 1000, 1), "attempt": r.attempt}
+        if r.ok:
+            try:
+                where = self._success(c)
+            except OSError as exc:
+                self._transient(c, "write-failed", f"processed, but the input could not be "
+                                f"moved: {exc}", common)
+                return
+            self._forget(c)
+            self.counts["processed"] += 1
+            self._log.info("file.processed", **common, on_success=self.settings.watch.on_success,
+                           moved_to=where, bytes_in=r.bytes_in, bytes_out=r.bytes_out,
+                           **({"warnings": list(r.warnings)} if r.warnings else {}))
+        elif r.reason == "cancelled":
+            self._forget(c)  # stays in the work folder: the next start takes it up
+            self._log.info("file.left", input=c.rel, where=c.work_path, why=r.error)
+        elif r.reason in TRANSIENT_REASONS:
+            self._transient(c, r.reason, r.error, common)
+        elif r.reason == "missing":
+            self._forget(c)
+            self._log.warning("file.vanished", input=c.rel, why=r.error)
+        else:
+            self._quarantine(c, r.reason, r.error, r.error_type, list(r.outputs), r)
+
+    def _success(self, c: Claim) -> str | None:
+        mode = self.settings.watch.on_success
+        if mode == "delete":
+            lifecycle.delete(c)
+            return None
+        if mode == "keep":
+            dest = lifecycle.keep(self.folders, c)
+            st = os.lstat(dest)
+            self._kept[os.path.relpath(dest, self.folders.inbox)] = (st.st_size, st.st_mtime_ns)
+            return dest
+        return lifecycle.archive(self.folders, c)
+
+    def _transient(self, c: Claim, reason: str, error: str, common: dict[str, Any]) -> None:
+        ws = self.settings.watch
+        c.transient_failures += 1
+        delay = min(ws.retry_backoff_max, ws.retry_backoff * 2 ** (c.transient_failures - 1))
+        delay *= random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not cryptography
+        c.retry_at = time.monotonic() + delay
+        self._retry.append(c)
+        self.counts["retried"] += 1
+        self._log.warning("file.retried", **common, reason=reason, error=error,
+                          failures=c.transient_failures, retry_in_s=round(delay, 2),
+                          why="not the input's fault: kept and retried later")
+
+    def _quarantine(self, c: Claim, reason: str, error: str, error_type: str,
+                    outputs: list[str], r: Result | None = None) -> None:
+        for path in outputs:  # outputs of an input that failed elsewhere would be orphans
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        info = {"reason": reason, "error": error, "error_type": error_type,
+                "pipelines": [p.name for p in self._pipelines],
+                "attempts": r.attempt if r else 0, "worker_pid": r.worker if r else None,
+                "warnings": list(r.warnings) if r else []}
+        try:
+            dest = lifecycle.quarantine(self.folders, c, info)
+        except OSError as exc:
+            self._transient(c, "write-failed", f"cannot quarantine ({reason}): {exc}",
+                            {"input": c.rel})
+            return
+        self._forget(c)
+        self.counts["quarantined"] += 1
+        self._log.error("file.quarantined", input=c.rel, reason=reason, error=error,
+                        error_type=error_type, quarantined_as=dest,
+                        worker=r.worker if r else None, attempt=r.attempt if r else 0)
+
+    def _forget(self, c: Claim) -> None:
+        self._rels.discard(c.rel)
+        self.claims.pop(c.seq, None)
+
+    # --- signals ----------------------------------------------------------------------------------
+
+    def _handle_signals(self) -> None:
+        while self._signals and not self._stopping:
+            sig = self._signals.pop(0)
+            if sig == signal.SIGHUP:
+                self._reload()
+            else:
+                self._stopping = sig
+
+    def _reload(self) -> None:
+        try:
+            new = self._load()
+        except ConfigError as exc:
+            self._log.error("config.reload_failed", error=str(exc), kept="the running config")
+            return
+        if Folders(new.watch.folders()).named() != self.folders.named():
+            self._log.warning("config.folders_unchanged",
+                              why="folders cannot change on reload; restart the daemon for that")
+            new = replace(new, watch=replace(new.watch, **self.settings.watch.folders()))
+        old_engine = self.engine
+        self.settings = new
+        self.tracker.settle = new.watch.settle
+        self.engine = self._new_engine()
+        if old_engine is not None:
+            withdrawn = old_engine.stop_intake()
+            self._draining.append(old_engine)
+            for t in withdrawn:
+                c = self.claims.pop(t.seq, None)
+                if c is not None:
+                    self._submit(c)  # planned again with the new pipelines
+        self._log.info("config.reloaded", workers=new.engine.workers,
+                       pipelines=[p.name for p in self._pipelines], source=new.source)
+
+    def _shutdown(self) -> int:
+        sig = self._stopping
+        assert self.engine is not None
+        self._log.info("daemon.stopping", signal=signal.Signals(sig).name,
+                       running=self.engine.outstanding, grace=self.settings.engine.grace)
+        if self.observer is not None:
+            self.observer.stop()
+        withdrawn = self.engine.stop_intake()
+        for t in withdrawn:
+            c = self.claims.pop(t.seq, None)
+            if c is not None:
+                self._forget(c)  # unstarted: stays in the work folder for the next start
+        for e in [self.engine, *self._draining]:
+            for r in e.close(self.settings.engine.grace, abort=self._second_signal):
+                self._fate(r)
+        self._draining.clear()
+        self.engine = None
+        left = len(list(lifecycle.leftover_claims(self.folders)))
+        self._log.info("daemon.stopped", **self.counts, left_in_work=left,
+                       left_in_inbox=len(list(sources.scan(
+                           self.folders.inbox, recursive=self.settings.watch.recursive,
+                           patterns=self.settings.watch.ignore))))
+        return 0 if not self._second_signal() else 128 + sig
+
+    def _second_signal(self) -> bool:
+        return any(s in (signal.SIGTERM, signal.SIGINT) for s in self._signals)

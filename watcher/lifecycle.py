@@ -1,0 +1,265 @@
+"""An input's life in watch mode: claimed out of the inbox, then archived, deleted, kept, or
+quarantined with a sidecar saying why, exactly once.
+
+Claiming is one ``rename`` into the work folder (same file system), so it is atomic: it dedupes
+events, leaves a crashed daemon's files in one known place, and lets several daemons share an
+inbox (only one rename of a name succeeds). Moves out of the work folder never overwrite: a name
+taken in the archive or quarantine gets a counter (``photo_2.jpg``). Moves work across file
+systems (copy, fsync, publish, then unlink). Folders are fsynced so a fate survives a power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .files import TEMP_SUFFIX, atomic_write, fsync_dir, publish, temp_name
+
+SIDECAR = ".error.json"
+
+
+@dataclass
+class Claim:
+    """A file this daemon took out of the inbox; ``rel`` is where it was, below the inbox."""
+
+    seq: int
+    rel: str
+    work_path: str
+    detected_at: float = field(default_factory=time.time)
+    claimed_at: float = field(default_factory=time.time)
+    transient_failures: int = 0
+    retry_at: float = 0.0  # monotonic time of the next try after a transient failure
+
+
+class Folders:
+    """The daemon's folders, checked once at start."""
+
+    def __init__(self, folders: Mapping[str, str]) -> None:
+        self.inbox = os.path.abspath(folders["inbox"])
+        self.output = os.path.abspath(folders["output"])
+        self.archive = os.path.abspath(folders["archive"])
+        self.quarantine = os.path.abspath(folders["quarantine"])
+        self.work = os.path.abspath(folders["work"])
+
+    def named(self) -> dict[str, str]:
+        return {"inbox": self.inbox, "output": self.output, "archive": self.archive,
+                "quarantine": self.quarantine, "work": self.work}
+
+    def check(self, *, create: bool = True) -> None:
+        """Refuse folders inside the inbox (an endless loop) and a work folder on another file
+        system than the inbox (a claim must be one atomic rename)."""
+        named = self.named()
+        for key, path in named.items():
+            if key != "inbox" and _within(path, self.inbox):
+                raise ConfigError(f"watch.{key}", f"{path} is inside the inbox {self.inbox}: "
+                                  "its files would be picked up again; move it out")
+            if key != "inbox" and _within(self.inbox, path):
+                raise ConfigError(f"watch.{key}", f"the inbox {self.inbox} is inside {path}")
+        for key, path in named.items():
+            if create:
+                try:
+                    os.makedirs(path, exist_ok=True)
+                except OSError as exc:
+                    raise ConfigError(f"watch.{key}", f"cannot create {path}: {exc.strerror}") \
+                        from exc
+            if not os.path.isdir(path):
+                raise ConfigError(f"watch.{key}", f"{path} is not a folder")
+        if os.stat(self.work).st_dev != os.stat(self.inbox).st_dev:
+            raise ConfigError("watch.work", f"{self.work} is on another file system than the "
+                              f"inbox {self.inbox}; claims must be atomic renames")
+
+
+def _within(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+# --- claiming ------------------------------------------------------------------------------------
+
+class NotClaimed(Exception):  # noqa: N818 - not an error: someone else has it, or it is gone
+    """The file could not be claimed: gone (another daemon took it) or its name is busy."""
+
+
+def claim(folders: Folders, path: str, seq: int, detected_at: float) -> Claim:
+    """Rename ``path`` from the inbox into the work folder (links and special files included:
+    rename never follows or opens them)."""
+    rel = os.path.relpath(path, folders.inbox)
+    dest = os.path.join(folders.work, rel)
+    if os.path.lexists(dest):
+        raise NotClaimed(f"{rel} is already in flight")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    try:
+        os.rename(path, dest)
+    except FileNotFoundError as exc:
+        raise NotClaimed(f"{rel} is gone (claimed elsewhere)") from exc
+    fsync_dir(os.path.dirname(dest))
+    fsync_dir(os.path.dirname(path))
+    return Claim(seq, rel, dest, detected_at=detected_at)
+
+
+def leftover_claims(folders: Folders) -> Iterator[tuple[str, str]]:
+    """(rel, work path) of files left in the work folder by an earlier run."""
+    for dirpath, dirnames, filenames in os.walk(folders.work):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.endswith(TEMP_SUFFIX):
+                continue
+            path = os.path.join(dirpath, name)
+            yield os.path.relpath(path, folders.work), path
+
+
+# --- moving out -----------------------------------------------------------------------------
+
+def free_name(folder: str, name: str) -> str:
+    stem, ext = os.path.splitext(name)
+    n = 1
+    while True:
+        candidate = os.path.join(folder, name if n == 1 else f"{stem}_{n}{ext}")
+        if not os.path.lexists(candidate) and not os.path.lexists(candidate + SIDECAR):
+            return candidate
+        n += 1
+
+
+def move_no_clobber(src: str, folder: str, name: str) -> str:
+    """Move ``src`` into ``folder`` as ``name`` (or ``name_N``), never replacing a file."""
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        dest = free_name(folder, name)
+        try:
+            _move(src, dest)
+        except FileExistsError:
+            continue  # taken between the check and the move: next counter
+        fsync_dir(folder)
+        fsync_dir(os.path.dirname(src))
+        return dest
+
+
+def _move(src: str, dest: str) -> None:
+    try:
+        os.link(src, dest, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            _copy_across(src, dest)
+        elif exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            if os.path.lexists(dest):
+                raise FileExistsError(dest) from exc
+            os.rename(src, dest)
+            return
+        else:
+            raise
+    os.unlink(src)
+
+
+def _copy_across(src: str, dest: str) -> None:
+    tmp = temp_name(dest, os.getpid())
+    try:
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), tmp)
+        elif not os.path.isfile(src):
+            raise OSError(errno.EINVAL, f"{src}: cannot copy a special file across file systems")
+        else:
+            with open(src, "rb") as fin, open(tmp, "xb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+                fout.flush()
+                os.fsync(fout.fileno())
+            shutil.copystat(src, tmp)
+        publish(tmp, dest, overwrite=False)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def archive(folders: Folders, c: Claim) -> str:
+    rel_dir, name = os.path.split(c.rel)
+    return move_no_clobber(c.work_path, os.path.join(folders.archive, rel_dir), name)
+
+
+def keep(folders: Folders, c: Claim) -> str:
+    """Put a processed input back where it was (on_success = "keep")."""
+    rel_dir, name = os.path.split(c.rel)
+    return move_no_clobber(c.work_path, os.path.join(folders.inbox, rel_dir), name)
+
+
+def delete(c: Claim) -> None:
+    os.unlink(c.work_path)
+    fsync_dir(os.path.dirname(c.work_path))
+
+
+def quarantine(folders: Folders, c: Claim, info: Mapping[str, Any]) -> str:
+    """Move the input to the quarantine and write ``<name>.error.json`` beside it."""
+    rel_dir, name = os.path.split(c.rel)
+    dest = move_no_clobber(c.work_path, os.path.join(folders.quarantine, rel_dir), name)
+    doc = {"input": c.rel, "quarantined_as": os.path.relpath(dest, folders.quarantine),
+           **info, "detected_at": _iso(c.detected_at), "claimed_at": _iso(c.claimed_at),
+           "quarantined_at": _iso(time.time()), "host": socket.gethostname(),
+           "daemon_pid": os.getpid(),
+           "retry": f"move it back into the inbox, or: watcher requeue {dest}"}
+    atomic_write(dest + SIDECAR, lambda f: f.write(json.dumps(doc, indent=2).encode() + b"\n"),
+                 overwrite=True)
+    return dest
+
+
+def requeue(folders: Folders, paths: list[str] | None = None) -> list[tuple[str, str]]:
+    """Move quarantined files back into the inbox (all of them when ``paths`` is None), removing
+    their sidecars. Returns (from, to) pairs."""
+    if paths is None:
+        paths = [os.path.join(d, n) for d, _, names in os.walk(folders.quarantine)
+                 for n in sorted(names) if not n.endswith(SIDECAR) and not n.endswith(TEMP_SUFFIX)]
+    moved = []
+    for given in paths:
+        path = os.path.abspath(given)
+        if not _within(path, folders.quarantine) or path.endswith(SIDECAR):
+            raise ConfigError(path, f"not a quarantined file (below {folders.quarantine})")
+        if not os.path.lexists(path):
+            raise ConfigError(path, "no such file")
+        rel_dir, name = os.path.split(os.path.relpath(path, folders.quarantine))
+        dest = move_no_clobber(path, os.path.join(folders.inbox, rel_dir), name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + SIDECAR)
+        moved.append((path, dest))
+    return moved
+
+
+def remove_stale_temps(folders: Folders) -> list[str]:
+    """Temp files of processes of this host that no longer run (a killed daemon's workers)."""
+    removed = []
+    for root in (folders.output, folders.archive, folders.quarantine, folders.work):
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+                    continue
+                pid_text = name[: -len(TEMP_SUFFIX)].rsplit(".", 1)[-1]
+                if pid_text.isdigit() and _alive(int(pid_text)):
+                    continue
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}"

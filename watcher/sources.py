@@ -1,0 +1,291 @@
+"""Where paths come from in watch mode: the inbox observer, the stability tracker, scans.
+
+The observer's callback only hands a (kind, path) on and wakes the daemon loop; deciding whether a
+file is complete happens in one place, the ``Stability`` tracker:
+- closed after writing (inotify close-write) or moved into the inbox: complete at once;
+- anything else (created in place, seen by a scan or by the polling observer): complete when its
+  size and mtime have not changed for the settle time.
+
+Events are hints, not the truth: a backlog scan at start and a periodic reconcile scan catch what
+the events missed. The observer thread is supervised: if it dies it is restarted (the caller then
+rescans); where inotify cannot be used (a network or virtual file system, or no inotify watches
+or instances left) the polling observer is used instead, with an actionable message.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import queue
+import stat
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+
+from . import log
+
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs", "ceph", "glusterfs",
+              "lustre", "afs", "sshfs", "davfs", "vboxsf", "vmhgfs", "prl_fs")
+
+CLOSED, MOVED, CREATED, MODIFIED = "closed", "moved", "created", "modified"
+SCAN, DIR = "scan", "dir"
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+def ignored(rel: str, patterns: Sequence[str]) -> bool:
+    """Dot-files and dot-folders, and names matching an ignore pattern, are never touched."""
+    parts = rel.split(os.sep)
+    if any(p.startswith(".") for p in parts):
+        return True
+    return any(fnmatch.fnmatchcase(parts[-1], pat) for pat in patterns)
+
+
+def scan(root: str, *, recursive: bool, patterns: Sequence[str],
+         exclude: Sequence[str] = ()) -> Iterator[str]:
+    """Paths of the entries below ``root`` that are not directories (links, FIFOs included: they
+    are quarantined, not read), never descending into links, dot-folders or ``exclude``."""
+    stack = [root]
+    excluded = {os.path.normpath(e) for e in exclude}
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for e in sorted(entries, key=lambda x: x.name):
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_dir:
+                if recursive and os.path.normpath(e.path) not in excluded:
+                    stack.append(e.path)
+                continue
+            if not ignored(os.path.relpath(e.path, root), patterns):
+                yield e.path
+
+
+# --- file system type ----------------------------------------------------------------------------
+
+def fs_type(path: str, mountinfo: str | None = None) -> str:
+    """The file system type of the mount holding ``path`` (from /proc/self/mountinfo)."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8") as f:
+                mountinfo = f.read()
+        except OSError:
+            return "unknown"
+    path = os.path.realpath(path)
+    best, kind = "", "unknown"
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mount = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, right.split()[0]
+    return kind
+
+
+def wants_polling(kind: str) -> bool:
+    return kind in NETWORK_FS or kind.startswith(("fuse", "nfs"))
+
+
+# --- completeness --------------------------------------------------------------------------------
+
+@dataclass
+class _Entry:
+    first: float
+    changed: float  # when size/mtime last changed (or an event said it was written)
+    size: int = -1
+    mtime: int = -1
+    complete: bool = False  # closed after writing, or moved in
+
+
+class Stability:
+    """Decides when a file in the inbox is complete. Pure logic: time and stat are injected."""
+
+    def __init__(self, settle: float, clock: Callable[[], float] = time.monotonic,
+                 stat_fn: Callable[[str], os.stat_result] = os.lstat) -> None:
+        self.settle = settle
+        self._clock = clock
+        self._stat = stat_fn
+        self._entries: dict[str, _Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._entries
+
+    def hint(self, path: str, kind: str) -> None:
+        now = self._clock()
+        e = self._entries.get(path)
+        if e is None:
+            e = self._entries[path] = _Entry(now, now)
+        if kind in (CLOSED, MOVED):
+            e.complete = True
+        elif kind == MODIFIED:
+            e.complete = False  # being written again
+            e.changed = now
+
+    def forget(self, path: str) -> None:
+        self._entries.pop(path, None)
+
+    def due(self) -> list[str]:
+        """Paths complete now, oldest first. Vanished paths are forgotten."""
+        now = self._clock()
+        ready = []
+        for path, e in list(self._entries.items()):
+            try:
+                st = self._stat(path)
+            except FileNotFoundError:
+                del self._entries[path]
+                continue
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                ready.append((e.first, path))  # links and special files: nothing to wait for
+                continue
+            if (st.st_size, st.st_mtime_ns) != (e.size, e.mtime):
+                e.size, e.mtime = st.st_size, st.st_mtime_ns
+                if not e.complete:
+                    e.changed = now
+                    continue
+            if e.complete or now - e.changed >= self.settle:
+                ready.append((e.first, path))
+        return [p for _, p in sorted(ready)]
+
+
+# --- the observer ---------------------------------------------------------------------------
+
+class _Handler(FileSystemEventHandler):
+    """Runs on the observer thread: hand the path on, wake the loop, nothing else."""
+
+    def __init__(self, events: queue.SimpleQueue[tuple[str, str]], wake: Callable[[], None]):
+        self._events = events
+        self._wake = wake
+
+    def _put(self, kind: str, path: str | bytes) -> None:
+        self._events.put((kind, os.fsdecode(path)))
+        self._wake()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileClosedEvent):
+            self._put(CLOSED, event.src_path)
+        elif isinstance(event, FileMovedEvent):
+            self._put(MOVED, event.dest_path)
+        elif isinstance(event, DirMovedEvent | DirCreatedEvent):
+            self._put(DIR, getattr(event, "dest_path", "") or event.src_path)
+        elif isinstance(event, FileCreatedEvent):
+            self._put(CREATED, event.src_path)
+        elif isinstance(event, FileModifiedEvent):
+            self._put(MODIFIED, event.src_path)
+
+
+class InboxObserver:
+    """The supervised watchdog observer of one inbox."""
+
+    def __init__(self, inbox: str, *, kind: str, recursive: bool, poll_interval: float,
+                 wake: Callable[[], None]) -> None:
+        self.inbox = inbox
+        self.requested = kind
+        self.recursive = recursive
+        self.poll_interval = poll_interval
+        self.events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._wake = wake
+        self._observer: Any = None
+        self.kind = ""
+        self.restarts = 0
+        self._log = log.get("watcher.observer")
+
+    def choose(self) -> str:
+        if self.requested != "auto":
+            return self.requested
+        fs = fs_type(self.inbox)
+        if wants_polling(fs):
+            self._log.info("observer.polling_chosen", fs=fs, inbox=self.inbox,
+                           why="events do not arrive reliably on network/virtual file systems")
+            return "polling"
+        return "inotify"
+
+    def start(self) -> None:
+        kind = self.kind or self.choose()
+        try:
+            self._start(kind)
+        except OSError as exc:
+            if kind != "inotify":
+                raise
+            self._log.error("observer.inotify_unavailable", error=str(exc),
+                            fix=_inotify_advice(exc), fallback="polling")
+            self._start("polling")
+
+    def _start(self, kind: str) -> None:
+        if kind == "polling":
+            from watchdog.observers.polling import PollingObserver  # noqa: PLC0415
+
+            obs: Any = PollingObserver(timeout=self.poll_interval)
+        else:
+            from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415
+
+            obs = InotifyObserver()
+        obs.daemon = True
+        obs.schedule(_Handler(self.events, self._wake), self.inbox, recursive=self.recursive)
+        obs.start()
+        self._observer, self.kind = obs, kind
+        self._log.info("observer.started", kind=kind, inbox=self.inbox, recursive=self.recursive)
+
+    def healthy(self) -> bool:
+        """False once the observer thread has died (the caller restarts it and rescans)."""
+        return self._observer is not None and self._observer.is_alive()
+
+    def restart(self) -> None:
+        self.restarts += 1
+        self._log.warning("observer.restarting", kind=self.kind, restarts=self.restarts)
+        self.stop()
+        self.start()
+
+    def stop(self) -> None:
+        obs, self._observer = self._observer, None
+        if obs is not None:
+            try:
+                obs.stop()
+                obs.join(5)
+            except Exception as exc:  # noqa: BLE001 - a dead observer may fail to stop cleanly
+                self._log.warning("observer.stop_failed", error=str(exc))
+
+    def drain(self) -> list[tuple[str, str]]:
+        out = []
+        while True:
+            try:
+                out.append(self.events.get_nowait())
+            except queue.Empty:
+                return out
+
+
+def _inotify_advice(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return ("out of inotify watches: raise the limit, e.g. "
+                "sysctl -w fs.inotify.max_user_watches=524288 (persist it in /etc/sysctl.d/)")
+    if exc.errno == errno.EMFILE:
+        return ("out of inotify instances: raise the limit, e.g. "
+                "sysctl -w fs.inotify.max_user_instances=1024 (persist it in /etc/sysctl.d/)")
+    return "inotify is not available here; set observer = \"polling\" to silence this"
