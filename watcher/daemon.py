@@ -115,6 +115,7 @@ class Daemon:
                 self.folders.inbox, kind=ws.observer, recursive=ws.recursive,
                 poll_interval=ws.poll_interval, wake=self.wake)
             self.observer.start()
+            self.tracker.close_events = self.observer.kind == "inotify"
             backlog = self._reconcile(count=False)
             self._log.info("daemon.started", pid=os.getpid(), **self.folders.named(),
                            observer=self.observer.kind, workers=self.settings.engine.workers,
@@ -150,6 +151,7 @@ class Daemon:
             self._hint(kind, path)
         if not self.observer.healthy():
             self.observer.restart()
+            self.tracker.close_events = self.observer.kind == "inotify"
             self._reconcile()
         self._claim_ready()
         self._retry_due()
@@ -216,6 +218,8 @@ class Daemon:
             self.counts["reconcile_found"] += found
             self._log.warning("reconcile.found", files=found,
                               why="no event arrived for them (missed or overflowed)")
+        self._log.debug("reconcile.done", new=found, pending=len(self.tracker),
+                        in_flight=len(self.claims))
         return found
 
     def _claim_ready(self) -> None:

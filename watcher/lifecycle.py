@@ -129,13 +129,20 @@ def free_name(folder: str, name: str) -> str:
         n += 1
 
 
-def move_no_clobber(src: str, folder: str, name: str) -> str:
-    """Move ``src`` into ``folder`` as ``name`` (or ``name_N``), never replacing a file."""
+def move_no_clobber(src: str, folder: str, name: str, *, rename: bool = False) -> str:
+    """Move ``src`` into ``folder`` as ``name`` (or ``name_N``), never replacing a file.
+
+    ``rename``: one rename(2) (same file system), for moves into a watched inbox: the observer
+    then sees a move, complete at once, where a link would look like a file being created.
+    """
     os.makedirs(folder, exist_ok=True)
     while True:
         dest = free_name(folder, name)
         try:
-            _move(src, dest)
+            if rename:
+                os.rename(src, dest)
+            else:
+                _move(src, dest)
         except FileExistsError:
             continue  # taken between the check and the move: next counter
         fsync_dir(folder)
@@ -188,7 +195,7 @@ def archive(folders: Folders, c: Claim) -> str:
 def keep(folders: Folders, c: Claim) -> str:
     """Put a processed input back where it was (on_success = "keep")."""
     rel_dir, name = os.path.split(c.rel)
-    return move_no_clobber(c.work_path, os.path.join(folders.inbox, rel_dir), name)
+    return move_no_clobber(c.work_path, os.path.join(folders.inbox, rel_dir), name, rename=True)
 
 
 def delete(c: Claim) -> None:
@@ -224,7 +231,9 @@ def requeue(folders: Folders, paths: list[str] | None = None) -> list[tuple[str,
         if not os.path.lexists(path):
             raise ConfigError(path, "no such file")
         rel_dir, name = os.path.split(os.path.relpath(path, folders.quarantine))
-        dest = move_no_clobber(path, os.path.join(folders.inbox, rel_dir), name)
+        same_fs = os.stat(os.path.dirname(path)).st_dev == os.stat(folders.inbox).st_dev
+        dest = move_no_clobber(path, os.path.join(folders.inbox, rel_dir), name,
+                               rename=same_fs)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path + SIDECAR)
         moved.append((path, dest))

@@ -3,8 +3,12 @@
 The observer's callback only hands a (kind, path) on and wakes the daemon loop; deciding whether a
 file is complete happens in one place, the ``Stability`` tracker:
 - closed after writing (inotify close-write) or moved into the inbox: complete at once;
-- anything else (created in place, seen by a scan or by the polling observer): complete when its
-  size and mtime have not changed for the settle time.
+- being written (inotify reported a write, no close yet): wait for the close, however long the
+  writer pauses; only a file left unchanged for a long time (``stale``) is taken without one;
+- an empty file (a writer may have opened it and not written yet): also ``stale``;
+- anything else (created in place without a write seen, e.g. a hard link or a file made before
+  its folder was watched; seen by a scan; or by the polling observer, which has no close events):
+  complete when its size and mtime have not changed for the settle time.
 
 Events are hints, not the truth: a backlog scan at start and a periodic reconcile scan catch what
 the events missed. The observer thread is supervised: if it dies it is restarted (the caller then
@@ -118,14 +122,17 @@ class _Entry:
     size: int = -1
     mtime: int = -1
     complete: bool = False  # closed after writing, or moved in
+    writing: bool = False  # an open-for-write was seen and no close yet (inotify)
 
 
 class Stability:
     """Decides when a file in the inbox is complete. Pure logic: time and stat are injected."""
 
     def __init__(self, settle: float, clock: Callable[[], float] = time.monotonic,
-                 stat_fn: Callable[[str], os.stat_result] = os.lstat) -> None:
+                 stat_fn: Callable[[str], os.stat_result] = os.lstat, *,
+                 close_events: bool = True) -> None:
         self.settle = settle
+        self.close_events = close_events  # False with the polling observer
         self._clock = clock
         self._stat = stat_fn
         self._entries: dict[str, _Entry] = {}
@@ -142,10 +149,18 @@ class Stability:
         if e is None:
             e = self._entries[path] = _Entry(now, now)
         if kind in (CLOSED, MOVED):
-            e.complete = True
+            e.complete, e.writing = True, False
         elif kind == MODIFIED:
-            e.complete = False  # being written again
+            e.complete = False  # being written (again): a close will say when it is done
+            e.writing = self.close_events
             e.changed = now
+        elif kind == CREATED:
+            e.changed = now
+
+    @property
+    def stale(self) -> float:
+        """How long a file being written must stay unchanged to be taken without a close."""
+        return max(30.0, 10 * self.settle)
 
     def forget(self, path: str) -> None:
         self._entries.pop(path, None)
@@ -170,7 +185,10 @@ class Stability:
                 if not e.complete:
                     e.changed = now
                     continue
-            if e.complete or now - e.changed >= self.settle:
+            quiet = now - e.changed
+            # an empty file may have just been opened by a writer that has not written yet
+            slow = e.writing or st.st_size == 0
+            if e.complete or quiet >= (self.stale if slow else self.settle):
                 ready.append((e.first, path))
         return [p for _, p in sorted(ready)]
 
@@ -246,7 +264,8 @@ class InboxObserver:
         else:
             from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415
 
-            obs = InotifyObserver()
+            # full events: a file renamed in from outside is a move (complete), not a creation
+            obs = InotifyObserver(generate_full_events=True)
         obs.daemon = True
         obs.schedule(_Handler(self.events, self._wake), self.inbox, recursive=self.recursive)
         obs.start()

@@ -1,0 +1,289 @@
+"""Unit tests for watch-mode intake and lifecycle: the stability tracker (fake clock and stat),
+ignore rules, mountinfo, folder checks, claims, moves, quarantine sidecars, requeue."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_image
+from watcher import config, lifecycle, sources
+from watcher.errors import ConfigError
+
+
+class FakeFS:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.files: dict[str, tuple[int, int, int]] = {}  # path -> (mode, size, mtime)
+
+    def clock(self) -> float:
+        return self.now
+
+    def stat(self, path: str) -> os.stat_result:
+        if path not in self.files:
+            raise FileNotFoundError(path)
+        mode, size, mtime = self.files[path]
+        return os.stat_result((mode, 0, 0, 1, 0, 0, size, 0, 0, 0, 0, 0, 0, 0, 0, 0, mtime, 0))
+
+    def write(self, path: str, size: int) -> None:
+        self.files[path] = (stat.S_IFREG | 0o644, size, int(self.now * 1e9))
+
+
+@pytest.fixture
+def fs() -> FakeFS:
+    return FakeFS()
+
+
+def tracker(fs: FakeFS, settle: float = 1.0, close_events: bool = True) -> sources.Stability:
+    return sources.Stability(settle, fs.clock, fs.stat, close_events=close_events)
+
+
+def test_closed_file_is_ready_at_once(fs: FakeFS) -> None:
+    t = tracker(fs)
+    fs.write("/in/a.jpg", 10)
+    t.hint("/in/a.jpg", sources.CREATED)
+    assert t.due() == []
+    t.hint("/in/a.jpg", sources.CLOSED)
+    assert t.due() == ["/in/a.jpg"]
+
+
+def test_moved_in_file_is_ready_at_once(fs: FakeFS) -> None:
+    t = tracker(fs)
+    fs.write("/in/a.jpg", 10)
+    t.hint("/in/a.jpg", sources.MOVED)
+    assert t.due() == ["/in/a.jpg"]
+
+
+def test_file_being_written_waits_for_close_through_long_pauses(fs: FakeFS) -> None:
+    t = tracker(fs, settle=1.0)
+    fs.write("/in/a.jpg", 100)
+    t.hint("/in/a.jpg", sources.CREATED)
+    t.hint("/in/a.jpg", sources.MODIFIED)
+    for _ in range(5):  # the writer pauses 5 s between chunks, far past the settle time
+        fs.now += 5
+        assert t.due() == []
+    fs.write("/in/a.jpg", 200)
+    t.hint("/in/a.jpg", sources.CLOSED)
+    assert t.due() == ["/in/a.jpg"]
+
+
+def test_writing_file_taken_without_close_only_when_stale(fs: FakeFS) -> None:
+    t = tracker(fs, settle=1.0)
+    fs.write("/in/a.jpg", 100)
+    t.hint("/in/a.jpg", sources.MODIFIED)  # a writer that never closes (crashed, say)
+    t.due()
+    fs.now += t.stale - 1
+    assert t.due() == []
+    fs.now += 2
+    assert t.due() == ["/in/a.jpg"]
+
+
+def test_created_without_a_write_settles(fs: FakeFS) -> None:
+    t = tracker(fs, settle=1.0)
+    fs.write("/in/link.jpg", 100)
+    t.hint("/in/link.jpg", sources.CREATED)  # a hard link made in place: no write, no close
+    t.due()
+    fs.now += 1.1
+    assert t.due() == ["/in/link.jpg"]
+
+
+def test_scanned_file_ready_after_settle_unchanged(fs: FakeFS) -> None:
+    t = tracker(fs, settle=1.0)
+    fs.write("/in/a.jpg", 10)
+    t.hint("/in/a.jpg", sources.SCAN)
+    assert t.due() == []
+    fs.now += 0.6
+    fs.write("/in/a.jpg", 20)  # still growing
+    assert t.due() == []
+    fs.now += 0.6
+    assert t.due() == []  # 0.6 s since the change
+    fs.now += 0.5
+    assert t.due() == ["/in/a.jpg"]
+
+
+def test_polling_has_no_close_events_settle_decides(fs: FakeFS) -> None:
+    t = tracker(fs, settle=1.0, close_events=False)
+    fs.write("/in/a.jpg", 10)
+    t.hint("/in/a.jpg", sources.CREATED)
+    t.due()
+    fs.now += 1.1
+    assert t.due() == ["/in/a.jpg"]
+
+
+def test_empty_scanned_file_waits_long(fs: FakeFS) -> None:
+    t = tracker(fs, settle=1.0)
+    fs.write("/in/empty.jpg", 0)
+    t.hint("/in/empty.jpg", sources.SCAN)
+    t.due()
+    fs.now += 5
+    assert t.due() == []
+
+
+def test_vanished_file_is_forgotten_and_special_files_are_ready(fs: FakeFS) -> None:
+    t = tracker(fs)
+    t.hint("/in/gone.jpg", sources.SCAN)
+    assert t.due() == [] and "/in/gone.jpg" not in t
+    fs.files["/in/link.jpg"] = (stat.S_IFLNK | 0o777, 11, 0)
+    t.hint("/in/link.jpg", sources.CREATED)
+    assert t.due() == ["/in/link.jpg"]
+
+
+def test_due_is_oldest_first(fs: FakeFS) -> None:
+    t = tracker(fs)
+    for i, name in enumerate(["c", "a", "b"]):
+        fs.now += 1
+        fs.write(f"/in/{name}", 1 + i)
+        t.hint(f"/in/{name}", sources.MOVED)
+    assert t.due() == ["/in/c", "/in/a", "/in/b"]
+
+
+@pytest.mark.parametrize(("rel", "skip"), [
+    ("a.jpg", False), ("sub/a.jpg", False), (".hidden.jpg", True), ("sub/.git/x.jpg", True),
+    ("a.jpg.part", True), ("a.tmp", True), ("x.crdownload", True), ("a.swp", True),
+    ("~$doc.jpg", True), (".~lock.a.jpg#", True), ("a.jpg~", True), ("partial.jpg", False),
+])
+def test_ignored_names(rel: str, skip: bool) -> None:
+    assert sources.ignored(rel, config.DEFAULT_IGNORE) is skip
+
+
+MOUNTINFO = """22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 0:40 / /mnt/share rw,relatime shared:5 - nfs4 server:/export rw,vers=4.2
+31 22 0:41 / /mnt/smb\\040drive rw - cifs //srv/x rw
+32 22 0:42 / /mnt/fuse rw - fuse.sshfs user@h: rw
+33 30 0:43 / /mnt/share/local rw - tmpfs tmpfs rw
+"""
+
+
+@pytest.mark.parametrize(("path", "kind", "poll"), [
+    ("/home/me/inbox", "ext4", False), ("/mnt/share/inbox", "nfs4", True),
+    ("/mnt/smb drive/in", "cifs", True), ("/mnt/fuse/in", "fuse.sshfs", True),
+    ("/mnt/share/local/in", "tmpfs", False), ("/mnt/shared", "ext4", False),
+])
+def test_fs_type_from_mountinfo(path: str, kind: str, poll: bool) -> None:
+    got = sources.fs_type(path, MOUNTINFO)
+    assert got == kind and sources.wants_polling(got) is poll
+
+
+def test_fs_type_of_a_real_folder(tmp_path: Path) -> None:
+    assert sources.fs_type(str(tmp_path)) not in ("", "unknown")
+
+
+def folders(tmp_path: Path, **over: str) -> lifecycle.Folders:
+    names = {k: str(tmp_path / k) for k in ("inbox", "output", "archive", "quarantine", "work")}
+    names.update({k: str(tmp_path / v) for k, v in over.items()})
+    return lifecycle.Folders(names)
+
+
+@pytest.mark.parametrize("key", ["output", "archive", "quarantine", "work"])
+def test_folders_inside_the_inbox_are_refused(tmp_path: Path, key: str) -> None:
+    f = folders(tmp_path, **{key: f"inbox/{key}"})
+    with pytest.raises(ConfigError) as e:
+        f.check()
+    assert e.value.where == f"watch.{key}" and "inside the inbox" in e.value.message
+
+
+def test_work_on_another_file_system_is_refused(tmp_path: Path) -> None:
+    other = Path("/dev/shm")
+    if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test folder")
+    work = other / f"watcher-test-work-{os.getpid()}"
+    try:
+        f = lifecycle.Folders({**folders(tmp_path).named(), "work": str(work)})
+        with pytest.raises(ConfigError, match="another file system"):
+            f.check()
+    finally:
+        if work.exists():
+            work.rmdir()
+
+
+def test_claim_archive_and_name_collisions(tmp_path: Path) -> None:
+    f = folders(tmp_path)
+    f.check()
+    src = make_image(Path(f.inbox) / "sub" / "a.png")
+    c = lifecycle.claim(f, str(src), 1, 0.0)
+    assert c.rel == "sub/a.png" and Path(c.work_path) == Path(f.work) / "sub" / "a.png"
+    assert not src.exists()
+    with pytest.raises(lifecycle.NotClaimed):
+        lifecycle.claim(f, str(src), 2, 0.0)  # gone: someone else has it
+    (Path(f.archive) / "sub").mkdir(parents=True)
+    (Path(f.archive) / "sub" / "a.png").write_bytes(b"an older one")
+    dest = lifecycle.archive(f, c)
+    assert Path(dest) == Path(f.archive) / "sub" / "a_2.png"
+    assert (Path(f.archive) / "sub" / "a.png").read_bytes() == b"an older one"
+
+
+def test_quarantine_writes_sidecar_and_requeue_undoes_it(tmp_path: Path) -> None:
+    f = folders(tmp_path)
+    f.check()
+    (Path(f.inbox) / "bad.jpg").write_text("nope")
+    c = lifecycle.claim(f, str(Path(f.inbox) / "bad.jpg"), 1, 0.0)
+    dest = lifecycle.quarantine(f, c, {"reason": "not-an-image", "error": "x", "attempts": 1})
+    side = json.loads(Path(dest + lifecycle.SIDECAR).read_text())
+    assert side["reason"] == "not-an-image" and side["input"] == "bad.jpg"
+    assert {"detected_at", "claimed_at", "quarantined_at", "host", "attempts"} <= set(side)
+    moved = lifecycle.requeue(f)
+    assert moved == [(dest, str(Path(f.inbox) / "bad.jpg"))]
+    assert not Path(dest + lifecycle.SIDECAR).exists()
+    with pytest.raises(ConfigError, match="not a quarantined file"):
+        lifecycle.requeue(f, [str(Path(f.inbox) / "bad.jpg")])
+
+
+def test_stale_temps_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    f = folders(tmp_path)
+    f.check()
+    dead = Path(f.output) / ".x.jpg.999999999.watcher-tmp"
+    live = Path(f.output) / f".y.jpg.{os.getppid()}.watcher-tmp"
+    dead.write_bytes(b"partial")
+    live.write_bytes(b"in progress")
+    assert lifecycle.remove_stale_temps(f) == [str(dead)]
+    assert live.exists()
+
+
+def test_watch_table_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "etc" / "watcher.toml"
+    cfg.parent.mkdir()
+    cfg.write_text("[watch]\ninbox = 'in'\noutput = '/abs/out'\nsettle = 0.5\n"
+                   "on_success = 'delete'\nignore = ['*.x']\n")
+    w = config.load(cfg).watch
+    assert w.inbox == str(tmp_path / "etc" / "in") and w.output == "/abs/out"
+    assert (w.settle, w.on_success, w.ignore) == (0.5, "delete", ("*.x",))
+
+
+@pytest.mark.parametrize(("snippet", "where"), [
+    ("[watch]\nsettle = 'soon'", "watch.settle"),
+    ("[watch]\non_success = 'shred'", "watch.on_success"),
+    ("[watch]\nobserver = 'fanotify'", "watch.observer"),
+    ("[watch]\ninbx = 'x'", "watch.inbx"),
+])
+def test_bad_watch_settings_name_the_key(tmp_path: Path, snippet: str, where: str) -> None:
+    (tmp_path / "w.toml").write_text(snippet)
+    with pytest.raises(ConfigError) as e:
+        config.load(tmp_path / "w.toml")
+    assert e.value.where.endswith(where)
+
+
+def test_environment_overrides_file() -> None:
+    s = config.from_environment(config.load(None), {
+        "WATCHER_INBOX": "/data/in", "WATCHER_SETTLE": "0.5", "WATCHER_WORKERS": "3",
+        "WATCHER_RECURSIVE": "false", "WATCHER_PIPELINES": "web, thumbnail",
+        "WATCHER_MAX_FILE_SIZE": "10 MB", "WATCHER_IGNORE": "*.a,*.b"})
+    assert (s.watch.inbox, s.watch.settle, s.watch.recursive) == ("/data/in", 0.5, False)
+    assert s.engine.workers == 3 and s.use == ("web", "thumbnail")
+    assert s.limits.max_file_size == 10_000_000 and s.watch.ignore == ("*.a", "*.b")
+
+
+@pytest.mark.parametrize(("env", "where"), [
+    ({"WATCHER_SETTLE": "soon"}, "WATCHER_SETTLE"), ({"WATCHER_WORKERS": "0"}, "WATCHER_WORKERS"),
+    ({"WATCHER_WORKERS": "many"}, "WATCHER_WORKERS"),
+    ({"WATCHER_ON_SUCCESS": "shred"}, "WATCHER_ON_SUCCESS"),
+    ({"WATCHER_PIPELINES": "nope"}, "WATCHER_PIPELINES"),
+    ({"WATCHER_RECURSIVE": "maybe"}, "WATCHER_RECURSIVE"),
+])
+def test_bad_environment_names_the_variable(env: dict[str, str], where: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config.from_environment(config.load(None), env)
+    assert e.value.where == where
