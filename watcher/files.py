@@ -26,6 +26,17 @@ def temp_name(final: str, pid: int) -> str:
     return os.path.join(head, f".{tail}.{pid}{TEMP_SUFFIX}")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (the owner of a temp file, a parent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .files import TEMP_SUFFIX, atomic_write, fsync_dir, publish, temp_name
+from .files import TEMP_SUFFIX, atomic_write, fsync_dir, pid_alive, publish, temp_name
 
 SIDECAR = ".error.json"
 
@@ -249,25 +249,14 @@ def remove_stale_temps(folders: Folders) -> list[str]:
                 if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
                     continue
                 pid_text = name[: -len(TEMP_SUFFIX)].rsplit(".", 1)[-1]
-                if pid_text.isdigit() and _alive(int(pid_text)):
+                if pid_text.isdigit() and int(pid_text) != os.getpid() \
+                        and pid_alive(int(pid_text)):
                     continue
                 path = os.path.join(dirpath, name)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                     removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _iso(t: float) -> str:

@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .codec import DecodeLimits
+from .files import pid_alive
 from .pipeline import Pipeline, Processor
 from .tasks import Result, Stop, Task
 
@@ -100,7 +101,7 @@ def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: An
         try:
             item = tasks.get(timeout=0.5)
         except queue.Empty:
-            if os.getppid() != parent or (cfg.parent_pid and not _alive(cfg.parent_pid)):
+            if os.getppid() != parent or (cfg.parent_pid and not pid_alive(cfg.parent_pid)):
                 logger.warning("worker.orphaned")
                 break
             continue
@@ -143,11 +144,3 @@ def _die_with_parent() -> None:
         pass  # not Linux: the idle loop still notices a vanished parent
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
