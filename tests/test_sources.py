@@ -287,3 +287,82 @@ def test_bad_environment_names_the_variable(env: dict[str, str], where: str) -> 
     with pytest.raises(ConfigError) as e:
         config.from_environment(config.load(None), env)
     assert e.value.where == where
+
+
+# --- the observer, for real -----------------------------------------------------------------
+
+def test_observer_reports_close_and_move_and_restarts_after_its_thread_dies(
+        tmp_path: Path) -> None:
+    import threading
+    import time
+
+    woke = threading.Event()
+    obs = sources.InboxObserver(str(tmp_path), kind="inotify", recursive=True,
+                                poll_interval=0.1, wake=woke.set)
+    obs.start()
+    try:
+        def events_for(name: str) -> set[str]:
+            deadline = time.monotonic() + 10
+            seen: set[str] = set()
+            while time.monotonic() < deadline:
+                seen |= {k for k, p in obs.drain() if p.endswith(name)}
+                if sources.CLOSED in seen or sources.MOVED in seen:
+                    return seen
+                time.sleep(0.02)
+            pytest.fail(f"no close/move event for {name}: {seen}")
+
+        make_image(tmp_path / "a.png")
+        assert sources.CLOSED in events_for("a.png") and woke.is_set()
+        outside = make_image(tmp_path.parent / f"{tmp_path.name}-staging.png")
+        os.rename(outside, tmp_path / "moved.png")
+        assert sources.MOVED in events_for("moved.png")
+
+        obs._observer.stop()  # the thread dies underneath us (a network share gone, a bug)
+        obs._observer.join(5)
+        assert not obs.healthy()
+        obs.restart()
+        assert obs.healthy() and obs.restarts == 1
+        make_image(tmp_path / "b.png")
+        assert sources.CLOSED in events_for("b.png")
+    finally:
+        obs.stop()
+
+
+NO_INOTIFY = """
+import json, sys
+from watcher import log, sources
+log.configure("test", "json", "info")
+obs = sources.InboxObserver(sys.argv[1], kind="inotify", recursive=False, poll_interval=0.1,
+                            wake=lambda: None)
+obs.start()
+print(json.dumps({"kind": obs.kind, "healthy": obs.healthy()}))
+obs.stop()
+"""
+
+
+def test_no_inotify_left_falls_back_to_polling_with_the_sysctl_to_raise(tmp_path: Path) -> None:
+    """Real exhaustion, isolated: in a new user namespace the inotify instance limit is its own
+    (/proc/sys/user/max_inotify_instances); set to 0 there, inotify_init fails with EMFILE."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, json_lines
+
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare (util-linux)")
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "true"],
+                           capture_output=True, check=False, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"user namespaces unavailable: {probe.stderr.decode()[:200]}")
+    cmd = ("echo 0 > /proc/sys/user/max_inotify_instances && "
+           f'exec "{sys.executable}" -c "$0" "$1"')
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c", cmd, NO_INOTIFY,
+                           str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"kind": "polling", "healthy": True}
+    logged = [e for e in json_lines(proc.stderr) if e["event"] == "observer.inotify_unavailable"]
+    assert logged and "max_user_instances" in logged[0]["fix"]
+    assert logged[0]["fallback"] == "polling"
