@@ -62,6 +62,8 @@ class WatchSettings:
     max_in_flight: int = 0  # claimed, unfinished files at once (0: 4 per worker)
     retry_backoff: float = 1.0  # first wait after a transient failure (doubles, with jitter)
     retry_backoff_max: float = 300.0
+    metrics_port: int = 0  # 0: no HTTP endpoint
+    metrics_host: str = "127.0.0.1"
 
     def folders(self) -> dict[str, str]:
         return {"inbox": self.inbox, "output": self.output, "archive": self.archive,
@@ -79,6 +81,7 @@ WATCH_KEYS: dict[str, tuple[type, float | None, float | None, tuple[str, ...] | 
     "reconcile_interval": (float, 0.5, 86400, None), "ignore": (list, None, None, None),
     "max_in_flight": (int, 0, 1_000_000, None), "retry_backoff": (float, 0.01, 3600, None),
     "retry_backoff_max": (float, 0.01, 86400, None),
+    "metrics_port": (int, 0, 65535, None), "metrics_host": (str, None, None, None),
 }
 
 

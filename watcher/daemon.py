@@ -26,15 +26,19 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from . import batch, lifecycle, log, sources
+from . import batch, health, lifecycle, log, sources
 from .config import Settings
 from .engine import Engine
 from .errors import TRANSIENT_REASONS, ConfigError
 from .lifecycle import Claim, Folders, NotClaimed
+from .metrics import Metrics, MetricsServer
+from .notify import Notifier
 from .pipeline import Pipeline
 from .tasks import OutputPlan, Result, Task
 
 TICK = 0.25  # longest wait between ticks; events, results and signals wake the loop sooner
+BEAT = 1.0  # seconds between heartbeats (file, STATUS)
+STALL_HOOK = "WATCHER_DEBUG_STALL_FILE"  # tests: while this file exists, the loop is wedged
 
 
 class Daemon:
@@ -59,6 +63,12 @@ class Daemon:
         self.observer: sources.InboxObserver | None = None
         self.counts = {"processed": 0, "quarantined": 0, "retried": 0, "skipped": 0,
                        "reconcile_found": 0}
+        self.notifier = Notifier()
+        self.metrics = Metrics()
+        self._server: MetricsServer | None = None
+        self._next_beat = 0.0
+        self._restarts_seen = 0
+        self._stall_file = os.environ.get(STALL_HOOK, "")
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             fl = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -121,6 +131,14 @@ class Daemon:
                            observer=self.observer.kind, workers=self.settings.engine.workers,
                            pipelines=[p.name for p in self._pipelines], backlog=backlog,
                            recovered=recovered, on_success=ws.on_success)
+            if ws.metrics_port:
+                self._server = MetricsServer(self.metrics, ws.metrics_host, ws.metrics_port)
+                self._server.start()
+                self._log.info("metrics.listening", host=self._server.address[0],
+                               port=self._server.address[1])
+            self.metrics.ready = True
+            self._beat(force=True)
+            self.notifier.ready(self._status())
             next_scan = time.monotonic() + ws.reconcile_interval
             while not self._stopping:
                 self._tick()
@@ -131,9 +149,69 @@ class Daemon:
         finally:
             self._restore(old)
 
+    def _status(self) -> str:
+        return (f"{len(self.claims)} in flight, {len(self.tracker)} waiting, "
+                f"{self.counts['processed']} processed, {self.counts['quarantined']} quarantined")
+
+    def _beat(self, force: bool = False, state: str = "running") -> None:
+        """Once a second: heartbeat file, gauges, STATUS; every tick: the systemd watchdog."""
+        now = time.monotonic()
+        self.metrics.last_tick = now
+        self.notifier.ping(now)
+        if not force and now < self._next_beat:
+            return
+        self._next_beat = now + BEAT
+        alive = self.engine.workers_alive if self.engine else 0
+        self.metrics.in_flight.set(len(self.claims))
+        self.metrics.pending.set(len(self.tracker))
+        self.metrics.workers.set(alive)
+        if self.engine is not None and self.engine.stats.restarts > self._restarts_seen:
+            self.metrics.restarts.inc(self.engine.stats.restarts - self._restarts_seen)
+            self._restarts_seen = self.engine.stats.restarts
+        try:
+            health.write(health.heartbeat_path(self.folders.work), {
+                "state": state, "in_flight": len(self.claims), "pending": len(self.tracker),
+                "workers_alive": alive, **self.counts})
+        except OSError as exc:
+            self._log.warning("heartbeat.write_failed", error=str(exc))
+        self.notifier.status(self._status())
+        if os.getpid() == 1:
+            self._reap_orphans()
+
+    def _reap_orphans(self) -> None:
+        """As PID 1 (a container), reap adopted orphans; never our own children, whose exit
+        status multiprocessing collects itself."""
+        import multiprocessing  # noqa: PLC0415
+
+        own = {p.pid for p in multiprocessing.active_children()}
+        own |= set(self.engine.pids if self.engine else [])
+        with contextlib.suppress(Exception):
+            from multiprocessing import forkserver, resource_tracker  # noqa: PLC0415
+
+            own.add(forkserver._forkserver._forkserver_pid)
+            own.add(resource_tracker._resource_tracker._pid)
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid in own:
+                return
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(info.si_pid, 0)
+
+    def _stall_if_asked(self) -> None:
+        if self._stall_file and os.path.exists(self._stall_file):
+            self._log.warning("daemon.stalling", hook=STALL_HOOK, file=self._stall_file)
+            while os.path.exists(self._stall_file):  # no ticks, no pings: a wedged supervisor
+                time.sleep(0.2)
+
     def _restore(self, old: dict[int, Any]) -> None:
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(old.pop(-1))
+        if self._server is not None:
+            self._server.stop()
+        self.notifier.close()
         for sig, handler in old.items():
             signal.signal(sig, handler)
         if self.observer is not None:
@@ -143,9 +221,11 @@ class Daemon:
                 e.close(0)
 
     def _tick(self) -> None:
+        self._stall_if_asked()
         self._handle_signals()
         if self._stopping:
             return
+        self._beat()
         assert self.observer is not None and self.engine is not None
         for kind, path in self.observer.drain():
             self._hint(kind, path)
@@ -216,6 +296,7 @@ class Daemon:
             found += len(self.tracker) - before
         if count and found:
             self.counts["reconcile_found"] += found
+            self.metrics.reconcile_found.inc(found)
             self._log.warning("reconcile.found", files=found,
                               why="no event arrived for them (missed or overflowed)")
         self._log.debug("reconcile.done", new=found, pending=len(self.tracker),
@@ -322,6 +403,11 @@ class Daemon:
                 return
             self._forget(c)
             self.counts["processed"] += 1
+            for p in self._pipelines:
+                self.metrics.processed.labels(p.name).inc()
+            self.metrics.duration.observe(r.duration)
+            self.metrics.bytes_in.inc(r.bytes_in)
+            self.metrics.bytes_out.inc(r.bytes_out)
             self._log.info("file.processed", **common, on_success=self.settings.watch.on_success,
                            moved_to=where, bytes_in=r.bytes_in, bytes_out=r.bytes_out,
                            **({"warnings": list(r.warnings)} if r.warnings else {}))
@@ -356,6 +442,7 @@ class Daemon:
         c.retry_at = time.monotonic() + delay
         self._retry.append(c)
         self.counts["retried"] += 1
+        self.metrics.retried.labels(reason).inc()
         self._log.warning("file.retried", **common, reason=reason, error=error,
                           failures=c.transient_failures, retry_in_s=round(delay, 2),
                           why="not the input's fault: kept and retried later")
@@ -377,6 +464,7 @@ class Daemon:
             return
         self._forget(c)
         self.counts["quarantined"] += 1
+        self.metrics.quarantined.labels(reason).inc()
         self._log.error("file.quarantined", input=c.rel, reason=reason, error=error,
                         error_type=error_type, quarantined_as=dest,
                         worker=r.worker if r else None, attempt=r.attempt if r else 0)
@@ -422,6 +510,8 @@ class Daemon:
     def _shutdown(self) -> int:
         sig = self._stopping
         assert self.engine is not None
+        self.metrics.ready = False
+        self.notifier.stopping(f"draining {self.engine.outstanding} file(s)")
         self._log.info("daemon.stopping", signal=signal.Signals(sig).name,
                        running=self.engine.outstanding, grace=self.settings.engine.grace)
         if self.observer is not None:
@@ -432,11 +522,18 @@ class Daemon:
             if c is not None:
                 self._forget(c)  # unstarted: stays in the work folder for the next start
         for e in [self.engine, *self._draining]:
-            for r in e.close(self.settings.engine.grace, abort=self._second_signal):
+            deadline = time.monotonic() + self.settings.engine.grace
+            while e.outstanding and time.monotonic() < deadline and not self._second_signal():
+                for r in e.poll(TICK, respawn=False):
+                    self._fate(r)
+                self._beat(state="stopping")  # keep the watchdog fed while draining
+            for r in e.close(0 if e.outstanding else 1.0):
                 self._fate(r)
         self._draining.clear()
         self.engine = None
         left = len(list(lifecycle.leftover_claims(self.folders)))
+        with contextlib.suppress(OSError):
+            health.write(health.heartbeat_path(self.folders.work), {"state": "stopped"})
         self._log.info("daemon.stopped", **self.counts, left_in_work=left,
                        left_in_inbox=len(list(sources.scan(
                            self.folders.inbox, recursive=self.settings.watch.recursive,

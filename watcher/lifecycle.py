@@ -110,9 +110,10 @@ def leftover_claims(folders: Folders) -> Iterator[tuple[str, str]]:
     """(rel, work path) of files left in the work folder by an earlier run."""
     for dirpath, dirnames, filenames in os.walk(folders.work):
         dirnames.sort()
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in sorted(filenames):
-            if name.endswith(TEMP_SUFFIX):
-                continue
+            if name.endswith(TEMP_SUFFIX) or name.startswith("."):
+                continue  # temp files, the heartbeat: never claims
             path = os.path.join(dirpath, name)
             yield os.path.relpath(path, folders.work), path
 

@@ -1,0 +1,48 @@
+"""Liveness: the heartbeat file the daemon's supervisor loop rewrites every second, and the check
+``watcher health`` runs (a container HEALTHCHECK, a monitoring probe).
+
+Healthy: the heartbeat exists, the daemon says it is running, and its loop ticked within
+``max_age`` seconds (a wedged supervisor stops ticking). One line says why when it is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+HEARTBEAT = ".watcher-heartbeat.json"
+
+
+def heartbeat_path(work: str) -> str:
+    return os.path.join(work, HEARTBEAT)
+
+
+def write(path: str, doc: dict[str, Any]) -> None:
+    """Replace the heartbeat atomically (no fsync: it only has to be fresh, not durable)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({**doc, "time": time.time(), "pid": os.getpid()}, f)
+    os.replace(tmp, path)
+
+
+def check(path: str, max_age: float = 30.0, now: float | None = None) -> tuple[bool, str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return False, f"no heartbeat at {path}: the daemon is not running (or not yet started)"
+    except (OSError, ValueError) as exc:
+        return False, f"heartbeat {path} unreadable: {exc}"
+    now = time.time() if now is None else now
+    age = now - float(doc.get("time", 0))
+    state = doc.get("state", "?")
+    if state == "stopped":
+        return False, f"the daemon (pid {doc.get('pid')}) has stopped"
+    if age > max_age:
+        return False, (f"the supervisor loop last ticked {age:.1f} s ago (max {max_age:g} s): "
+                       f"pid {doc.get('pid')} is wedged or gone")
+    return True, (f"ok: pid {doc.get('pid')} {state}, ticked {age:.1f} s ago, "
+                  f"{doc.get('in_flight', 0)} in flight, {doc.get('pending', 0)} waiting, "
+                  f"{doc.get('workers_alive', 0)} workers")

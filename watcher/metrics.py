@@ -1,0 +1,97 @@
+"""Prometheus metrics and the optional HTTP endpoint: /metrics, /healthz, /readyz.
+
+Off by default; ``metrics_port`` turns it on, bound to 127.0.0.1 unless ``metrics_host`` says
+otherwise. The daemon loop is the only writer of the metrics; the server thread only reads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.processed = Counter("watcher_files_processed", "Inputs processed, per pipeline",
+                                 ["pipeline"], registry=r)
+        self.quarantined = Counter("watcher_files_quarantined", "Inputs quarantined, per reason",
+                                   ["reason"], registry=r)
+        self.retried = Counter("watcher_files_retried", "Transient failures retried, per reason",
+                               ["reason"], registry=r)
+        self.duration = Histogram("watcher_file_processing_seconds",
+                                  "Worker time per input (all its pipelines)", registry=r,
+                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30,
+                                           60, 300))
+        self.in_flight = Gauge("watcher_queue_depth", "Inputs claimed and not yet finished",
+                               registry=r)
+        self.pending = Gauge("watcher_inbox_pending", "Files seen in the inbox, not yet claimed",
+                             registry=r)
+        self.workers = Gauge("watcher_workers_alive", "Worker processes alive", registry=r)
+        self.restarts = Counter("watcher_worker_restarts", "Worker processes replaced",
+                                registry=r)
+        self.bytes_in = Counter("watcher_bytes_in", "Bytes of input read", registry=r)
+        self.bytes_out = Counter("watcher_bytes_out", "Bytes of output written", registry=r)
+        self.reconcile_found = Counter("watcher_reconcile_found",
+                                       "Files found by a scan that no event announced",
+                                       registry=r)
+        self.last_tick = time.monotonic()
+        self.ready = False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    metrics: Metrics
+    max_age: float
+
+    def do_GET(self) -> None:
+        m = self.metrics
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, generate_latest(m.registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            age = time.monotonic() - m.last_tick
+            ok = age <= self.max_age
+            self._send(200 if ok else 503, f"{'ok' if ok else 'stalled'}: last tick "
+                       f"{age:.1f} s ago\n".encode())
+        elif path == "/readyz":
+            self._send(200 if m.ready else 503, b"ready\n" if m.ready else b"not ready\n")
+        else:
+            self._send(404, b"not found: try /metrics, /healthz, /readyz\n")
+
+    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes are not worth a log line each
+
+
+class MetricsServer:
+    def __init__(self, metrics: Metrics, host: str, port: int, max_age: float = 30.0) -> None:
+        handler = type("Handler", (_Handler,), {"metrics": metrics, "max_age": max_age})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self.address = self.httpd.server_address
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
