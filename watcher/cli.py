@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     _watch_args(r, folders_only=True)
     r.set_defaults(subparser=r)
 
+    h = sub.add_parser("health", help="exit 0 when the daemon is alive and its loop ticked "
+                                      "recently, 1 otherwise, with a one-line reason")
+    h.add_argument("-c", "--config", metavar="FILE", help="watcher.toml (for the work folder)")
+    h.add_argument("--work", metavar="DIR", help="the daemon's work folder")
+    h.add_argument("--max-age", type=_positive_float, default=30.0, metavar="S",
+                   help="the longest the supervisor loop may go without ticking (default 30)")
+
     c = sub.add_parser("check-config", help="validate a config file and print the effective "
                                             "settings (environment included)")
     c.add_argument("-c", "--config", metavar="FILE", help="watcher.toml to check")
@@ -152,6 +159,9 @@ def _watch_args(p: argparse.ArgumentParser, folders_only: bool = False) -> None:
     p.add_argument("--pixel-limit", type=_positive_int)
     p.add_argument("--max-file-size", metavar="SIZE")
     p.add_argument("--grace", type=float, metavar="S", help="drain time on SIGTERM")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve /metrics, /healthz, /readyz on this port (default: off)")
+    p.add_argument("--metrics-host", metavar="ADDR", help="address to bind (default 127.0.0.1)")
 
 
 def watch_loader(args: argparse.Namespace) -> Any:
@@ -183,6 +193,18 @@ def cmd_watch(args: argparse.Namespace) -> int:
     fmt = log.resolve_format(args.log_format, sys.stdout)
     log.configure("daemon", fmt, args.log_level, stream=sys.stdout)
     return Daemon(watch_loader(args), log_format=fmt, log_level=args.log_level).run()
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from . import health  # noqa: PLC0415
+
+    work = args.work
+    if not work:
+        args.inbox = args.output = args.archive = args.quarantine = None
+        work = watch_loader(args)().watch.work
+    ok, line = health.check(health.heartbeat_path(work), args.max_age)
+    print(line)
+    return ExitCode.OK if ok else ExitCode.SOME_FAILED
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
@@ -325,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_watch(args)
         if args.command == "requeue":
             return cmd_requeue(args)
+        if args.command == "health":
+            return cmd_health(args)
         if args.command == "check-config":
             return cmd_check_config(args)
         if args.command == "transforms":
