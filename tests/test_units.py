@@ -50,12 +50,15 @@ def test_units_exposure_is_low(tmp_path: Path, unit: str) -> None:
 
 def test_unit_folders_match_the_service_config() -> None:
     unit = (UNITS / "watcher.service").read_text()
-    writable = {p for line in unit.splitlines() if line.startswith("ReadWritePaths=")
-                for p in line.split("=", 1)[1].split()}
+    writable = [p for line in unit.splitlines() if line.startswith("ReadWritePaths=")
+                for p in line.split("=", 1)[1].split()]
     import tomllib
 
     watch = tomllib.loads((UNITS / "watcher.toml").read_text())["watch"]
-    assert writable == {watch[k] for k in ("inbox", "output", "archive", "quarantine", "work")}
+    # one writable mount holding exactly the five folders (claims must be renames within it)
+    assert writable == ["/var/lib/watcher"]
+    folders = [watch[k] for k in ("inbox", "output", "archive", "quarantine", "work")]
+    assert all(str(Path(f).parent) == "/var/lib/watcher" for f in folders)
     engine = tomllib.loads((UNITS / "watcher.toml").read_text())["engine"]
     stop = int(re.search(r"^TimeoutStopSec=(\d+)", unit, re.M).group(1))
     assert engine["grace"] < stop  # the drain fits before systemd kills

@@ -56,6 +56,7 @@ class Daemon:
         self._rels: set[str] = set()  # their inbox-relative names: one in flight per name
         self._retry: list[Claim] = []  # transient failures waiting for their back-off
         self._kept: dict[str, tuple[int, int]] = {}  # keep mode: inputs left in the inbox
+        self._claim_wait: dict[str, tuple[float, int]] = {}  # path -> (next try, failures)
         self._signals: list[int] = []
         self._seq = 0
         self._stopping = 0
@@ -313,6 +314,8 @@ class Daemon:
             rel = os.path.relpath(path, self.folders.inbox)
             if rel in self._rels:
                 continue  # the same name is in flight; take this one when it is done
+            if path in self._claim_wait and self._claim_wait[path][0] > time.monotonic():
+                continue
             if self.settings.watch.on_success == "keep" and self._outputs_exist(path, rel):
                 continue
             try:
@@ -323,8 +326,14 @@ class Daemon:
                 self._log.debug("file.not_claimed", input=rel, why=str(exc))
                 continue
             except OSError as exc:
-                self._log.warning("file.claim_failed", input=rel, error=str(exc))
+                failures = self._claim_wait.get(path, (0.0, 0))[1] + 1
+                delay = min(60.0, 0.5 * 2 ** (failures - 1))
+                self._claim_wait[path] = (time.monotonic() + delay, failures)
+                if failures == 1 or failures % 10 == 0:
+                    self._log.warning("file.claim_failed", input=rel, error=str(exc),
+                                      failures=failures, retry_in_s=delay)
                 continue
+            self._claim_wait.pop(path, None)
             self.tracker.forget(path)
             self._rels.add(rel)
             room -= 1

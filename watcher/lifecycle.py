@@ -76,6 +76,33 @@ class Folders:
         if os.stat(self.work).st_dev != os.stat(self.inbox).st_dev:
             raise ConfigError("watch.work", f"{self.work} is on another file system than the "
                               f"inbox {self.inbox}; claims must be atomic renames")
+        self._probe_rename()
+
+    def _probe_rename(self) -> None:
+        """Claims are renames from inbox to work: try one. Two bind mounts of one file system
+        (a container volume each, or systemd ReadWritePaths= listing them separately) share
+        st_dev, yet rename(2) between them fails with EXDEV."""
+        probe = os.path.join(self.inbox, f".watcher-probe-{os.getpid()}")
+        dest = os.path.join(self.work, os.path.basename(probe))
+        try:
+            with open(probe, "w"):
+                pass
+        except OSError as exc:
+            raise ConfigError("watch.inbox", f"cannot write in {self.inbox}: {exc.strerror}") \
+                from exc
+        try:
+            os.rename(probe, dest)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+            if exc.errno == errno.EXDEV:
+                raise ConfigError("watch.work", f"{self.work} and the inbox {self.inbox} are "
+                                  "different mounts (bind mounts or volumes), so a file cannot "
+                                  "be renamed from one to the other; put both under one mount "
+                                  "(one volume, or one ReadWritePaths= entry)") from exc
+            raise ConfigError("watch.work", f"cannot move a file from {self.inbox} to "
+                              f"{self.work}: {exc.strerror}") from exc
+        os.unlink(dest)
 
 
 def _within(path: str, folder: str) -> bool:
