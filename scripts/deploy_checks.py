@@ -278,14 +278,11 @@ def test_podman(wheels: Path, imgs: Path) -> None:
             check("podman build", "localhost/watcher:test" in podman("images", "--format",
                                                                      "{{.Repository}}:{{.Tag}}"),
                   out.strip().splitlines()[-1] if out.strip() else "")
-            hc = podman("image", "inspect", "localhost/watcher:test", "--format",
-                        "{{json .Healthcheck}}")
-            check("the image keeps its HEALTHCHECK", "health" in hc, hc.strip())
-            vols = []
-            for d in ("inbox", "processed", "archive", "quarantine", "work"):
-                (data / d).mkdir()
-                os.chown(data / d, 10001, 10001)
-                vols += ["-v", f"{data / d}:/data/{d}"]
+            meta = json.loads(podman("image", "inspect", "localhost/watcher:test"))[0]
+            hc = json.dumps(meta.get("Healthcheck") or meta.get("Config", {}).get("Healthcheck"))
+            check("the image keeps its HEALTHCHECK", "health" in hc, hc)
+            os.chown(data, 10001, 10001)  # one volume; the daemon creates its five folders
+            vols = ["-v", f"{data}:/data"]
             podman("run", "-d", "--name", name, "--read-only", *vols, "-e",
                    "WATCHER_SETTLE=0.3", "localhost/watcher:test")
             started = wait_for(lambda: "daemon.started" in podman("logs", name), 60)
@@ -300,6 +297,7 @@ def test_podman(wheels: Path, imgs: Path) -> None:
                                 capture_output=True, text=True, timeout=60, check=False)
             check("the root file system is read-only", ro.returncode != 0, ro.stderr.strip())
 
+            wait_for(lambda: (data / "inbox").is_dir(), 30)
             n = 0
             for f in sorted(imgs.iterdir()):
                 dest = data / "inbox" / f.name
