@@ -297,7 +297,7 @@ def test_podman(wheels: Path, imgs: Path) -> None:
                                 capture_output=True, text=True, timeout=60, check=False)
             check("the root file system is read-only", ro.returncode != 0, ro.stderr.strip())
 
-            wait_for(lambda: (data / "inbox").is_dir(), 30)
+            wait_for((data / "inbox").is_dir, 30)
             n = 0
             for f in sorted(imgs.iterdir()):
                 dest = data / "inbox" / f.name
