@@ -235,12 +235,25 @@ def podman(*args: str, check: bool = True, timeout: float = 300) -> str:
     return sh("podman", *args, check=check, timeout=timeout)
 
 
+# What these machines need (shared/deploy/README.md): no CAP_SYS_RESOURCE for podman's default
+# ulimits, runc for the hybrid cgroup layout, no systemd for the events log.
+CONTAINERS_CONF = """[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+"""
+
+
 @contextlib.contextmanager
 def podman_env() -> Iterator[None]:
     conf = SHARED / "containers.conf"
+    if not conf.exists():
+        conf = CACHE / "containers.conf"
+        conf.write_text(CONTAINERS_CONF)
     old = os.environ.get("CONTAINERS_CONF")
-    if conf.exists():
-        os.environ["CONTAINERS_CONF"] = str(conf)
+    os.environ["CONTAINERS_CONF"] = str(conf)
     try:
         yield
     finally:
