@@ -247,3 +247,33 @@ def test_unimportable_transform_stops_the_engine(tmp_path: Path, images: list[Pa
         e.close(grace=0)
     finally:
         del sys.modules["watcher_test_ghost"]
+
+
+CRASHING_MAIN = """
+import sys
+from pathlib import Path
+from watcher import process_images
+# no `if __name__ == "__main__":` guard: every worker re-runs this file and dies at start
+if sys.argv[-1] == "child-run":
+    raise SystemExit(1)
+process_images([sys.argv[1]], sys.argv[2], ["grayscale"])
+"""
+
+
+def test_workers_dying_at_start_stop_the_engine_instead_of_respawning(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    src = make_image(tmp_path / "a.png")
+    script = tmp_path / "unguarded.py"
+    # the main module raises on import in a worker (its argv is the parent's: we mark it)
+    script.write_text(CRASHING_MAIN.replace('sys.argv[-1] == "child-run"',
+                                            "__name__ != '__main__'"))
+    proc = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode != 0
+    assert "died before finishing any task" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("worker.started") < 20  # it stopped, not a respawn storm

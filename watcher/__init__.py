@@ -11,11 +11,25 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .batch import ItemReport, Report
-from .codec import OutputOptions
 from .errors import ConfigError, ExitCode, RejectedInput, WatcherError
+
+if TYPE_CHECKING:
+    from .batch import ItemReport, Report
+    from .codec import OutputOptions
+else:
+    def __getattr__(name: str) -> Any:
+        """Lazy exports: a worker process imports watcher.worker without the batch stack."""
+        if name in ("ItemReport", "Report"):
+            from . import batch  # noqa: PLC0415
+
+            return getattr(batch, name)
+        if name == "OutputOptions":
+            from .codec import OutputOptions  # noqa: PLC0415
+
+            return OutputOptions
+        raise AttributeError(name)
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "ExitCode", "ItemReport", "OutputOptions", "RejectedInput", "Report",
@@ -46,6 +60,7 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
 
     from . import batch, log  # noqa: PLC0415
     from . import config as cfg  # noqa: PLC0415
+    from .codec import OutputOptions  # noqa: PLC0415
 
     if not structlog.is_configured():
         log.configure("main", "auto", "warning")

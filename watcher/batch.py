@@ -9,6 +9,7 @@ reports the rest as cancelled.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
@@ -26,7 +27,7 @@ from .codec import OutputOptions
 from .config import Settings
 from .engine import Engine
 from .errors import ConfigError
-from .files import NameAllocator, walk_images
+from .files import NameAllocator, fsync_dir, walk_images
 from .pipeline import Pipeline
 from .tasks import OutputPlan, Result, Task
 
@@ -50,6 +51,8 @@ class ItemReport:
     error: str = ""
     duration: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    worker: int = 0
+    worker_peak_rss_kb: int = 0
 
     @property
     def ok(self) -> bool:
@@ -185,7 +188,7 @@ def plan(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline],
                                    error="every output exists (on_conflict=skip)"))
             continue
         tasks.append(Task(seq, inp.path, tuple(outputs), overwrite=on_conflict == "overwrite",
-                          nofollow=nofollow))
+                          nofollow=nofollow, sync_dir=False))
         items[seq] = ItemReport(inp.path, "pending", existing)
     return Plan(tasks, items, done, [i.path for i in inputs])
 
@@ -244,6 +247,7 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
         item.outputs = [*item.outputs, *r.outputs]
         item.reason, item.error, item.duration = r.reason, r.error, r.duration
         item.warnings = list(r.warnings)
+        item.worker, item.worker_peak_rss_kb = r.worker, r.peak_rss_kb
         _log_fate(logger, item, r, quiet=progress)
         bar.update(1)
         if on_result:
@@ -279,6 +283,11 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
                 if sigs.received:
                     report.interrupted = sigs.received[0]
     bar.close()
+    # every output's data was fsynced before its rename; one fsync per folder now makes the
+    # names durable: a batch's outputs are all durable when it returns
+    for folder in {os.path.dirname(o) for i in p.items.values() for o in i.outputs}:
+        with contextlib.suppress(OSError):
+            fsync_dir(folder)
 
     report.items += p.done + [p.items[t.seq] for t in p.tasks]
     order = {path: i for i, path in enumerate(p.order)}

@@ -56,6 +56,7 @@ from .worker import (
 )
 
 PREFETCH = 2  # tasks waiting in the queue per worker: enough to never starve one
+EARLY_DEATHS = 5  # workers dying in a row before reporting anything: they cannot start
 
 
 class EngineError(WatcherError):
@@ -112,6 +113,7 @@ class Engine:
         self._pending: deque[Task] = deque()  # not yet on the queue
         self._inq: dict[int, Task] = {}  # on the queue, not yet seen started
         self._intake = True
+        self._early_deaths = 0  # consecutive workers that died before sending any result
         self._ready: list[Result] = []
         self.stats = Stats()
         self._log = log.get("watcher.engine")
@@ -251,6 +253,7 @@ class Engine:
                 self._log.warning("engine.result_unreadable", worker=slot.proc.pid)
                 break
             slot.tasks += 1
+            self._early_deaths = 0
             accepted = self._accept(result)
             if accepted is not None:
                 out.append(accepted)
@@ -294,6 +297,14 @@ class Engine:
             if code == EXIT_INIT_FAILED:
                 raise EngineError("worker processes cannot start (see the error above); "
                                   "check the installation and the pipelines' imports")
+            if code != 0 and slot.tasks == 0 and slot.killed_for < 0:
+                self._early_deaths += 1
+                if self._early_deaths >= EARLY_DEATHS:
+                    raise EngineError(
+                        f"{self._early_deaths} worker processes in a row died before finishing "
+                        f"any task (last exit code {code}); not respawning them. If a script "
+                        "calls watcher, guard its top level with "
+                        "`if __name__ == \"__main__\":` (workers import the main module)")
             if reset:
                 self._reset_queue()
             if respawn and self._intake and slot.index not in self._slots:

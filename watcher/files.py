@@ -45,11 +45,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(final: str, write: Callable[[IO[bytes]], None], *, overwrite: bool) -> int:
+def atomic_write(final: str, write: Callable[[IO[bytes]], None], *, overwrite: bool,
+                 sync_dir: bool = True) -> int:
     """Write ``final`` atomically through ``write(fileobj)``; returns the bytes written.
 
     With ``overwrite`` False an existing file is never replaced: if it holds the very same bytes
-    (a task that ran twice), that is success; otherwise ``output-conflict``.
+    (a task that ran twice), that is success; otherwise ``output-conflict``. The data is always
+    fsynced before the rename; ``sync_dir`` False leaves the folder's fsync (which makes the new
+    name durable) to the caller, who may do it once for many files.
     """
     folder = os.path.dirname(final) or "."
     os.makedirs(folder, exist_ok=True)
@@ -66,7 +69,8 @@ def atomic_write(final: str, write: Callable[[IO[bytes]], None], *, overwrite: b
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    fsync_dir(folder)
+    if sync_dir:
+        fsync_dir(folder)
     return size
 
 

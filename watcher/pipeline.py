@@ -111,10 +111,15 @@ def _exact(size: Size) -> Step:
                            ("upscale", True)))
 
 
+_OUTPUT_EXT = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".png": "PNG",
+               ".webp": "WEBP", ".avif": "AVIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
+               ".gif": "GIF"}
+
+
 def output_format(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
-    fmt = Image.registered_extensions().get(ext)
-    if fmt is None or fmt not in codec.EXTENSIONS:
+    fmt = _OUTPUT_EXT.get(ext)
+    if fmt is None:
         raise RejectedInput("write-failed", f"{path}: no encoder for extension {ext!r}")
     return "JPEG" if fmt == "MPO" else fmt
 
@@ -208,7 +213,7 @@ class Processor:
                 bytes_out += atomic_write(
                     path, lambda f, im=images, p=p, fmt=fmt, o=oriented, path=path: _encode(
                         im, f, fmt, p.output, src, o, notes, path),
-                    overwrite=task.overwrite)
+                    overwrite=task.overwrite, sync_dir=task.sync_dir)
                 written.append(path)
         finally:
             src.close()

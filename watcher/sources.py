@@ -263,6 +263,12 @@ class InboxObserver:
             obs: Any = PollingObserver(timeout=self.poll_interval)
         else:
             from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415
+            from watchdog.observers.inotify_buffer import InotifyBuffer  # noqa: PLC0415
+
+            # watchdog holds every event 0.5 s to pair a move's two halves; the kernel hands
+            # both halves over in one read, so 10 ms pairs them as well and keeps a closed
+            # file's latency low.
+            InotifyBuffer.delay = 0.01
 
             # full events: a file renamed in from outside is a move (complete), not a creation
             obs = InotifyObserver(generate_full_events=True)

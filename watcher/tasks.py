@@ -29,10 +29,13 @@ class Task:
     overwrite: bool = False
     # Open the input with O_NOFOLLOW: a symlink is rejected, never read (watch mode).
     nofollow: bool = False
+    # fsync the output folder after each rename (watch mode: the input is archived next);
+    # a batch fsyncs each output folder once at its end instead.
+    sync_dir: bool = True
 
     def retry(self) -> Task:
         return Task(self.seq, self.path, self.outputs, self.attempt + 1, self.overwrite,
-                    self.nofollow)
+                    self.nofollow, self.sync_dir)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class Result:
     bytes_in: int = 0
     bytes_out: int = 0
     warnings: tuple[str, ...] = field(default=())
+    peak_rss_kb: int = 0  # the worker's peak resident memory so far
 
 
 @dataclass(frozen=True, slots=True)

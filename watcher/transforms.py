@@ -89,6 +89,8 @@ def auto_orient(im: Image.Image) -> Image.Image:
     A malformed EXIF block does not fail the image: it is left as stored, with a warning.
     """
     try:
+        if im.getexif().get(0x0112, 1) in (None, 1):
+            return im  # upright already: exif_transpose would return a full copy
         out = ImageOps.exif_transpose(im)
     except Exception as exc:  # noqa: BLE001 - any EXIF parse failure means "skip orientation"
         warnings.warn(f"exif orientation skipped: {type(exc).__name__}: {exc}",
@@ -346,11 +348,11 @@ REGISTRY: dict[str, TransformSpec] = {s.name: s for s in (
         _p("width", int, None, 1, _MAX_SIDE, optional=True),
         _p("height", int, None, 1, _MAX_SIDE, optional=True),
         _p("scale", float, None, 1e-4, 100.0, optional=True),
-        _p("upscale", bool, True)), size=resize_size),
+        _p("upscale", bool, True)), size=resize_size, gap=1.0),
     TransformSpec("resize_half", resize_half, size=half_size, gap=1.0),
     TransformSpec("thumbnail", thumbnail, (
         _p("width", int, 128, 1, _MAX_SIDE), _p("height", int, 128, 1, _MAX_SIDE)),
-        size=lambda size, width=128, height=128: fit_size(size, (width, height))),
+        size=lambda size, width=128, height=128: fit_size(size, (width, height)), gap=1.0),
     TransformSpec("crop", crop, (
         _p("width", int, lo=1), _p("height", int, lo=1),
         _p("x", int, None, 0, optional=True), _p("y", int, None, 0, optional=True))),

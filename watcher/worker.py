@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import resource
 import signal
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -111,6 +112,7 @@ def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: An
             slot[SEQ] = float(item.seq)
             slot[STARTED] = time.monotonic()
         result = worker.process_one(item)
+        result = replace(result, peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         try:
             results.send(result)
         except (BrokenPipeError, OSError):
