@@ -263,12 +263,8 @@ class InboxObserver:
             obs: Any = PollingObserver(timeout=self.poll_interval)
         else:
             from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415
-            from watchdog.observers.inotify_buffer import InotifyBuffer  # noqa: PLC0415
 
-            # watchdog holds every event 0.5 s to pair a move's two halves; the kernel hands
-            # both halves over in one read, so 10 ms pairs them as well and keeps a closed
-            # file's latency low.
-            InotifyBuffer.delay = 0.01
+            _shorten_move_pairing()
 
             # full events: a file renamed in from outside is a move (complete), not a creation
             obs = InotifyObserver(generate_full_events=True)
@@ -304,6 +300,20 @@ class InboxObserver:
                 out.append(self.events.get_nowait())
             except queue.Empty:
                 return out
+
+
+def _shorten_move_pairing() -> None:
+    """watchdog holds each IN_MOVED_FROM 0.5 s to pair it with its IN_MOVED_TO, in a FIFO: every
+    claim (a rename out of the inbox) would hold back the events behind it, the next file's
+    close-write included, by half a second. The kernel reports both halves of a rename in one
+    read, so a 10 ms window pairs them as well."""
+    try:
+        from watchdog.observers.inotify_move_event_grouper import (  # noqa: PLC0415
+            InotifyMoveEventGrouper,
+        )
+    except ImportError:  # another watchdog version: keep its default
+        return
+    InotifyMoveEventGrouper.delay = 0.01
 
 
 def _inotify_advice(exc: OSError) -> str:
