@@ -98,6 +98,38 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
     return 99.0 if mse == 0 else 10 * math.log10(255 * 255 / mse)
 
 
+def ssim(a: Image.Image, b: Image.Image) -> float:
+    """Mean SSIM of the luma planes (7x7 uniform window, the usual constants)."""
+    import numpy as np
+
+    if a.size != b.size:
+        b = b.resize(a.size, Image.Resampling.LANCZOS)
+    x = np.asarray(a.convert("L"), dtype=np.float64)
+    y = np.asarray(b.convert("L"), dtype=np.float64)
+    w = 7
+    if min(x.shape) < w:
+        return 1.0 if np.array_equal(x, y) else 0.0
+
+    def box(z: Any) -> Any:  # mean over every 7x7 window, via an integral image
+        c = np.pad(z, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        return (c[w:, w:] - c[:-w, w:] - c[w:, :-w] + c[:-w, :-w]) / (w * w)
+
+    mx, my = box(x), box(y)
+    vx, vy, cxy = box(x * x) - mx * mx, box(y * y) - my * my, box(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def jpeg_q85(im: Image.Image) -> Image.Image:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85)
+    buf.seek(0)
+    return Image.open(buf).convert(im.mode)
+
+
 def reference(job: str, src: Path) -> Image.Image:
     """Full decode, LANCZOS resize: what every output is compared with."""
     with Image.open(src) as im:
@@ -115,20 +147,28 @@ def reference(job: str, src: Path) -> Image.Image:
 
 
 def quality(job: str, inputs: list[Path], outdir: Path, sample: int = 12) -> dict[str, float]:
-    """PSNR of a sample of outputs against the reference, matched by input stem (watcher's
-    outputs are STEM_bench.EXT, the peers' STEM.EXT)."""
+    """PSNR and SSIM of a sample of outputs against the reference (full decode, LANCZOS; for
+    JPEG outputs also encoded at q85), matched by input stem (watcher's outputs are
+    STEM_bench.EXT, the peers' STEM.EXT)."""
     outs = {p.stem.removesuffix("_bench"): p for p in outdir.rglob("*") if p.is_file()}
-    values = []
+    values, sims, passed = [], [], 0
     for src in random.Random(7).sample(inputs, min(sample, len(inputs))):
         out = outs.get(src.stem)
         if out is None:
             continue
+        ref = reference(job, src)
         with Image.open(out) as o:
-            values.append(psnr(reference(job, src), o))
+            if o.format == "JPEG":  # what a full-decode LANCZOS pipeline gives at the same q85:
+                ref = jpeg_q85(ref)  # the guard judges the resize path, not the shared encoder
+            p, s = psnr(ref, o), ssim(ref, o)
+        values.append(p)
+        sims.append(s)
+        passed += p >= 35 or s >= 0.97
     if not values:
-        return {"n": 0, "min": math.nan, "mean": math.nan}
+        return {"n": 0, "min": math.nan, "mean": math.nan, "ssim_min": math.nan, "pass": 0}
     return {"n": len(values), "min": round(min(values), 2),
-            "mean": round(statistics.fmean(values), 2)}
+            "mean": round(statistics.fmean(values), 2), "ssim_min": round(min(sims), 4),
+            "pass": passed}
 
 
 # --- the implementations --------------------------------------------------------------------
@@ -381,7 +421,7 @@ def corpus(quick: bool, work: Path) -> tuple[Path, bool]:
 
 def table(results: dict[str, Any], counts: dict[str, tuple[int, float]]) -> str:
     lines = ["| job | impl | wall s (median) | images/s | input MP/s | peak RSS MiB | "
-             "watcher is N x faster | PSNR dB (min/mean) |",
+             "watcher is N x faster | PSNR dB min/mean, SSIM min |",
              "|---|---|---|---|---|---|---|---|"]
     for job in ("T", "G", "S"):
         if job not in results:
@@ -397,7 +437,7 @@ def table(results: dict[str, Any], counts: dict[str, tuple[int, float]]) -> str:
                 continue
             lines.append(f"| {job} | {impl} | {r['wall']:.3f} | {n / r['wall']:.1f} | "
                          f"{mp / r['wall']:.0f} | {r['peak']:.0f} | {ratio} | "
-                         f"{q.get('min', '')}/{q.get('mean', '')} |")
+                         f"{q.get('min', '')}/{q.get('mean', '')}, {q.get('ssim_min', '')} |")
     if "M" in results:
         for r in results["M"]:
             val = f"{r['peak']:.1f}" if r["ok"] else r["note"]
@@ -411,6 +451,12 @@ def table(results: dict[str, Any], counts: dict[str, tuple[int, float]]) -> str:
 
 def verdicts(results: dict[str, Any]) -> list[str]:
     out = []
+    for job in ("T", "G", "S"):
+        q = results.get(job, {}).get("quality", {}).get("watcher")
+        if q and q["n"]:
+            out.append(f"{job}: quality guard: {q['pass']}/{q['n']} sampled outputs reach "
+                       f"PSNR >= 35 dB or SSIM >= 0.97 (min PSNR {q['min']} dB, min SSIM "
+                       f"{q['ssim_min']}) {'MET' if q['pass'] == q['n'] else 'MISSED'}")
     for job, targets in TARGETS.items():
         if job not in results:
             continue

@@ -284,12 +284,12 @@ def test_multipage_tiff_first_page(tmp_path: Path) -> None:
 
 def test_plan_shrink_for_thumbnail_and_orientation() -> None:
     p = pipe("thumbnail(256, 256)")
-    # the smallest DCT scale that still covers the target (libvips' shrink-on-load rule)
+    # the smallest DCT scale that leaves ~2x for the final filter (libvips' rule)
     s = plan_shrink(p, (4000, 3000), 1)
-    assert s is not None and s.target == (256, 192) and s.need == (256, 192) and not s.luma
+    assert s is not None and s.target == (256, 192) and s.need == (487, 365) and not s.luma
     s6 = plan_shrink(p, (4000, 3000), 6)  # stored sideways: upright it is 3000x4000
-    # upright it needs 192x256; the decoder is asked in stored orientation
-    assert s6 is not None and s6.target == (192, 256) and s6.need == (256, 192)
+    # upright it needs 365x487; the decoder is asked in stored orientation
+    assert s6 is not None and s6.target == (192, 256) and s6.need == (487, 365)
     g = plan_shrink(pipe("grayscale", "resize_half"), (4000, 3000), 1)
     assert g is not None and g.luma and g.need == (2000, 1500)
     assert plan_shrink(pipe("blur", "thumbnail(10,10)"), (4000, 3000), 1) is None
