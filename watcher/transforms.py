@@ -285,7 +285,8 @@ class TransformSpec:
     ``size``: for a shrinking step, the output size from the input size and parameters; used to
     plan a reduced-scale decode. ``gap``: how much larger than the output the decode must stay for
     a good filter (1.9: libvips' rule of about 2x for the final resize, which still lets a 12 MP
-    photo's 256 px thumbnail decode at 1/8 scale, 500/256 = 1.95). ``luma``: the step keeps only luminance, so a luma-only decode is enough.
+    photo's 256 px thumbnail decode at 1/8 scale, 500/256 = 1.95). ``luma``: the step keeps
+    only luminance, so a luma-only decode is enough.
     """
 
     name: str
