@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from PIL import Image
@@ -254,8 +254,6 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
             on_result(item)
 
     if p.tasks:
-        from dataclasses import replace  # noqa: PLC0415
-
         engine = Engine(replace(settings.engine, workers=workers), {x.name: x for x in pipelines},
                         settings.limits, log_format=log_format, log_level=log_level)
         with _Signals() as sigs:

@@ -314,12 +314,8 @@ def _space(profile: ImageCms.ImageCmsProfile) -> str:
     return (profile.profile.xcolor_space or "").strip().upper()
 
 
-def working(src: Source, colour: str, notes: list[str]) -> Image.Image:
-    """The decoded first frame in L, LA, RGB or RGBA, converted to sRGB when asked."""
-    return to_working(src.image, src.icc, colour, notes)
-
-
 def to_working(im: Image.Image, icc: bytes | None, colour: str, notes: list[str]) -> Image.Image:
+    """``im`` in L, LA, RGB or RGBA, converted to sRGB through ``icc`` when ``colour`` asks."""
     profile = _profile(icc) if icc else None
     if icc and profile is None:
         notes.append("icc profile unreadable; colours taken as sRGB")

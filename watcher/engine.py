@@ -46,7 +46,6 @@ from .tasks import STOP, Result, Task
 from .worker import (
     EXIT_INIT_FAILED,
     IDLE,
-    IDLE_SINCE,
     RETIRE,
     SEQ,
     SLOT_SIZE,
@@ -128,7 +127,6 @@ class Engine:
     def _spawn(self, index: int) -> None:
         shared = self._ctx.RawArray("d", SLOT_SIZE)
         shared[SEQ] = IDLE
-        shared[IDLE_SINCE] = time.monotonic()
         lock = self._ctx.Lock()
         recv, send = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(target=worker_main, name=f"watcher-worker-{index}",

@@ -116,10 +116,8 @@ def output_name(stem: str, suffix: str, ext: str, counter: int = 0) -> str:
 
 
 class NameAllocator:
-    """Hands out output paths so that no two inputs of one run share one.
-
-    ``exists`` tells whether a path is already taken on disk (for the ``rename`` policy).
-    """
+    """Hands out output paths so that no two inputs of one run share one; with
+    ``avoid_existing`` (the ``rename`` policy) a path taken on disk is skipped too."""
 
     def __init__(self) -> None:
         self._taken: set[str] = set()

@@ -202,8 +202,8 @@ class Processor:
             # No reduced-scale decode happened: run every step as written on the real image.
             plans = [None] * len(pipes)
         try:
-            base = codec.working(src, "srgb" if any(p.output.colour == "srgb" for p, _, _ in pipes)
-                                 else "keep", notes)
+            colour = "srgb" if any(p.output.colour == "srgb" for p, _, _ in pipes) else "keep"
+            base = codec.to_working(src.image, src.icc, colour, notes)
             if src.n_frames > 1 and base is src.image:
                 base = base.copy()  # seeking for later frames must not change it
             bytes_out = 0

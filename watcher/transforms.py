@@ -36,19 +36,9 @@ def _working(im: Image.Image) -> Image.Image:
     """Bring a rare mode to L/LA/RGB/RGBA so filters and enhancers accept it."""
     if im.mode in ("L", "LA", "RGB", "RGBA"):
         return im
-    if im.mode == "P":
-        return im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("PA", "RGBa", "RGBX"):
-        return im.convert("RGBA" if im.mode != "RGBX" else "RGB")
-    if im.mode in ("La",):
-        return im.convert("LA")
-    if im.mode == "1":
-        return im.convert("L")
-    if im.mode.startswith("I") or im.mode == "F":
-        from .codec import to_8bit  # noqa: PLC0415 - codec imports this module
+    from .codec import to_working  # noqa: PLC0415 - the one mode normalisation
 
-        return to_8bit(im)
-    return im.convert("RGB")
+    return to_working(im, None, "keep", [])
 
 
 def _colour_only(im: Image.Image, fn: Callable[[Image.Image], Image.Image]) -> Image.Image:

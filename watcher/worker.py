@@ -28,8 +28,8 @@ from .tasks import Result, Stop, Task
 
 # Slot layout (a shared array of doubles, one per worker). RETIRE: set by the supervisor when
 # the task queue was replaced; the worker exits after its current task instead of taking another.
-SEQ, STARTED, IDLE_SINCE, RETIRE = 0, 1, 2, 3
-SLOT_SIZE = 4
+SEQ, STARTED, RETIRE = 0, 1, 2
+SLOT_SIZE = 3
 IDLE = -1.0
 
 EXIT_OK = 0
@@ -119,7 +119,6 @@ def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: An
             break  # the supervisor is gone
         with lock:  # only after the result is sent: a kill before this re-runs, never loses
             slot[SEQ] = IDLE
-            slot[IDLE_SINCE] = time.monotonic()
             retire = slot[RETIRE] > 0
         if retire:
             logger.debug("worker.retiring", why="task queue replaced")
