@@ -68,8 +68,12 @@ class Run:
 TIMER = '''
 import os, sys, time, subprocess
 t0 = time.monotonic()
-p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL)
+try:
+    p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+except OSError:
+    print(0.0, 0.0, 127)
+    raise SystemExit(0)
 _, status, ru = os.wait4(p.pid, 0)
 print(time.monotonic() - t0, ru.ru_maxrss / 1024, status)
 '''
@@ -185,7 +189,11 @@ def watcher_cmd(job: str, src: Path, out: Path, workers: int = CORES,
 
 
 def peer_cmd(impl: str, job: str, src: Path, out: Path) -> list[str] | None:
+    """The peer's command line, or None where the peer (or the kit beside the clone) is absent."""
     peers = SHARED / "peers"
+    script = {"vips_cli": "vips_cli.sh", "magick_hint": "magick.sh"}.get(impl, f"{impl}.py")
+    if not (peers / script).exists():
+        return None
     if impl in ("pillow_tuned", "pillow_naive", "pyvips_pool"):
         py = PEER_SPY if (impl == "pyvips_pool" and job == "S") else PEER_PY
         return [str(py), str(peers / f"{impl}.py"), job, str(src), str(out), str(CORES)] \
