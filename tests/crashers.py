@@ -89,3 +89,28 @@ def invert(im: Image.Image) -> Image.Image:
     from PIL import ImageOps
 
     return ImageOps.invert(im.convert("RGB"))
+
+
+SLOW_DISK = (255, 255, 0)
+
+
+def slow_disk_image(path: str) -> None:
+    """An image that ``slow_disk_once`` turns into a slow disk for its own commit."""
+    im = Image.new("RGB", (16, 16), (90, 90, 90))
+    im.putpixel((0, 0), SLOW_DISK)
+    im.save(path)
+
+
+def slow_disk_on_marker(im: Image.Image) -> Image.Image:
+    """Make this worker's next fsync take 3 s (a slow disk), so that the image's commit is still
+    pending in the worker's committer thread while the main thread takes the next task."""
+    if im.convert("RGB").getpixel((0, 0)) == SLOW_DISK:
+        real = os.fsync
+
+        def slow_fsync(fd: int) -> None:
+            os.fsync = real
+            time.sleep(3)
+            real(fd)
+
+        os.fsync = slow_fsync
+    return im

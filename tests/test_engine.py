@@ -99,6 +99,28 @@ def test_worker_killed_by_sigkill_is_replaced_and_task_fails_after_retry(
     assert not list((tmp_path / "out").glob(".*"))  # no temp files
 
 
+def test_task_pending_commit_when_worker_dies_is_requeued_not_lost(tmp_path: Path) -> None:
+    # The committer thread still fsyncs the first image's output (a slow disk) when the main
+    # thread takes the poisoned one and the worker is SIGKILLed: the first must be re-run on a
+    # fresh worker (same attempt, not charged), the poisoned one charged.
+    first = tmp_path / "in" / "first.png"
+    first.parent.mkdir(parents=True)
+    crashers.slow_disk_image(str(first))
+    bad = poison(tmp_path / "in" / "bad.png")
+    e = engine_for([crashers.slow_disk_on_marker, crashers.kill_on_poison, "thumbnail(8, 8)"],
+                   workers=1)
+    e.start()
+    try:
+        results = run_all(e, tasks_for([first, bad], tmp_path / "out"))
+    finally:
+        e.close()
+    assert (results[str(first)].ok, results[str(first)].attempt) == (True, 1)
+    assert (results[str(bad)].reason, results[str(bad)].attempt) == ("worker-crashed", 2)
+    assert e.stats.requeued >= 1
+    assert (tmp_path / "out" / "first_p.png").is_file()
+    assert not list((tmp_path / "out").glob(".*"))  # the killed commit's temp file is gone
+
+
 def test_crash_is_retried_once_and_can_succeed(tmp_path: Path, images: list[Path]) -> None:
     token = os.getpid() % 256
     marker = Path(crashers.marker_path(token))

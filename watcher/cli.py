@@ -11,7 +11,6 @@ exit code.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ from typing import Any, NoReturn
 
 from . import __version__, batch, codec, config, log, transforms
 from .errors import REASONS, ConfigError, ExitCode, WatcherError
+from .launch import start_forkserver
 
 EPILOG = """exit codes:
   0    every input succeeded (or was skipped because its outputs exist)
@@ -338,22 +338,11 @@ def cmd_transforms() -> int:
     return ExitCode.OK
 
 
-def _start_forkserver_early() -> None:
-    """Start the worker forkserver now: it imports the worker modules while this process
-    goes on importing and planning (the engine would otherwise wait for it at start)."""
-    import multiprocessing  # noqa: PLC0415
-    from multiprocessing import forkserver  # noqa: PLC0415
-
-    with contextlib.suppress(Exception):
-        multiprocessing.get_context("forkserver").set_forkserver_preload(["watcher.worker"])
-        forkserver.ensure_running()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("batch", "watch"):
-        _start_forkserver_early()
+        start_forkserver()  # already running when started through watcher.launch
     try:
         if args.command == "batch":
             return cmd_batch(args, args.subparser)

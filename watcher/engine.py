@@ -46,6 +46,7 @@ from .tasks import STOP, Result, Task
 from .worker import (
     EXIT_INIT_FAILED,
     IDLE,
+    PENDING,
     RETIRE,
     SEQ,
     SLOT_SIZE,
@@ -79,6 +80,10 @@ class _Slot:
     @property
     def seq(self) -> int:
         return int(self.shared[SEQ])
+
+    @property
+    def pending(self) -> int:
+        return int(self.shared[PENDING])
 
 
 @dataclass
@@ -126,7 +131,7 @@ class Engine:
 
     def _spawn(self, index: int) -> None:
         shared = self._ctx.RawArray("d", SLOT_SIZE)
-        shared[SEQ] = IDLE
+        shared[SEQ] = shared[PENDING] = IDLE
         lock = self._ctx.Lock()
         recv, send = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(target=worker_main, name=f"watcher-worker-{index}",
@@ -199,7 +204,7 @@ class Engine:
         for slot in list(self._slots.values()):
             if slot.proc.is_alive():
                 seq = slot.seq
-                slot.cleanup = self._outputs(seq)
+                slot.cleanup = self._outputs(seq) + self._outputs(slot.pending)
                 slot.proc.kill()
                 slot.proc.join(5)
                 if seq in self._tasks:
@@ -270,14 +275,15 @@ class Engine:
     def _reap(self, respawn: bool) -> None:
         for slot in list(self._slots.values()):
             if slot.proc.is_alive():
-                seq = slot.seq
-                if seq >= 0:
-                    self._inq.pop(seq, None)  # seen started
+                for seq in (slot.seq, slot.pending):
+                    if seq >= 0:
+                        self._inq.pop(seq, None)  # seen started
                 continue
             slot.proc.join(0)
             self._ready += self._drain(slot)  # results sent just before it died
             code = slot.proc.exitcode
             seq = slot.seq
+            self._requeue_pending(slot)
             reset = False
             if slot.killed_for >= 0:
                 pass  # charged when it was killed; _retire removes its temp files
@@ -308,6 +314,23 @@ class Engine:
             if respawn and self._intake and slot.index not in self._slots:
                 self.stats.restarts += 1 if code != 0 else 0
                 self._spawn(slot.index)
+
+    def _requeue_pending(self, slot: _Slot) -> None:
+        """A dead worker's committer may have held a task whose outputs were encoded but whose
+        result never came: run it again (same attempt: it did not cause the death)."""
+        seq = slot.pending
+        if seq < 0 or seq not in self._tasks or seq == slot.killed_for:
+            return
+        remove_temps(self._outputs(seq), slot.proc.pid)
+        self._inq.pop(seq, None)
+        if not self._intake:
+            self._ready.append(self._charge(slot, seq, "cancelled", "its worker died during "
+                                            "shutdown before committing its outputs"))
+            return
+        self.stats.requeued += 1
+        self._pending.appendleft(self._tasks[seq])
+        self._log.info("file.requeued", path=self._tasks[seq].path, worker=slot.proc.pid,
+                       why="its worker died before committing its outputs")
 
     def _reset_queue(self) -> None:
         """Replace a task queue whose read lock may be held by a dead worker."""
@@ -359,7 +382,7 @@ class Engine:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.proc.pid, signal.SIGKILL)
                 slot.killed_for = seq
-                slot.cleanup = self._outputs(seq)
+                slot.cleanup = self._outputs(seq) + self._outputs(slot.pending)
             self.stats.timeouts += 1
             if seq in self._tasks:
                 self._ready.append(self._charge(slot, seq, "timeout",

@@ -45,6 +45,54 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class Staged:
+    """An output written in full to its temp name, not yet durable nor published.
+
+    ``commit`` fsyncs it and publishes it under its final name; ``discard`` removes it. The two
+    halves of ``atomic_write``, so that a worker can hand the commit (which waits on the disk)
+    to a thread while it decodes the next image.
+    """
+
+    def __init__(self, final: str, write: Callable[[IO[bytes]], None]) -> None:
+        self.final = final
+        folder = os.path.dirname(final) or "."
+        os.makedirs(folder, exist_ok=True)
+        self.tmp = temp_name(final, os.getpid())
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)  # left by an earlier process with a recycled pid
+        self._file: IO[bytes] | None = open(self.tmp, "xb")  # noqa: SIM115 - closed by commit
+        try:
+            write(self._file)
+            self._file.flush()
+            self.size = self._file.tell()
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self, *, overwrite: bool, sync_dir: bool = True) -> int:
+        """fsync, publish, remove the temp name; returns the bytes written. On failure the temp
+        file is removed and the error raised (``output-conflict``, or the OSError)."""
+        try:
+            assert self._file is not None, "committed or discarded twice"
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            publish(self.tmp, self.final, overwrite=overwrite)
+        finally:
+            self.discard()
+        if sync_dir:
+            fsync_dir(os.path.dirname(self.final) or ".")
+        return self.size
+
+    def discard(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
 def atomic_write(final: str, write: Callable[[IO[bytes]], None], *, overwrite: bool,
                  sync_dir: bool = True) -> int:
     """Write ``final`` atomically through ``write(fileobj)``; returns the bytes written.
@@ -54,24 +102,7 @@ def atomic_write(final: str, write: Callable[[IO[bytes]], None], *, overwrite: b
     fsynced before the rename; ``sync_dir`` False leaves the folder's fsync (which makes the new
     name durable) to the caller, who may do it once for many files.
     """
-    folder = os.path.dirname(final) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = temp_name(final, os.getpid())
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # left by an earlier process with a recycled pid
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        publish(tmp, final, overwrite=overwrite)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    if sync_dir:
-        fsync_dir(folder)
-    return size
+    return Staged(final, write).commit(overwrite=overwrite, sync_dir=sync_dir)
 
 
 def publish(tmp: str, final: str, *, overwrite: bool) -> None:

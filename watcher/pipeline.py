@@ -23,7 +23,7 @@ from PIL import Image
 from . import codec, transforms
 from .codec import DecodeLimits, OutputOptions, Source
 from .errors import RejectedInput
-from .files import atomic_write
+from .files import Staged
 from .tasks import Result, Task
 
 Size = tuple[int, int]
@@ -124,6 +124,19 @@ def output_format(path: str) -> str:
     return "JPEG" if fmt == "MPO" else fmt
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A task between ``Processor.prepare`` and ``commit``: its outputs staged in temp files,
+    or the failure that ended it."""
+
+    task: Task
+    t0: float
+    staged: tuple[Staged, ...]
+    bytes_in: int
+    notes: tuple[str, ...]
+    failure: Result | None = None
+
+
 class Processor:
     """Turns tasks into results with a fixed set of pipelines (what a worker holds)."""
 
@@ -132,44 +145,80 @@ class Processor:
         self.limits = limits
 
     def run(self, task: Task) -> Result:
+        """Process ``task`` start to end: its outputs are published when this returns."""
+        return self.commit(self.prepare(task))
+
+    def prepare(self, task: Task) -> Prepared:
+        """Decode, transform and encode every output of ``task`` to its temp file; a failure
+        here is final (nothing was published). ``commit`` makes the outputs durable and public."""
         t0 = time.perf_counter()
         notes: list[str] = []
-        written: list[str] = []
-        bytes_in = bytes_out = 0
+        staged: list[Staged] = []
+        bytes_in = 0
         try:
             with warnings.catch_warnings(record=True) as caught:
                 # Pillow reports a malformed EXIF block as a UserWarning and skips it; the
                 # file's log line should say so.
                 warnings.simplefilter("always", UserWarning)
-                bytes_in, bytes_out = self._run(task, notes, written)
+                bytes_in = self._run(task, notes, staged)
             notes.extend(dict.fromkeys(str(w.message).strip() for w in caught
                                        if issubclass(w.category, UserWarning)))
-        except RejectedInput as exc:
+        except BaseException as exc:
+            for st in staged:
+                st.discard()
+            if not isinstance(exc, Exception):
+                raise
+            return Prepared(task, t0, (), bytes_in, tuple(notes),
+                            self._failure(task, t0, exc, notes, bytes_in))
+        return Prepared(task, t0, tuple(staged), bytes_in, tuple(notes))
+
+    def commit(self, prep: Prepared) -> Result:
+        """fsync and publish the staged outputs (in order); the task's final result."""
+        task, notes = prep.task, list(prep.notes)
+        if prep.failure is not None:
+            return prep.failure
+        written: list[str] = []
+        bytes_out = 0
+        pending = list(prep.staged)
+        try:
+            while pending:
+                st = pending.pop(0)
+                bytes_out += st.commit(overwrite=task.overwrite, sync_dir=task.sync_dir)
+                written.append(st.final)
+        except (RejectedInput, OSError) as exc:
+            for st in pending:
+                st.discard()
+            return self._failure(task, prep.t0, exc, notes, prep.bytes_in, written)
+        return Result(task.seq, task.path, True, tuple(written), duration=_since(prep.t0),
+                      worker=os.getpid(), attempt=task.attempt, bytes_in=prep.bytes_in,
+                      bytes_out=bytes_out, warnings=tuple(notes))
+
+    def _failure(self, task: Task, t0: float, exc: Exception, notes: list[str], bytes_in: int,
+                 written: list[str] | None = None) -> Result:
+        written = written or []
+        if isinstance(exc, RejectedInput):
             return self._fail(task, t0, exc.reason, exc.detail, "RejectedInput", written, notes,
                               bytes_in)
-        except _TransformError as exc:
+        if isinstance(exc, _TransformError):
             cause = exc.__cause__ or exc
             return self._fail(task, t0, "transform-failed",
                               f"{exc.step}: {type(cause).__name__}: {cause}",
                               type(cause).__name__, written, notes, bytes_in,
                               tb=traceback.format_exception(cause))
-        except _EncodeError as exc:
+        if isinstance(exc, _EncodeError):
             cause = exc.__cause__ or exc
             return self._fail(task, t0, "encode-failed", f"{exc.path}: {type(cause).__name__}: "
                               f"{cause}", type(cause).__name__, written, notes, bytes_in)
-        except OSError as exc:
+        if isinstance(exc, OSError):
             return self._fail(task, t0, "write-failed", f"{exc}", type(exc).__name__, written,
                               notes, bytes_in)
-        except MemoryError as exc:
+        if isinstance(exc, MemoryError):
             return self._fail(task, t0, "decompression-bomb", f"out of memory: {exc}",
                               "MemoryError", written, notes, bytes_in)
-        except Exception as exc:  # noqa: BLE001 - a bug must fail this input, not the worker
-            return self._fail(task, t0, "internal-error", f"{type(exc).__name__}: {exc}",
-                              type(exc).__name__, written, notes, bytes_in,
-                              tb=traceback.format_exception(exc))
-        return Result(task.seq, task.path, True, tuple(written), duration=_since(t0),
-                      worker=os.getpid(), attempt=task.attempt, bytes_in=bytes_in,
-                      bytes_out=bytes_out, warnings=tuple(notes))
+        # A bug must fail this input, not the worker.
+        return self._fail(task, t0, "internal-error", f"{type(exc).__name__}: {exc}",
+                          type(exc).__name__, written, notes, bytes_in,
+                          tb=traceback.format_exception(exc))
 
     def _fail(self, task: Task, t0: float, reason: str, error: str, etype: str,
               written: list[str], notes: list[str], bytes_in: int,
@@ -179,7 +228,7 @@ class Processor:
         return Result(task.seq, task.path, False, tuple(written), reason, error, etype,
                       _since(t0), os.getpid(), task.attempt, bytes_in, 0, tuple(notes))
 
-    def _run(self, task: Task, notes: list[str], written: list[str]) -> tuple[int, int]:
+    def _run(self, task: Task, notes: list[str], staged: list[Staged]) -> int:
         pipes = []
         for out in task.outputs:
             p = self.pipelines.get(out.pipeline)
@@ -206,18 +255,15 @@ class Processor:
             base = codec.to_working(src.image, src.icc, colour, notes)
             if src.n_frames > 1 and base is src.image:
                 base = base.copy()  # seeking for later frames must not change it
-            bytes_out = 0
             for (p, path, fmt), shrink in zip(pipes, plans, strict=True):
                 images = self._frames(src, p, fmt, base, shrink, task.path, notes)
                 oriented = p.output.auto_orient or any(s.spec and s.spec.orients for s in p.steps)
-                bytes_out += atomic_write(
+                staged.append(Staged(
                     path, lambda f, im=images, p=p, fmt=fmt, o=oriented, path=path: _encode(
-                        im, f, fmt, p.output, src, o, notes, path),
-                    overwrite=task.overwrite, sync_dir=task.sync_dir)
-                written.append(path)
+                        im, f, fmt, p.output, src, o, notes, path)))
         finally:
             src.close()
-        return src.bytes_in, bytes_out
+        return src.bytes_in
 
     def _frames(self, src: Source, p: Pipeline, fmt: str, base: Image.Image,
                 shrink: _Shrink | None, path: str,

@@ -15,6 +15,7 @@ import queue
 import resource
 import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -23,13 +24,16 @@ from typing import Any
 
 from .codec import DecodeLimits
 from .files import pid_alive
-from .pipeline import Pipeline, Processor
+from .pipeline import Pipeline, Prepared, Processor
 from .tasks import Result, Stop, Task
 
-# Slot layout (a shared array of doubles, one per worker). RETIRE: set by the supervisor when
-# the task queue was replaced; the worker exits after its current task instead of taking another.
-SEQ, STARTED, RETIRE = 0, 1, 2
-SLOT_SIZE = 3
+# Slot layout (a shared array of doubles, one per worker). SEQ: the task being decoded and
+# encoded, since STARTED. PENDING: the task whose outputs are being committed (fsync, publish)
+# and whose result is being sent, by the committer thread, while the next task runs. RETIRE:
+# set by the supervisor when the task queue was replaced; the worker exits after its current
+# task instead of taking another.
+SEQ, STARTED, RETIRE, PENDING = 0, 1, 2, 3
+SLOT_SIZE = 4
 IDLE = -1.0
 
 EXIT_OK = 0
@@ -57,6 +61,10 @@ class Worker:
     def process_one(self, task: Task) -> Result:
         self.done += 1
         return self.processor.run(task)
+
+    def prepare(self, task: Task) -> Prepared:
+        self.done += 1
+        return self.processor.prepare(task)
 
     @property
     def spent(self) -> bool:
@@ -98,7 +106,8 @@ def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: An
         print(f"watcher worker failed to start: {type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(EXIT_INIT_FAILED)
     logger.debug("worker.started")
-    while not _terminate:
+    committer = Committer(worker.processor, results, slot, lock)
+    while not _terminate and not committer.broken:
         try:
             item = tasks.get(timeout=0.5)
         except queue.Empty:
@@ -111,14 +120,8 @@ def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: An
         with lock:
             slot[SEQ] = float(item.seq)
             slot[STARTED] = time.monotonic()
-        result = worker.process_one(item)
-        result = replace(result, peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-        try:
-            results.send(result)
-        except (BrokenPipeError, OSError):
-            break  # the supervisor is gone
-        with lock:  # only after the result is sent: a kill before this re-runs, never loses
-            slot[SEQ] = IDLE
+        committer.hand_over(worker.prepare(item))
+        with lock:
             retire = slot[RETIRE] > 0
         if retire:
             logger.debug("worker.retiring", why="task queue replaced")
@@ -126,9 +129,79 @@ def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: An
         if worker.spent:
             logger.debug("worker.recycling", tasks=worker.done)
             break
+    committer.close()
     logger.debug("worker.stopped", tasks=worker.done)
     with contextlib.suppress(OSError):
         results.close()
+
+
+class Committer:
+    """The worker's second thread: commits a prepared task (fsync, publish) and sends its result
+    while the main thread decodes the next one. The fsync waits on the disk, not the CPU.
+
+    At most one task is pending. The hand-over moves the task from the slot's SEQ to PENDING in
+    one step under the slot lock, and PENDING is cleared only after its result is sent: a worker
+    that dies meanwhile leaves PENDING naming a task the supervisor re-queues (it did not cause
+    the death; its temp files are removed). Only this thread sends on the result pipe.
+    """
+
+    def __init__(self, processor: Processor, results: Connection, slot: Any, lock: Any) -> None:
+        self._processor = processor
+        self._results = results
+        self._slot = slot
+        self._lock = lock
+        self._cond = threading.Condition()
+        self._item: Prepared | None = None
+        self._closing = False
+        self.broken = False  # the supervisor is gone
+        self._thread = threading.Thread(target=self._loop, name="committer", daemon=True)
+        self._thread.start()
+
+    def hand_over(self, prep: Prepared) -> None:
+        """Wait until the previous task is committed, then pass ``prep`` on."""
+        with self._cond:
+            while self._item is not None:
+                self._cond.wait()
+            with self._lock:
+                self._slot[PENDING] = float(prep.task.seq)
+                self._slot[SEQ] = IDLE
+            self._item = prep
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Commit what is pending, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._item is None and not self._closing:
+                    self._cond.wait()
+                prep = self._item
+            if prep is None:
+                return
+            if not self.broken:
+                result = self._processor.commit(prep)
+                result = replace(result,
+                                 peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+                try:
+                    self._results.send(result)
+                except (BrokenPipeError, OSError):
+                    self.broken = True  # the supervisor is gone: discard what is left
+                    for st in prep.staged:
+                        st.discard()
+                if not self.broken:
+                    with self._lock:  # only after the result is sent: a kill before this
+                        self._slot[PENDING] = IDLE  # re-runs the task, never loses it
+            else:
+                for st in prep.staged:
+                    st.discard()
+            with self._cond:
+                self._item = None
+                self._cond.notify_all()
 
 
 def _die_with_parent() -> None:
