@@ -77,7 +77,9 @@ def test_kill_9_mid_write_leaves_no_visible_output(tmp_path: Path) -> None:
     assert final.read_bytes() == b"previous good result"  # never a partial file under the name
     leftovers = [p.name for p in tmp_path.iterdir() if p != final]
     assert len(leftovers) == 1 and leftovers[0].startswith(".out.jpg.")  # hidden temp only
-    pid = int(leftovers[0].split(".")[3])
+    owner = files.temp_owner(leftovers[0])
+    assert owner is not None and owner[0] == files.HOST
+    pid = owner[1]
     assert files.remove_temps([str(final)], pid) == [str(tmp_path / leftovers[0])]
     assert list(tmp_path.iterdir()) == [final]
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_image
-from watcher import config, lifecycle, sources
+from watcher import config, files, lifecycle, sources
 from watcher.errors import ConfigError
 
 
@@ -235,12 +236,18 @@ def test_quarantine_writes_sidecar_and_requeue_undoes_it(tmp_path: Path) -> None
 def test_stale_temps_of_dead_processes_are_removed(tmp_path: Path) -> None:
     f = folders(tmp_path)
     f.check()
-    dead = Path(f.output) / ".x.jpg.999999999.watcher-tmp"
-    live = Path(f.output) / f".y.jpg.{os.getppid()}.watcher-tmp"
-    dead.write_bytes(b"partial")
-    live.write_bytes(b"in progress")
-    assert lifecycle.remove_stale_temps(f) == [str(dead)]
-    assert live.exists()
+    host = files.HOST
+    dead = Path(f.output) / f".x.jpg.{host}.999999999.watcher-tmp"
+    live = Path(f.output) / f".y.jpg.{host}.{os.getppid()}.watcher-tmp"
+    # Another machine's temps (a shared folder): its pids mean nothing here; only age counts.
+    other_new = Path(f.output) / ".z.jpg.otherhost.999999999.watcher-tmp"
+    other_old = Path(f.output) / ".w.jpg.otherhost.999999999.watcher-tmp"
+    for p in (dead, live, other_new, other_old):
+        p.write_bytes(b"partial")
+    old = time.time() - lifecycle.STALE_TEMP_AGE - 10
+    os.utime(other_old, (old, old))
+    assert sorted(lifecycle.remove_stale_temps(f)) == sorted([str(dead), str(other_old)])
+    assert live.exists() and other_new.exists()
 
 
 def test_watch_table_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:

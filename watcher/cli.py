@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-j", "--workers", type=_positive_int, help="worker processes (default: "
                    "one per CPU)")
     b.add_argument("--timeout", type=_positive_float, help="seconds one input may take")
+    _executor_args(b)
     b.add_argument("--on-conflict", choices=config.CONFLICT_POLICIES,
                    help="an output file already exists: skip the input's output (default), "
                         "overwrite it, or rename the new one (name_2.ext)")
@@ -148,6 +149,7 @@ def _watch_args(p: argparse.ArgumentParser, folders_only: bool = False) -> None:
     p.add_argument("-p", "--pipeline", action="append", default=[], metavar="NAME")
     p.add_argument("-j", "--workers", type=_positive_int)
     p.add_argument("--timeout", type=_positive_float, help="seconds one file may take")
+    _executor_args(p)
     p.add_argument("--max-tasks-per-worker", type=int, metavar="N")
     p.add_argument("--observer", choices=["auto", "inotify", "polling"])
     p.add_argument("--poll-interval", type=_positive_float, metavar="S")
@@ -165,6 +167,14 @@ def _watch_args(p: argparse.ArgumentParser, folders_only: bool = False) -> None:
     p.add_argument("--metrics-host", metavar="ADDR", help="address to bind (default 127.0.0.1)")
 
 
+def _executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=config.EXECUTORS,
+                   help="where tasks run: local worker processes (default), a Dask cluster "
+                        "(dask, with --scheduler), or a Dask cluster started here (dask-local)")
+    p.add_argument("--scheduler", metavar="ADDR",
+                   help="the Dask scheduler, e.g. tcp://10.0.0.5:8786 (--executor dask)")
+
+
 def watch_loader(args: argparse.Namespace) -> Any:
     """A function giving the effective settings: file, then WATCHER_*, then flags. Called again
     on SIGHUP."""
@@ -177,7 +187,7 @@ def watch_loader(args: argparse.Namespace) -> Any:
         s = replace(s, watch=config.watch_settings(s.watch, flags))
         over = {k: getattr(args, k, None) for k in ("workers", "timeout",
                                                     "max_tasks_per_worker", "pixel_limit",
-                                                    "grace")}
+                                                    "grace", "executor", "scheduler")}
         if getattr(args, "max_file_size", None):
             over["max_file_size"] = config.parse_size(args.max_file_size, "--max-file-size")
         s = config.apply_overrides(s, **{k: v for k, v in over.items() if v is not None})
@@ -237,7 +247,8 @@ def cmd_batch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     fmt = log.resolve_format(args.log_format)
     log.configure("main", fmt, args.log_level)
     settings = config.load(_config_path(args.config), workers=args.workers, timeout=args.timeout,
-                           on_conflict=args.on_conflict)
+                           on_conflict=args.on_conflict, executor=args.executor,
+                           scheduler=args.scheduler)
     if args.ops and args.pipeline:
         parser.error("give --ops or --pipeline, not both")
     try:

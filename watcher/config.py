@@ -35,6 +35,22 @@ class EngineSettings:
     crash_retries: int = 1  # a task whose worker died is tried this many more times
     grace: float = 30.0  # on stop: how long running tasks may take to finish
     start_method: str = "forkserver"
+    # Where tasks run: "local" (this machine's worker processes), "dask" (the Dask scheduler at
+    # ``scheduler``), or "dask-local" (a Dask LocalCluster of ``workers`` processes started here).
+    executor: str = "local"
+    scheduler: str = ""  # tcp://HOST:8786 for executor = "dask"
+    tasks_per_worker: int = 2  # back-pressure: tasks handed to the executor per worker at most
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ConfigError("executor", f"expected one of {', '.join(EXECUTORS)}, got "
+                                          f"{self.executor!r}")
+        if self.executor == "dask" and not self.scheduler:
+            raise ConfigError("scheduler", 'executor "dask" needs the scheduler\'s address, '
+                                           "e.g. tcp://10.0.0.5:8786")
+
+
+EXECUTORS = ("local", "dask", "dask-local")
 
 
 # Names editors, browsers and sync tools give files still being written (dot-files are always
@@ -383,7 +399,8 @@ def parse(doc: Mapping[str, Any], name: str = "watcher.toml") -> Settings:
 
     eng = _table(doc, "engine", where)
     _reject_unknown(eng, {"workers", "timeout", "max_tasks_per_worker", "crash_retries", "grace",
-                          "start_method"}, where("engine"))
+                          "start_method", "executor", "scheduler", "tasks_per_worker"},
+                    where("engine"))
     engine = EngineSettings()
     e: dict[str, Any] = {}
     if "workers" in eng:
@@ -403,7 +420,19 @@ def parse(doc: Mapping[str, Any], name: str = "watcher.toml") -> Settings:
             raise ConfigError(where("engine.start_method"),
                               f"expected one of {', '.join(START_METHODS)}")
         e["start_method"] = eng["start_method"]
-    engine = replace(engine, **e)
+    if "executor" in eng:
+        if eng["executor"] not in EXECUTORS:
+            raise ConfigError(where("engine.executor"), f"expected one of {', '.join(EXECUTORS)}")
+        e["executor"] = eng["executor"]
+    if "scheduler" in eng:
+        e["scheduler"] = _scheduler(eng["scheduler"], where("engine.scheduler"))
+    if "tasks_per_worker" in eng:
+        e["tasks_per_worker"] = _typed(eng["tasks_per_worker"], int,
+                                       where("engine.tasks_per_worker"), 1, 1000)
+    try:
+        engine = replace(engine, **e)
+    except ConfigError as exc:
+        raise ConfigError(where(f"engine.{exc.where}"), exc.message) from None
 
     inp = _table(doc, "input", where)
     _reject_unknown(inp, {"formats", "pixel_limit", "max_file_size"}, where("input"))
@@ -484,7 +513,8 @@ ENV_PREFIX = "WATCHER_"
 # WATCHER_* variables for the engine and input limits (the [watch] keys are WATCHER_<KEY>).
 ENV_OTHER = {"WORKERS": "workers", "TIMEOUT": "timeout", "MAX_TASKS_PER_WORKER":
              "max_tasks_per_worker", "PIXEL_LIMIT": "pixel_limit", "MAX_FILE_SIZE":
-             "max_file_size", "GRACE": "grace"}
+             "max_file_size", "GRACE": "grace", "EXECUTOR": "executor",
+             "SCHEDULER": "scheduler"}
 
 
 def from_environment(s: Settings, env: Mapping[str, str]) -> Settings:
@@ -501,6 +531,9 @@ def from_environment(s: Settings, env: Mapping[str, str]) -> Settings:
         name = ENV_PREFIX + var
         if key == "max_file_size":
             other[key] = parse_size(raw, name)
+            continue
+        if key in ("executor", "scheduler"):
+            other[key] = raw.strip()
             continue
         kind = float if key in ("timeout", "grace") else int
         try:
@@ -544,6 +577,13 @@ def _formats(value: Any, where: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _scheduler(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not re.match(r"^(tcp|tls|inproc|ws|wss)://\S+$", value):
+        raise ConfigError(where, f"expected a Dask scheduler address like tcp://HOST:8786, "
+                                 f"got {value!r}")
+    return value
+
+
 def _table(doc: Mapping[str, Any], key: str, where: Callable[[str], str]) -> dict[str, Any]:
     value = doc.get(key, {})
     if not isinstance(value, dict):
@@ -554,8 +594,15 @@ def _table(doc: Mapping[str, Any], key: str, where: Callable[[str], str]) -> dic
 def apply_overrides(s: Settings, *, workers: int | None = None, timeout: float | None = None,
                     on_conflict: str | None = None, max_tasks_per_worker: int | None = None,
                     grace: float | None = None, pixel_limit: int | None = None,
-                    max_file_size: int | None = None, start_method: str | None = None) -> Settings:
+                    max_file_size: int | None = None, start_method: str | None = None,
+                    executor: str | None = None, scheduler: str | None = None) -> Settings:
     engine, limits = s.engine, s.limits
+    if executor is not None or scheduler is not None:
+        if executor is not None and executor not in EXECUTORS:
+            raise ConfigError("executor", f"expected one of {', '.join(EXECUTORS)}")
+        engine = replace(engine, executor=executor or ("dask" if scheduler else engine.executor),
+                         scheduler=_scheduler(scheduler, "scheduler") if scheduler is not None
+                         else engine.scheduler)
     if workers is not None:
         engine = replace(engine, workers=_typed(workers, int, "workers", 1, 1024))
     if timeout is not None:

@@ -12,18 +12,34 @@ import contextlib
 import errno
 import filecmp
 import os
+import re
+import socket
 from collections.abc import Callable, Iterator
 from typing import IO
 
 from .errors import RejectedInput
 
 TEMP_SUFFIX = ".watcher-tmp"
+# This machine, as temp names carry it: folders may be shared by several machines, and a pid
+# means something only on the host it came from.
+HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
 
 
-def temp_name(final: str, pid: int) -> str:
-    """The temp file a process ``pid`` writes before publishing ``final``."""
+def temp_name(final: str, pid: int, host: str = HOST) -> str:
+    """The temp file process ``pid`` of ``host`` writes before publishing ``final``:
+    ``.{name}.{host}.{pid}.watcher-tmp``."""
     head, tail = os.path.split(final)
-    return os.path.join(head, f".{tail}.{pid}{TEMP_SUFFIX}")
+    return os.path.join(head, f".{tail}.{host}.{pid}{TEMP_SUFFIX}")
+
+
+def temp_owner(name: str) -> tuple[str, int] | None:
+    """The (host, pid) a temp file name carries, or None when it is not one of ours."""
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+        return None
+    parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+    if len(parts) != 3 or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2])
 
 
 def pid_alive(pid: int) -> bool:

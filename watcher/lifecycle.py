@@ -22,9 +22,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .files import TEMP_SUFFIX, atomic_write, fsync_dir, pid_alive, publish, temp_name
+from .files import (
+    HOST,
+    TEMP_SUFFIX,
+    atomic_write,
+    fsync_dir,
+    pid_alive,
+    publish,
+    temp_name,
+    temp_owner,
+)
 
 SIDECAR = ".error.json"
+# A temp file from another host (a shared folder) untouched this long is abandoned.
+STALE_TEMP_AGE = 3600.0
 
 
 @dataclass
@@ -268,19 +279,30 @@ def requeue(folders: Folders, paths: list[str] | None = None) -> list[tuple[str,
     return moved
 
 
-def remove_stale_temps(folders: Folders) -> list[str]:
-    """Temp files of processes of this host that no longer run (a killed daemon's workers)."""
+def remove_stale_temps(folders: Folders, max_age: float = STALE_TEMP_AGE) -> list[str]:
+    """Temp files nobody will finish: written by a process of this host that no longer runs (a
+    killed daemon's workers), or, from any host (another daemon or a cluster worker on a shared
+    folder), untouched for ``max_age`` seconds."""
     removed = []
+    now = time.time()
     for root in (folders.output, folders.archive, folders.quarantine, folders.work):
         for dirpath, _, names in os.walk(root):
             for name in names:
-                if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
-                    continue
-                pid_text = name[: -len(TEMP_SUFFIX)].rsplit(".", 1)[-1]
-                if pid_text.isdigit() and int(pid_text) != os.getpid() \
-                        and pid_alive(int(pid_text)):
+                owner = temp_owner(name)
+                if owner is None and not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
                     continue
                 path = os.path.join(dirpath, name)
+                if owner is not None:
+                    host, pid = owner
+                    mine = host == HOST
+                    if mine and (pid == os.getpid() or pid_alive(pid)):
+                        continue
+                    if not mine:
+                        try:
+                            if now - os.lstat(path).st_mtime < max_age:
+                                continue
+                        except FileNotFoundError:
+                            continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                     removed.append(path)
