@@ -114,3 +114,28 @@ def slow_disk_on_marker(im: Image.Image) -> Image.Image:
 
         os.fsync = slow_fsync
     return im
+
+
+def slow_marked_image(path: str, seconds: float, token: int) -> None:
+    """A "slow" image whose start ``slow_marked`` records under ``marker_path(token)``."""
+    slow_image(path, seconds)
+    with Image.open(path) as src:
+        im = src.convert("RGB")
+    im.putpixel((2, 0), (token, 0, 0))
+    im.save(path)
+
+
+def slow_marked(im: Image.Image) -> Image.Image:
+    """``slow``, after writing a marker file that says this task started (tests wait on it)."""
+    rgb = im.convert("RGB")
+    if rgb.getpixel((0, 0)) == SLOW:
+        token = rgb.getpixel((2, 0))[0]
+        with open(f"{marker_path(token)}.started.{os.getpid()}.{time.monotonic_ns()}", "w"):
+            pass
+    return slow(im)
+
+
+def started_markers(token: int) -> list[str]:
+    folder = tempfile.gettempdir()
+    prefix = os.path.basename(marker_path(token)) + ".started."
+    return [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(prefix)]

@@ -23,9 +23,9 @@ from typing import Any
 from PIL import Image
 
 from . import codec, log
+from .cluster import create_engine
 from .codec import OutputOptions
 from .config import Settings
-from .engine import Engine
 from .errors import ConfigError
 from .files import NameAllocator, fsync_dir, walk_images
 from .pipeline import Pipeline
@@ -254,8 +254,9 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
             on_result(item)
 
     if p.tasks:
-        engine = Engine(replace(settings.engine, workers=workers), {x.name: x for x in pipelines},
-                        settings.limits, log_format=log_format, log_level=log_level)
+        engine = create_engine(replace(settings.engine, workers=workers),
+                               {x.name: x for x in pipelines}, settings.limits,
+                               log_format=log_format, log_level=log_level)
         with _Signals() as sigs:
             try:
                 engine.start()

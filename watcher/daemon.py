@@ -27,8 +27,8 @@ from dataclasses import replace
 from typing import Any
 
 from . import batch, health, lifecycle, log, sources
+from .cluster import AnyEngine, create_engine
 from .config import Settings
-from .engine import Engine
 from .errors import TRANSIENT_REASONS, ConfigError
 from .lifecycle import Claim, Folders, NotClaimed
 from .metrics import Metrics, MetricsServer
@@ -50,8 +50,8 @@ class Daemon:
         self._log_format = log_format
         self._log_level = log_level
         self._log = log.get("watcher.daemon")
-        self.engine: Engine | None = None
-        self._draining: list[Engine] = []
+        self.engine: AnyEngine | None = None
+        self._draining: list[AnyEngine] = []
         self.claims: dict[int, Claim] = {}  # claimed, not yet decided
         self._rels: set[str] = set()  # their inbox-relative names: one in flight per name
         self._retry: list[Claim] = []  # transient failures waiting for their back-off
@@ -85,9 +85,9 @@ class Daemon:
     def _max_in_flight(self) -> int:
         return self.settings.watch.max_in_flight or 4 * self.settings.engine.workers
 
-    def _new_engine(self) -> Engine:
+    def _new_engine(self) -> AnyEngine:
         pipes = self._pipelines
-        e = Engine(self.settings.engine, {p.name: p for p in pipes}, self.settings.limits,
+        e = create_engine(self.settings.engine, {p.name: p for p in pipes}, self.settings.limits,
                    log_format=self._log_format, log_level="warning")
         e.start()
         return e

@@ -155,6 +155,10 @@ class Engine:
     def pids(self) -> list[int]:
         return [s.proc.pid for s in self._slots.values()]
 
+    def running(self) -> list[str]:
+        """The inputs being processed at this moment."""
+        return [self._tasks[s.seq].path for s in self._slots.values() if s.seq in self._tasks]
+
     def submit(self, task: Task) -> None:
         if not self._intake:
             raise EngineError("the engine is stopping; no new tasks")

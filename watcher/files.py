@@ -100,6 +100,18 @@ class Staged:
             fsync_dir(os.path.dirname(self.final) or ".")
         return self.size
 
+    def sync(self) -> str:
+        """fsync and close, leaving the temp file for someone else to publish; its name."""
+        assert self._file is not None, "committed or discarded twice"
+        try:
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except BaseException:
+            self.discard()
+            raise
+        self._file = None
+        return self.tmp
+
     def discard(self) -> None:
         if self._file is not None:
             with contextlib.suppress(OSError):

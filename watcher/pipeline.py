@@ -9,6 +9,7 @@ would have produced from the full image.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -192,6 +193,30 @@ class Processor:
         return Result(task.seq, task.path, True, tuple(written), duration=_since(prep.t0),
                       worker=os.getpid(), attempt=task.attempt, bytes_in=prep.bytes_in,
                       bytes_out=bytes_out, warnings=tuple(notes))
+
+    def stage(self, prep: Prepared) -> Result:
+        """fsync the staged outputs but leave them under their temp names: the result lists
+        them in ``staged`` for a coordinator to publish (a task on a cluster)."""
+        if prep.failure is not None:
+            return prep.failure
+        task, notes = prep.task, list(prep.notes)
+        pairs: list[tuple[str, str]] = []
+        pending = list(prep.staged)
+        try:
+            while pending:
+                st = pending.pop(0)
+                pairs.append((st.sync(), st.final))
+        except OSError as exc:
+            for st in pending:
+                st.discard()
+            for tmp, _ in pairs:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            return self._failure(task, prep.t0, exc, notes, prep.bytes_in)
+        return Result(task.seq, task.path, True, (), duration=_since(prep.t0),
+                      worker=os.getpid(), attempt=task.attempt, bytes_in=prep.bytes_in,
+                      bytes_out=sum(st.size for st in prep.staged), warnings=tuple(notes),
+                      staged=tuple(pairs))
 
     def _failure(self, task: Task, t0: float, exc: Exception, notes: list[str], bytes_in: int,
                  written: list[str] | None = None) -> Result:

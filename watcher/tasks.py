@@ -56,6 +56,9 @@ class Result:
     bytes_out: int = 0
     warnings: tuple[str, ...] = field(default=())
     peak_rss_kb: int = 0  # the worker's peak resident memory so far
+    # (temp, final) pairs written and fsynced but not yet published: a task on a cluster only
+    # writes; the coordinator publishes (executor "dask").
+    staged: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,540 @@
+"""The Dask executor: the engine's interface (submit, poll, stop_intake, close) over a Dask
+distributed cluster, for users who outgrow one machine.
+
+A task on the cluster only writes: it decodes, transforms and encodes each output to a temp file
+beside its final name, fsyncs it, and reports the temp names (``Result.staged``). This object is
+the coordinator: it alone publishes outputs under their final names (no-clobber, as locally) and
+hands each task's one result to the caller, which decides the input's fate once. A task may run
+twice (Dask re-runs a task whose worker died); a result for a task already decided, or for an
+attempt this coordinator gave up on, is recognised by its key and dropped, its temp files removed.
+
+Crashes: a worker that dies mid-task makes the scheduler re-run the task elsewhere, up to the
+scheduler's ``allowed-failures`` (set to ``crash_retries`` for ``dask-local``); then the future
+fails with ``KilledWorker`` and the input is charged ``worker-crashed``. Timeouts: Dask has none,
+so each task records its start in its worker process; the coordinator polls those, cancels a task
+past the limit, restarts the worker it hangs on (its nanny starts a fresh one) and charges
+``timeout``. Back-pressure: at most ``tasks_per_worker`` tasks per worker thread are submitted;
+the rest wait here.
+
+Inputs and outputs must be on storage every worker sees under the same paths (a shared folder):
+tasks carry paths and pipeline names, never pixels.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import os
+import pickle
+import queue
+import select
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from . import log
+from .codec import DecodeLimits
+from .config import EngineSettings
+from .engine import Engine, EngineError, Stats, _failure
+from .errors import RejectedInput
+from .files import HOST, fsync_dir, publish, temp_name
+from .pipeline import Pipeline
+from .tasks import Result, Task
+
+MONITOR_INTERVAL = 1.0  # seconds between looks at the workers' running tasks (timeouts)
+RPC_TIMEOUT = 10.0  # a cluster call that takes longer is skipped this tick, not waited on
+FETCH_TIMEOUT = 3.0  # a finished task's result not fetched by then was lost with its worker
+SWEEP_DELAY = 60.0  # seconds after a decision that late duplicates' temp files are swept
+LOST_RETRIES = 3  # a task whose result was lost with its worker is run again this many times
+
+# --- the worker side (runs inside Dask worker processes) ----------------------------------------
+
+_PROCESSORS: dict[str, Any] = {}
+_RUNNING: dict[str, tuple[float, int, str]] = {}  # key -> (wall start, pid, host), this process
+
+
+def run_task(task: Task, key: str, digest: str, cfg_bytes: bytes) -> Result:
+    """The function the cluster runs: prepare and stage one task; publish nothing."""
+    import resource  # noqa: PLC0415
+    from dataclasses import replace  # noqa: PLC0415
+
+    proc = _PROCESSORS.get(digest)
+    if proc is None:
+        from .pipeline import Processor  # noqa: PLC0415
+
+        cfg = pickle.loads(cfg_bytes)  # noqa: S301 - our own coordinator's bytes
+        proc = _PROCESSORS[digest] = Processor(cfg["pipelines"], cfg["limits"])
+    _RUNNING[key] = (time.time(), os.getpid(), HOST)
+    try:
+        result = proc.stage(proc.prepare(task))
+    finally:
+        _RUNNING.pop(key, None)
+    return replace(result, peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def running_tasks() -> dict[str, tuple[float, int, str]]:
+    """Run on each worker by the coordinator: the tasks this worker process is running."""
+    return dict(_RUNNING)
+
+
+def check_worker(digest: str, cfg_bytes: bytes) -> str:
+    """Run on each worker at start: the pipelines must unpickle (their transforms import)."""
+    cfg = pickle.loads(cfg_bytes)  # noqa: S301
+    from .pipeline import Processor  # noqa: PLC0415
+
+    _PROCESSORS[digest] = Processor(cfg["pipelines"], cfg["limits"])
+    return HOST
+
+
+# --- the coordinator ------------------------------------------------------------------------------
+
+class DaskEngine:
+    """The engine's interface over a Dask cluster (see the module docstring)."""
+
+    def __init__(self, settings: EngineSettings, pipelines: Mapping[str, Pipeline],
+                 limits: DecodeLimits, *, log_format: str = "json",
+                 log_level: str = "warning") -> None:
+        try:
+            import distributed  # noqa: F401, PLC0415
+        except ImportError as exc:
+            raise EngineError(f"executor {settings.executor!r} needs Dask distributed: "
+                              "pip install 'watcher[dask]'") from exc
+        self.settings = settings
+        try:
+            self._cfg = pickle.dumps({"pipelines": dict(pipelines), "limits": limits})
+        except Exception as exc:
+            raise EngineError(f"the pipelines cannot be sent to worker processes: {exc}") from exc
+        self._digest = hashlib.sha256(self._cfg).hexdigest()[:16]
+        self._client: Any = None
+        self._cluster: Any = None
+        self._tasks: dict[int, Task] = {}  # outstanding: submitted, no result accepted yet
+        self._pending: deque[Task] = deque()  # not yet handed to the cluster
+        self._futures: dict[int, Any] = {}  # seq -> the future of its current attempt
+        self._keys: dict[str, int] = {}  # key of a current attempt -> seq
+        self._lost: dict[int, int] = {}  # seq -> attempts lost with their workers
+        # Outputs of decided tasks, swept for temp files that a second attempt (a task re-run
+        # after its worker was lost) may leave after the decision: (time decided, final path).
+        self._decided: deque[tuple[float, str]] = deque()
+        self._last_sweep = time.monotonic()
+        self._decided_tasks: dict[int, Task] = {}  # submitted, result not yet returned
+        self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._intake = True
+        self._ready: list[Result] = []
+        self._threads = 1
+        self._workers = 0
+        self._last_look = 0.0
+        self._rpc = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dask-rpc")
+        self._look: concurrent.futures.Future[Any] | None = None
+        self.stats = Stats()
+        self._log = log.get("watcher.cluster")
+        self._log_level = log_level
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        import dask  # noqa: PLC0415
+        from distributed import Client, LocalCluster  # noqa: PLC0415
+
+        s = self.settings
+        if s.executor == "dask-local":
+            with dask.config.set({"distributed.scheduler.allowed-failures": s.crash_retries,
+                                  "distributed.worker.daemon": True,
+                                  "distributed.admin.tick.limit": "1h"}):
+                self._cluster = LocalCluster(
+                    n_workers=s.workers, threads_per_worker=1, processes=True,
+                    host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR)
+                self._client = Client(self._cluster)
+        else:
+            try:
+                self._client = Client(s.scheduler, timeout="20s")
+            except OSError as exc:
+                raise EngineError(f"cannot reach the Dask scheduler at {s.scheduler}: "
+                                  f"{exc}") from exc
+        try:
+            hosts = self._client.run(check_worker, self._digest, self._cfg)
+        except Exception as exc:
+            self.close(0)
+            raise EngineError(f"Dask workers cannot load the pipelines: {type(exc).__name__}: "
+                              f"{exc} (install watcher and the transforms' modules on every "
+                              "worker)") from exc
+        self._refresh(force=True)
+        self.stats.started = self._workers
+        self._log.info("cluster.connected", executor=s.executor,
+                       scheduler=self._client.scheduler.address, workers=self._workers,
+                       threads=self._threads, hosts=sorted(set(hosts.values())))
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def workers_alive(self) -> int:
+        self._refresh()
+        return self._workers
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' pids (this machine's cluster only)."""
+        if self._cluster is None or self._client is None:
+            return []
+        with contextlib.suppress(Exception):
+            return sorted(self._client.run(os.getpid).values())
+        return []
+
+    @property
+    def worker_addresses(self) -> list[str]:
+        return sorted(self._client.scheduler_info()["workers"]) if self._client else []
+
+    def running(self) -> list[str]:
+        """The inputs being processed at this moment, on any worker."""
+        try:
+            per_worker = self._client.run(running_tasks, on_error="return")
+        except Exception:  # noqa: BLE001 - the cluster changed meanwhile
+            return []
+        seqs = [self._keys.get(k) for r in per_worker.values() if isinstance(r, dict) for k in r]
+        return [self._tasks[q].path for q in seqs if q is not None and q in self._tasks]
+
+    def submit(self, task: Task) -> None:
+        if not self._intake:
+            raise EngineError("the engine is stopping; no new tasks")
+        self._tasks[task.seq] = task
+        self._decided_tasks[task.seq] = task
+        self._pending.append(task)
+        self._feed()
+
+    def stop_intake(self) -> list[Task]:
+        self._intake = False
+        withdrawn = list(self._pending)
+        self._pending.clear()
+        for t in withdrawn:
+            self._tasks.pop(t.seq, None)
+        return withdrawn
+
+    def close(self, grace: float | None = None,
+              abort: Callable[[], bool] | None = None) -> list[Result]:
+        grace = self.settings.grace if grace is None else grace
+        results: list[Result] = []
+        if self._intake:
+            self.stop_intake()
+        deadline = time.monotonic() + grace
+        while self._tasks and self._client is not None and time.monotonic() < deadline \
+                and not (abort and abort()):
+            results += self.poll(min(0.1, max(0.0, deadline - time.monotonic())))
+        for seq, fut in list(self._futures.items()):
+            with contextlib.suppress(Exception):
+                fut.cancel()
+            self._forget(seq)
+            if seq in self._tasks:
+                results.append(_failure(self._tasks.pop(seq), "cancelled",
+                                        f"still running after the {grace:g} s grace period "
+                                        "at shutdown; stopped"))
+        for t in list(self._tasks.values()):
+            results.append(_failure(t, "cancelled", "the run stopped before this input finished"))
+        self._tasks.clear()
+        self._rpc.shutdown(wait=False, cancel_futures=True)
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close(timeout=10)
+            self._client = None
+        if self._cluster is not None:
+            with contextlib.suppress(Exception):
+                self._cluster.close(timeout=10)
+            self._cluster = None
+        now = time.monotonic()
+        for r in results:
+            self._decided.extend((now, o.path) for o in self._outputs_of(r))
+        # This run's tasks are all decided or cancelled: their outputs need no temp file now.
+        self._sweep(now, 0.0 if self._cluster is None and self.settings.executor == "dask-local"
+                    else SWEEP_DELAY)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        return results
+
+    # --- one coordinator tick -------------------------------------------------------------------
+
+    def poll(self, timeout: float = 0.25, *, respawn: bool = True,
+             wake: Sequence[Any] = ()) -> list[Result]:
+        """Wait up to ``timeout`` for a finished task (or a ``wake`` descriptor); publish what
+        finished, charge what crashed or hung, hand out more work. ``respawn`` is the local
+        engine's; the cluster's nannies restart their workers themselves."""
+        if self._done.empty() and not self._ready:
+            fds = [self._wake_r, *wake]
+            with contextlib.suppress(InterruptedError):
+                select.select(fds, [], [], max(0.0, timeout))
+        with contextlib.suppress(OSError):
+            while os.read(self._wake_r, 4096):
+                pass
+        while True:
+            try:
+                key, fut = self._done.get_nowait()
+            except queue.Empty:
+                break
+            self._finished(key, fut)
+        self._kill_stuck()
+        self._feed()
+        out, self._ready = self._ready, []
+        now = time.monotonic()
+        for r in out:
+            self._decided.extend((now, o.path) for o in self._outputs_of(r))
+        if now - self._last_sweep > SWEEP_DELAY:
+            self._last_sweep = now
+            self._sweep(now - SWEEP_DELAY, SWEEP_DELAY)
+        return out
+
+    def _outputs_of(self, r: Result) -> tuple[Any, ...]:
+        task = self._decided_tasks.pop(r.seq, None)
+        return task.outputs if task else ()
+
+    def _sweep(self, before: float, min_age: float) -> None:
+        """Remove temp files, untouched for ``min_age`` s, of outputs decided before ``before``:
+        what a duplicate attempt of an already decided task wrote."""
+        finals = []
+        while self._decided and self._decided[0][0] <= before:
+            finals.append(self._decided.popleft()[1])
+        if finals:
+            _remove_all_temps(finals, min_age=min_age)
+
+    def _on_done(self, fut: Any) -> None:
+        """Runs in the client's thread: pass the future to the coordinator's loop."""
+        self._done.put((fut.key, fut))
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _finished(self, key: str, fut: Any) -> None:
+        seq = self._keys.get(key)
+        status = fut.status
+        if status == "cancelled" and (seq is None or seq not in self._tasks):
+            return  # cancelled here (a timeout, shutdown): already decided
+        if seq is None or seq not in self._tasks:
+            # An attempt this coordinator already decided or gave up on (timed out, or the task
+            # ran twice): its temp files go, its result does not count.
+            self.stats.duplicates += 1
+            if status == "finished":
+                with contextlib.suppress(Exception):
+                    _remove_staged(fut.result(timeout=5))
+            self._log.debug("engine.duplicate_result", key=key)
+            return
+        task = self._tasks[seq]
+        self._forget(seq)
+        if status == "cancelled":
+            self._lost_attempt(task, "the cluster cancelled it (its worker was lost)")
+            return
+        if status == "finished":
+            try:
+                result = fut.result(timeout=FETCH_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - lost with its worker before we fetched it
+                self._lost_attempt(task, f"its result was lost ({type(exc).__name__}: {exc})")
+                return
+            self._accept(task, result)
+            return
+        exc = fut.exception(timeout=RPC_TIMEOUT)
+        from distributed import KilledWorker  # noqa: PLC0415
+
+        del self._tasks[seq]
+        if isinstance(exc, KilledWorker):
+            self.stats.crashes += 1
+            tries = self.settings.crash_retries + 1 if self.settings.executor == "dask-local" \
+                else None
+            self._ready.append(Result(
+                task.seq, task.path, False, (), "worker-crashed",
+                f"the worker died processing this input, on every try ({exc})", "KilledWorker",
+                0.0, 0, tries or task.attempt))
+            _remove_all_temps([o.path for o in task.outputs])
+            self._log.warning("worker.died", held=task.path, how=str(exc))
+        else:
+            self._ready.append(_failure(task, "internal-error",
+                                        f"the task failed on the cluster: "
+                                        f"{type(exc).__name__}: {exc}"))
+
+    def _lost_attempt(self, task: Task, why: str) -> None:
+        """A finished task's result (kept on its worker until fetched) went with that worker,
+        or the scheduler dropped the task: run it again, a bounded number of times."""
+        self._lost[task.seq] = self._lost.get(task.seq, 0) + 1
+        if self._lost[task.seq] > LOST_RETRIES or not self._intake:
+            del self._tasks[task.seq]
+            tries = self._lost.pop(task.seq)
+            self._ready.append(
+                _failure(task, "worker-crashed", f"{why}; gave up after {tries} tries")
+                if self._intake else _failure(task, "cancelled", f"{why} during shutdown"))
+            return
+        _remove_all_temps([o.path for o in task.outputs])
+        self.stats.requeued += 1
+        self._pending.appendleft(task)
+        self._log.info("file.requeued", path=task.path, why=why)
+
+    def _accept(self, task: Task, result: Result) -> None:
+        """Publish a finished task's staged outputs under their final names (the coordinator's
+        one job no task does); the task's one result."""
+        del self._tasks[task.seq]
+        self._lost.pop(task.seq, None)
+        if not result.ok or not result.staged:
+            self._ready.append(result)
+            return
+        written: list[str] = []
+        pending = list(result.staged)
+        try:
+            while pending:
+                tmp, final = pending[0]
+                try:
+                    publish(tmp, final, overwrite=task.overwrite)
+                except FileNotFoundError:
+                    raise RejectedInput(
+                        "write-failed", f"{tmp} (written by a cluster worker) is not visible "
+                        "here: inputs and outputs must be on storage every worker and the "
+                        "coordinator share, under the same paths") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                pending.pop(0)
+                written.append(final)
+            if task.sync_dir:
+                for folder in {os.path.dirname(f) or "." for f in written}:
+                    fsync_dir(folder)
+        except (RejectedInput, OSError) as exc:
+            _remove_staged_pairs(pending)
+            reason, error = (exc.reason, exc.detail) if isinstance(exc, RejectedInput) \
+                else ("write-failed", str(exc))
+            self._ready.append(Result(task.seq, task.path, False, tuple(written), reason, error,
+                                      type(exc).__name__, result.duration, result.worker,
+                                      task.attempt, result.bytes_in, 0, result.warnings,
+                                      result.peak_rss_kb))
+            return
+        from dataclasses import replace  # noqa: PLC0415
+
+        self._ready.append(replace(result, outputs=tuple(written), staged=()))
+
+    def _feed(self) -> None:
+        if not self._intake or self._client is None:
+            return
+        self._refresh()
+        room = self.settings.tasks_per_worker * max(1, self._threads) - len(self._futures)
+        while room > 0 and self._pending:
+            task = self._pending.popleft()
+            if task.seq not in self._tasks:
+                continue
+            key = f"watcher-{task.seq}-{task.attempt}-{uuid.uuid4().hex[:8]}"
+            fut = self._client.submit(run_task, task, key, self._digest, self._cfg,
+                                      key=key, pure=False, retries=0)
+            self._futures[task.seq] = fut
+            self._keys[key] = task.seq
+            fut.add_done_callback(self._on_done)
+            room -= 1
+
+    def _kill_stuck(self) -> None:
+        """Charge ``timeout`` to a task running past the limit: cancel it, restart its worker."""
+        now = time.monotonic()
+        if not self._futures:
+            return
+        if self._look is None:
+            if now - self._last_look < MONITOR_INTERVAL:
+                return
+            self._last_look = now
+            client = self._client
+            self._look = self._rpc.submit(
+                lambda: client.run(running_tasks, on_error="return"))
+            return
+        if not self._look.done():
+            if now - self._last_look > RPC_TIMEOUT:
+                self._look = None  # a worker too busy to answer: look again later
+            return
+        look, self._look = self._look, None
+        try:
+            per_worker = look.result()
+        except Exception:  # noqa: BLE001 - the cluster changed meanwhile; next time
+            return
+        limit = self.settings.task_timeout
+        wall = time.time()
+        for addr, running in per_worker.items():
+            if not isinstance(running, dict):
+                continue
+            for key, (started, pid, host) in running.items():
+                seq = self._keys.get(key)
+                if seq is None or seq not in self._tasks or wall - started <= limit:
+                    continue
+                task = self._tasks.pop(seq)
+                fut = self._futures.get(seq)
+                self._forget(seq)
+                if fut is not None:
+                    fut.cancel()
+                self.stats.timeouts += 1
+                self._log.warning("worker.restarting", worker=addr, held=task.path,
+                                  why=f"still running after {limit:g} s")
+                with contextlib.suppress(Exception):
+                    self._client.restart_workers([addr], timeout=30, raise_for_error=False)
+                self.stats.restarts += 1
+                for o in task.outputs:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temp_name(o.path, pid, host))
+                self._ready.append(_failure(task, "timeout", f"still running after {limit:g} "
+                                            f"s; its worker {addr} was restarted", worker=pid))
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _forget(self, seq: int) -> None:
+        fut = self._futures.pop(seq, None)
+        if fut is not None:
+            self._keys.pop(fut.key, None)
+
+    def _refresh(self, force: bool = False) -> None:
+        """The cluster's size, looked up at most once a second (back-pressure, health)."""
+        now = time.monotonic()
+        if self._client is None or (not force and now - getattr(self, "_sized", 0.0) < 1.0):
+            return
+        self._sized = now
+        with contextlib.suppress(Exception):
+            info = self._client.scheduler_info(n_workers=-1)["workers"]
+            self._workers = len(info)
+            self._threads = sum(int(w.get("nthreads", 1)) for w in info.values()) or 1
+
+
+def _remove_staged(result: Any) -> None:
+    if isinstance(result, Result):
+        _remove_staged_pairs(list(result.staged))
+
+
+def _remove_staged_pairs(pairs: list[tuple[str, str]]) -> None:
+    for tmp, _ in pairs:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _remove_all_temps(finals: list[str], min_age: float = 0.0) -> None:
+    """Temp files any attempt left for these outputs (workers that died, tasks run twice),
+    untouched for ``min_age`` seconds. One directory scan per folder."""
+    from .files import temp_owner  # noqa: PLC0415
+
+    by_folder: dict[str, set[str]] = {}
+    for final in finals:
+        folder, name = os.path.split(final)
+        by_folder.setdefault(folder or ".", set()).add(name)
+    now = time.time()
+    for folder, names in by_folder.items():
+        with contextlib.suppress(OSError), os.scandir(folder) as it:
+            for entry in it:
+                owner = temp_owner(entry.name)
+                if owner is None or entry.name[1:].rsplit(".", 3)[0] not in names:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if min_age and now - entry.stat(follow_symlinks=False).st_mtime < min_age:
+                        continue
+                    os.unlink(entry.path)
+
+
+AnyEngine = Engine | DaskEngine
+
+
+def create_engine(settings: EngineSettings, pipelines: Mapping[str, Pipeline],
+                  limits: DecodeLimits, **kw: Any) -> AnyEngine:
+    """The engine for ``settings.executor``: local processes, or a Dask cluster."""
+    if settings.executor == "local":
+        return Engine(settings, pipelines, limits, **kw)
+    return DaskEngine(settings, pipelines, limits, **kw)
+
