@@ -210,9 +210,19 @@ class DaskEngine:
         self._feed()
 
     def stop_intake(self) -> list[Task]:
+        """Stop handing out work; withdraw the tasks not yet started (here, or submitted but
+        still queued on the cluster) and return them."""
         self._intake = False
         withdrawn = list(self._pending)
         self._pending.clear()
+        if self._futures and self._client is not None:
+            running = set(self.running())
+            for seq, fut in list(self._futures.items()):
+                task = self._tasks.get(seq)
+                if task is not None and task.path not in running and not fut.done():
+                    fut.cancel()
+                    self._forget(seq)
+                    withdrawn.append(task)
         for t in withdrawn:
             self._tasks.pop(t.seq, None)
         return withdrawn

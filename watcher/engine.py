@@ -173,7 +173,9 @@ class Engine:
         self._pending.clear()
         while True:
             try:
-                item = self._queue.get_nowait()
+                # a short wait, not get_nowait(): the queue's feeder thread may still hold
+                # tasks put a moment ago, which a worker would otherwise take later
+                item = self._queue.get(timeout=0.1)
             except queue.Empty:
                 break
             if isinstance(item, Task):
