@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("requeue", help="move quarantined files back into the inbox")
     r.add_argument("paths", nargs="*", metavar="PATH", help="quarantined files")
     r.add_argument("--all", action="store_true", help="every quarantined file")
+    r.add_argument("--claims-of", metavar="INSTANCE", action="append", default=[],
+                   help="move the claims of this (dead) daemon instance back into the inbox")
+    r.add_argument("--stale-claims", action="store_true",
+                   help="move back the claims of every instance whose heartbeat is older than "
+                        "stale_claims_after")
     r.add_argument("-c", "--config", metavar="FILE", help="watcher.toml (for the folders)")
     _watch_args(r, folders_only=True)
     r.set_defaults(subparser=r)
@@ -144,8 +149,14 @@ Signals: SIGTERM/SIGINT drain and exit 0 (a second one stops at once); SIGHUP re
 def _watch_args(p: argparse.ArgumentParser, folders_only: bool = False) -> None:
     for name in ("inbox", "output", "archive", "quarantine", "work"):
         p.add_argument(f"--{name}", metavar="DIR")
+    p.add_argument("--instance", metavar="NAME",
+                   help="this daemon's name when several share one inbox ({host}: the host "
+                        "name); it claims into WORK/NAME")
     if folders_only:
         return
+    p.add_argument("--stale-claims-after", type=_positive_float, metavar="S",
+                   help="claims of another instance whose heartbeat is older go back to the "
+                        "inbox (default 600)")
     p.add_argument("-p", "--pipeline", action="append", default=[], metavar="NAME")
     p.add_argument("-j", "--workers", type=_positive_int)
     p.add_argument("--timeout", type=_positive_float, help="seconds one file may take")
@@ -219,12 +230,20 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from .lifecycle import Folders, requeue  # noqa: PLC0415
+    from .lifecycle import Folders, recover_claims, requeue  # noqa: PLC0415
 
-    if bool(args.paths) == bool(args.all):
-        args.subparser.error("give quarantined PATHs or --all")
+    claims = bool(args.claims_of or args.stale_claims)
+    if claims and (args.paths or args.all):
+        args.subparser.error("--claims-of/--stale-claims move claims; give them alone")
+    if not claims and bool(args.paths) == bool(args.all):
+        args.subparser.error("give quarantined PATHs, --all, --claims-of or --stale-claims")
     s = watch_loader(args)()
-    moved = requeue(Folders(s.watch.folders()), None if args.all else list(args.paths))
+    folders = Folders(s.watch.folders(), work_root=s.watch.work)
+    if claims:
+        moved = recover_claims(folders, s.watch.stale_claims_after,
+                               only=args.claims_of or None)
+    else:
+        moved = requeue(folders, None if args.all else list(args.paths))
     for src, dest in moved:
         print(f"{src} -> {dest}")
     print(f"requeued {len(moved)} file(s)", file=sys.stderr)

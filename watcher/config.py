@@ -80,10 +80,22 @@ class WatchSettings:
     retry_backoff_max: float = 300.0
     metrics_port: int = 0  # 0: no HTTP endpoint
     metrics_host: str = "127.0.0.1"
+    # Several daemons on one inbox (a shared folder): each names itself ("{host}" is this
+    # machine's name) and claims into work/<instance>; "" is a daemon alone on its inbox.
+    instance: str = ""
+    # Claims of another instance whose heartbeat is older than this go back to the inbox.
+    stale_claims_after: float = 600.0
+
+    @property
+    def instance_name(self) -> str:
+        from .files import HOST  # noqa: PLC0415
+
+        return self.instance.replace("{host}", HOST)
 
     def folders(self) -> dict[str, str]:
+        work = os.path.join(self.work, self.instance_name) if self.instance else self.work
         return {"inbox": self.inbox, "output": self.output, "archive": self.archive,
-                "quarantine": self.quarantine, "work": self.work}
+                "quarantine": self.quarantine, "work": work}
 
 
 # key: (type, lowest, highest, choices) -- shared by [watch], WATCHER_* variables and flags
@@ -98,6 +110,7 @@ WATCH_KEYS: dict[str, tuple[type, float | None, float | None, tuple[str, ...] | 
     "max_in_flight": (int, 0, 1_000_000, None), "retry_backoff": (float, 0.01, 3600, None),
     "retry_backoff_max": (float, 0.01, 86400, None),
     "metrics_port": (int, 0, 65535, None), "metrics_host": (str, None, None, None),
+    "instance": (str, None, None, None), "stale_claims_after": (float, 1.0, 30 * 86400, None),
 }
 
 
@@ -503,6 +516,10 @@ def watch_settings(ws: WatchSettings, values: Mapping[str, tuple[Any, str]],
     changes = {}
     for key, (value, where) in values.items():
         v = watch_value(key, value, where)
+        if key == "instance" and not re.fullmatch(r"[A-Za-z0-9_.-]*(\{host\}[A-Za-z0-9_.-]*)?",
+                                                  v):
+            raise ConfigError(where, "an instance name is letters, digits, '_', '-', '.' and "
+                                     "an optional {host}")
         if key in ("inbox", "output", "archive", "quarantine", "work") and base:
             v = os.path.join(base, v)
         changes[key] = v

@@ -46,7 +46,7 @@ class Daemon:
                  log_level: str = "info") -> None:
         self._load = load
         self.settings = load()
-        self.folders = Folders(self.settings.watch.folders())
+        self.folders = _folders(self.settings)
         self._log_format = log_format
         self._log_level = log_level
         self._log = log.get("watcher.daemon")
@@ -117,6 +117,7 @@ class Daemon:
         try:
             self.engine = self._new_engine()
             recovered = 0
+            self._recover_stale_claims()
             for rel, path in lifecycle.leftover_claims(self.folders):
                 c = Claim(self._next_seq(), rel, path)
                 self._rels.add(rel)
@@ -144,6 +145,7 @@ class Daemon:
             while not self._stopping:
                 self._tick()
                 if time.monotonic() >= next_scan and not self._stopping:
+                    self._recover_stale_claims()
                     self._reconcile()
                     next_scan = time.monotonic() + self.settings.watch.reconcile_interval
             return self._shutdown()
@@ -280,6 +282,21 @@ class Daemon:
         if path not in self.tracker:
             self._log.debug("file.detected", input=rel, how=kind)
         self.tracker.hint(path, kind)
+
+    def _recover_stale_claims(self) -> None:
+        """Claims another instance left and will not finish (its heartbeat is old) go back to
+        the inbox, where any instance (this one included) claims them again."""
+        if self.folders.work_root is None:
+            return
+        try:
+            moved = lifecycle.recover_claims(self.folders, self.settings.watch.stale_claims_after)
+        except OSError as exc:
+            self._log.warning("claims.recover_failed", error=str(exc))
+            return
+        for src, dest in moved:
+            self._log.warning("claim.recovered", claim=src, to=dest,
+                              why="its instance's heartbeat is older than "
+                                  f"{self.settings.watch.stale_claims_after:g} s")
 
     def _reconcile(self, count: bool = True) -> int:
         """Scan the inbox for files no event told about; returns how many were new."""
@@ -498,7 +515,7 @@ class Daemon:
         except ConfigError as exc:
             self._log.error("config.reload_failed", error=str(exc), kept="the running config")
             return
-        if Folders(new.watch.folders()).named() != self.folders.named():
+        if _folders(new).named() != self.folders.named():
             self._log.warning("config.folders_unchanged",
                               why="folders cannot change on reload; restart the daemon for that")
             new = replace(new, watch=replace(new.watch, **self.settings.watch.folders()))
@@ -551,3 +568,9 @@ class Daemon:
 
     def _second_signal(self) -> bool:
         return any(s in (signal.SIGTERM, signal.SIGINT) for s in self._signals)
+
+
+def _folders(s: Settings) -> Folders:
+    """The daemon's folders; with an instance name, its own work folder below ``work``."""
+    ws = s.watch
+    return Folders(ws.folders(), work_root=ws.work if ws.instance else None)

@@ -32,6 +32,7 @@ from .files import (
     temp_name,
     temp_owner,
 )
+from .health import HEARTBEAT
 
 SIDECAR = ".error.json"
 # A temp file from another host (a shared folder) untouched this long is abandoned.
@@ -54,12 +55,14 @@ class Claim:
 class Folders:
     """The daemon's folders, checked once at start."""
 
-    def __init__(self, folders: Mapping[str, str]) -> None:
+    def __init__(self, folders: Mapping[str, str], work_root: str | None = None) -> None:
         self.inbox = os.path.abspath(folders["inbox"])
         self.output = os.path.abspath(folders["output"])
         self.archive = os.path.abspath(folders["archive"])
         self.quarantine = os.path.abspath(folders["quarantine"])
         self.work = os.path.abspath(folders["work"])
+        # With several instances on one inbox: the folder holding each one's work folder.
+        self.work_root = os.path.abspath(work_root) if work_root else None
 
     def named(self) -> dict[str, str]:
         return {"inbox": self.inbox, "output": self.output, "archive": self.archive,
@@ -276,6 +279,41 @@ def requeue(folders: Folders, paths: list[str] | None = None) -> list[tuple[str,
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path + SIDECAR)
         moved.append((path, dest))
+    return moved
+
+
+def recover_claims(folders: Folders, max_age: float, only: list[str] | None = None,
+                   now: float | None = None) -> list[tuple[str, str]]:
+    """Move the claims of other daemon instances back into the inbox: those named in ``only``
+    (an operator says they are gone), else those whose heartbeat (or, without one, work folder)
+    is older than ``max_age`` seconds. Never this instance's own. Returns (from, to) pairs."""
+    if folders.work_root is None or not os.path.isdir(folders.work_root):
+        return []
+    now = time.time() if now is None else now
+    moved = []
+    for entry in sorted(os.scandir(folders.work_root), key=lambda e: e.name):
+        if not entry.is_dir(follow_symlinks=False) or entry.path == folders.work:
+            continue
+        if only is not None:
+            if entry.name not in only:
+                continue
+        else:
+            beat = os.path.join(entry.path, HEARTBEAT)
+            try:
+                last = os.lstat(beat).st_mtime
+            except FileNotFoundError:
+                last = entry.stat(follow_symlinks=False).st_mtime
+            if now - last < max_age:
+                continue
+        other = Folders({**folders.named(), "work": entry.path})
+        for rel, path in leftover_claims(other):
+            rel_dir, name = os.path.split(rel)
+            try:
+                dest = move_no_clobber(path, os.path.join(folders.inbox, rel_dir), name,
+                                       rename=True)
+            except FileNotFoundError:
+                continue  # another instance recovered it first
+            moved.append((path, dest))
     return moved
 
 

@@ -1,0 +1,129 @@
+"""Scaling out: several daemons on one inbox (each claims into its own work folder; a dead
+one's claims are recovered by the age rule or by command), and the daemon on a Dask cluster.
+Real daemons as subprocesses, real kill -9, deadlines everywhere."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, make_image, wait_until
+from tests.test_cli import tagged_processes
+from tests.test_watch import Daemon, assert_no_temps, files
+from watcher import lifecycle
+from watcher.health import HEARTBEAT
+
+pytestmark = pytest.mark.integration
+
+needs_dask = pytest.mark.skipif(importlib.util.find_spec("distributed") is None,
+                                reason="the dask extra is not installed "
+                                       "(pip install 'watcher[dask]'); scripts/test installs it")
+
+
+def folders(root: Path, instance: str) -> lifecycle.Folders:
+    return lifecycle.Folders({"inbox": str(root / "inbox"), "output": str(root / "out"),
+                              "archive": str(root / "archive"),
+                              "quarantine": str(root / "quarantine"),
+                              "work": str(root / "work" / instance)},
+                             work_root=str(root / "work"))
+
+
+def test_recover_claims_by_age_and_by_name_never_its_own(tmp_path: Path) -> None:
+    mine = folders(tmp_path, "me")
+    mine.check()
+    for inst, age in (("fresh", 5.0), ("old", 1000.0), ("named", 5.0)):
+        d = tmp_path / "work" / inst / "sub"
+        d.mkdir(parents=True)
+        (d / f"{inst}.jpg").write_bytes(b"claimed")
+        beat = tmp_path / "work" / inst / HEARTBEAT
+        beat.write_text("{}")
+        t = time.time() - age
+        os.utime(beat, (t, t))
+    (tmp_path / "work" / "me" / "mine.jpg").write_bytes(b"my own claim")
+    moved = lifecycle.recover_claims(mine, max_age=600)
+    assert [Path(d).relative_to(tmp_path / "inbox").as_posix() for _, d in moved] == \
+        ["sub/old.jpg"]
+    moved = lifecycle.recover_claims(mine, max_age=600, only=["named"])
+    assert [Path(d).name for _, d in moved] == ["named.jpg"]
+    assert (tmp_path / "work" / "fresh" / "sub" / "fresh.jpg").exists()
+    assert (tmp_path / "work" / "me" / "mine.jpg").exists()
+
+
+def test_requeue_claims_of_a_dead_instance_by_command(tmp_path: Path) -> None:
+    (tmp_path / "work" / "gone").mkdir(parents=True)
+    (tmp_path / "work" / "gone" / "x.jpg").write_bytes(b"left behind")
+    for d in ("inbox", "out", "archive", "quarantine"):
+        (tmp_path / d).mkdir()
+    cmd = [sys.executable, "-m", "watcher", "requeue", "--inbox", str(tmp_path / "inbox"),
+           "--output", str(tmp_path / "out"), "--archive", str(tmp_path / "archive"),
+           "--quarantine", str(tmp_path / "quarantine"), "--work", str(tmp_path / "work"),
+           "--instance", "me", "--claims-of", "gone"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "inbox" / "x.jpg").read_bytes() == b"left behind"
+    assert "requeued 1 file(s)" in proc.stderr
+
+
+def test_two_daemons_share_an_inbox_and_one_is_killed(tmp_path: Path) -> None:
+    names = [f"s{i:03d}.png" for i in range(150)]
+    a = Daemon(tmp_path, "--instance", "a", "--workers", "1")
+    b = Daemon(tmp_path, "--instance", "b", "--workers", "1", "--stale-claims-after", "3")
+    try:
+        for n in names:
+            make_image(tmp_path / "inbox" / n, size=(400, 300), seed=hash(n) % 50)
+        a.wait_for("file.processed", count=10, timeout=60)
+        wait_until(lambda: files(tmp_path / "work" / "a"), 30, "daemon a to hold claims")
+        a.kill()  # SIGKILL: its claims stay in work/a, its heartbeat stops
+        wait_until(lambda: not tagged_processes(a.tag), 15, "a's workers to exit")
+        wait_until(lambda: len(files(tmp_path / "archive")) == len(names), 120,
+                   "every input archived")
+        assert b.seen("claim.recovered"), "b recovered none of a's claims"
+    finally:
+        assert b.stop() == 0
+    assert files(tmp_path / "archive") == names  # each exactly once: no name_2 copies
+    assert files(tmp_path / "processed") == sorted(n.replace(".png", "_thumbnail.png")
+                                                   for n in names)
+    assert files(tmp_path / "inbox") == [] and files(tmp_path / "work") == []
+    assert files(tmp_path / "quarantine") == []
+    assert_no_temps(tmp_path)
+    for n in names:
+        with Image.open(tmp_path / "processed" / n.replace(".png", "_thumbnail.png")) as im:
+            im.load()
+    # both did work, and no input got two fates from the live daemon
+    assert a.fates() and b.fates()
+    assert set(b.fates().values()) == {1}
+
+
+@needs_dask
+def test_daemon_on_a_dask_cluster_processes_and_quarantines_like_local(tmp_path: Path) -> None:
+    results = {}
+    for ex in ("local", "dask-local"):
+        root = tmp_path / ex
+        root.mkdir()
+        d = Daemon(root, "--executor", ex, "--workers", "2")
+        try:
+            for i, fmt in enumerate(["PNG", "JPEG", "WEBP", "TIFF"]):
+                make_image(root / "inbox" / f"seed{i}.{fmt.lower()}", size=(300, 200), fmt=fmt,
+                           seed=i)
+            (root / "inbox" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+            d.wait_for("file.processed", count=4, timeout=90)
+            d.wait_for("file.quarantined", count=1, timeout=60)
+            if ex == "dask-local":
+                assert d.seen("cluster.connected", executor="dask-local")
+        finally:
+            assert d.stop() == 0
+        results[ex] = (files(root / "archive"), files(root / "processed"),
+                       files(root / "quarantine"),
+                       {n: (root / "processed" / n).read_bytes()
+                        for n in files(root / "processed")})
+        assert_no_temps(root)
+    assert results["local"] == results["dask-local"]
+    assert "broken.jpg" in results["local"][2]
