@@ -178,11 +178,12 @@ def quality(job: str, inputs: list[Path], outdir: Path, sample: int = 12) -> dic
 # --- the implementations --------------------------------------------------------------------
 
 def watcher_cmd(job: str, src: Path, out: Path, workers: int = CORES,
-                report: Path | None = None) -> list[str]:
+                report: Path | None = None, executor: str = "local") -> list[str]:
     ops, fmt = WATCHER_OPS[job]
     cmd = [str(WATCHER), "batch", str(src), "--out", str(out), "--ops", ops, "--suffix", "bench",
            "--format", fmt, "--quality", "85", "--workers", str(workers), "--no-progress",
-           "--log-format", "json", "--log-level", "warning", "--on-conflict", "overwrite"]
+           "--log-format", "json", "--log-level", "warning", "--on-conflict", "overwrite",
+           "--executor", executor]
     if report:
         cmd += ["--report", str(report)]
     return cmd
@@ -237,6 +238,34 @@ def bench_throughput(job: str, src: Path, rounds: int, work: Path,
             runs[impl].peaks_mib.append(peak)
     q = {impl: quality(job, inputs, work / f"{job}-{impl}") for impl in impls if runs[impl].ok}
     return list(runs.values()), q
+
+
+def bench_executor(job: str, src: Path, rounds: int, work: Path, inputs: list[Path],
+                   executor: str) -> dict[str, Any]:
+    """watcher on ``executor`` against watcher on local processes, alternately: the price of
+    the cluster (start-up and per-task cost) on one machine."""
+    runs = {e: Run(job, f"watcher --executor {e}") for e in ("local", executor)}
+    for r in range(rounds):
+        order = ["local", executor] if r % 2 == 0 else [executor, "local"]
+        for ex in order:
+            out = work / f"{job}-exec-{ex}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            wall, peak, status = timed(watcher_cmd(job, src, out, executor=ex))
+            if status:
+                runs[ex].ok, runs[ex].note = False, f"exit status {status}"
+            runs[ex].walls.append(wall)
+            runs[ex].peaks_mib.append(peak)
+    local, other = runs["local"], runs[executor]
+    out: dict[str, Any] = {"job": job, "executor": executor, "images": len(inputs),
+                           "runs": [{**asdict(x), "wall": x.wall, "peak": x.peak}
+                                    for x in runs.values()]}
+    if local.ok and other.ok:
+        out["slowdown"] = other.wall / local.wall
+        out["extra_s"] = other.wall - local.wall
+        out["extra_ms_per_file"] = 1000 * (other.wall - local.wall) / len(inputs)
+        out["quality"] = quality(job, inputs, work / f"{job}-exec-{executor}")
+    return out
 
 
 def bench_memory(big: Path, rounds: int, work: Path) -> list[Run]:
@@ -545,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 "the work folder)")
     ap.add_argument("--chart", default="", help="write the chart PNG here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--executor", choices=["local", "dask-local"], default="local",
+                    help="dask-local: also run jobs S and T on a Dask LocalCluster and report "
+                         "its overhead against local worker processes")
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     jobs = [j.strip().upper() for j in args.jobs.split(",") if j.strip()]
@@ -587,7 +619,26 @@ def main(argv: list[str] | None = None) -> int:
         if "W" in jobs:
             idle, backlog = (10, 300) if args.quick else (100, 10_000)
             results["W"] = bench_watch(photos, small, idle, backlog, work)
+        if args.executor != "local":
+            results["executor"] = {}
+            for job in ("S", "T"):
+                folder = src / ("small" if job == "S" else "photos")
+                results["executor"][job] = bench_executor(
+                    job, folder, rounds, work, small if job == "S" else photos, args.executor)
+                print(f"job {job} on {args.executor} done", file=sys.stderr, flush=True)
         print(table(results, counts))
+        print()
+        for job, e in results.get("executor", {}).items():
+            if "slowdown" not in e:
+                print(f"{job} on {e['executor']}: did not run ({e['runs']})")
+                continue
+            walls = {r["impl"]: r["wall"] for r in e["runs"]}
+            q = e["quality"]
+            print(f"{job} on {e['executor']}: " + ", ".join(f"{k} {v:.3f} s" for k, v in
+                                                         walls.items())
+                  + f"; {e['slowdown']:.2f}x the local time, +{e['extra_s']:.2f} s = "
+                  f"{e['extra_ms_per_file']:.2f} ms per file ({e['images']} files, cluster "
+                  f"start-up included); quality {q['pass']}/{q['n']}")
         print()
         for line in verdicts(results):
             print(line)

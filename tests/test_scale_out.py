@@ -72,25 +72,35 @@ def test_requeue_claims_of_a_dead_instance_by_command(tmp_path: Path) -> None:
     assert "requeued 1 file(s)" in proc.stderr
 
 
+@pytest.mark.timeout(180)
 def test_two_daemons_share_an_inbox_and_one_is_killed(tmp_path: Path) -> None:
-    names = [f"s{i:03d}.png" for i in range(150)]
-    a = Daemon(tmp_path, "--instance", "a", "--workers", "1")
+    names = [f"s{i:03d}.png" for i in range(100)]
+    a = Daemon(tmp_path, "--instance", "a", "--workers", "1", "--max-in-flight", "30")
     b = Daemon(tmp_path, "--instance", "b", "--workers", "1", "--stale-claims-after", "3")
     try:
+        for n in names:  # made aside, then renamed in: a burst
+            make_image(tmp_path / "src" / n, size=(1000, 750), seed=hash(n) % 50)
         for n in names:
-            make_image(tmp_path / "inbox" / n, size=(400, 300), seed=hash(n) % 50)
-        a.wait_for("file.processed", count=10, timeout=60)
-        wait_until(lambda: files(tmp_path / "work" / "a"), 30, "daemon a to hold claims")
+            os.rename(tmp_path / "src" / n, tmp_path / "inbox" / n)
+        a.wait_for("file.processed", count=5, timeout=60)
+        wait_until(lambda: len(files(tmp_path / "work" / "a")) >= 5, 30,
+                   "daemon a to hold claims")
         a.kill()  # SIGKILL: its claims stay in work/a, its heartbeat stops
         wait_until(lambda: not tagged_processes(a.tag), 15, "a's workers to exit")
+        left = files(tmp_path / "work" / "a")
+        assert left, "a held no claims when it was killed"
         wait_until(lambda: len(files(tmp_path / "archive")) == len(names), 120,
                    "every input archived")
-        assert b.seen("claim.recovered"), "b recovered none of a's claims"
+        recovered = {Path(e["claim"]).name for e in b.seen("claim.recovered")}
+        assert recovered == {Path(x).name for x in left}
     finally:
+        if a.proc.poll() is None:
+            a.kill()
         assert b.stop() == 0
     assert files(tmp_path / "archive") == names  # each exactly once: no name_2 copies
     assert files(tmp_path / "processed") == sorted(n.replace(".png", "_thumbnail.png")
                                                    for n in names)
+    assert not (tmp_path / "work" / "a").exists() or files(tmp_path / "work" / "a") == []
     assert files(tmp_path / "inbox") == [] and files(tmp_path / "work") == []
     assert files(tmp_path / "quarantine") == []
     assert_no_temps(tmp_path)
