@@ -144,7 +144,10 @@ class DaskEngine:
 
         s = self.settings
         if s.executor == "dask-local":
+            # worker-saturation 1.0: a worker holds only the task it runs, so one that dies
+            # charges that task alone (Dask counts a death against every task assigned to it)
             with dask.config.set({"distributed.scheduler.allowed-failures": s.crash_retries,
+                                  "distributed.scheduler.worker-saturation": 1.0,
                                   "distributed.worker.daemon": True,
                                   "distributed.admin.tick.limit": "1h"}):
                 self._cluster = LocalCluster(
@@ -283,12 +286,15 @@ class DaskEngine:
         with contextlib.suppress(OSError):
             while os.read(self._wake_r, 4096):
                 pass
+        done = []
         while True:
             try:
-                key, fut = self._done.get_nowait()
+                done.append(self._done.get_nowait())
             except queue.Empty:
                 break
-            self._finished(key, fut)
+        fetched = self._gather([f for _, f in done if f.status == "finished"])
+        for key, fut in done:
+            self._finished(key, fut, fetched)
         self._kill_stuck()
         self._feed()
         out, self._ready = self._ready, []
@@ -319,7 +325,18 @@ class DaskEngine:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
-    def _finished(self, key: str, fut: Any) -> None:
+    def _gather(self, futs: list[Any]) -> dict[str, Any]:
+        """The results of finished futures, fetched in one round trip (per-future fetches cost
+        a millisecond or more each); {} when that fails (then each is fetched alone)."""
+        if len(futs) < 2:
+            return {}
+        try:
+            values = self._client.gather(futs, errors="raise")
+        except Exception:  # noqa: BLE001 - a result lost with its worker: fetch one by one
+            return {}
+        return {f.key: v for f, v in zip(futs, values, strict=True)}
+
+    def _finished(self, key: str, fut: Any, fetched: Mapping[str, Any]) -> None:
         seq = self._keys.get(key)
         status = fut.status
         if status == "cancelled" and (seq is None or seq not in self._tasks):
@@ -340,7 +357,7 @@ class DaskEngine:
             return
         if status == "finished":
             try:
-                result = fut.result(timeout=FETCH_TIMEOUT)
+                result = fetched[key] if key in fetched else fut.result(timeout=FETCH_TIMEOUT)
             except Exception as exc:  # noqa: BLE001 - lost with its worker before we fetched it
                 self._lost_attempt(task, f"its result was lost ({type(exc).__name__}: {exc})")
                 return

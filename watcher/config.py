@@ -39,7 +39,7 @@ class EngineSettings:
     # ``scheduler``), or "dask-local" (a Dask LocalCluster of ``workers`` processes started here).
     executor: str = "local"
     scheduler: str = ""  # tcp://HOST:8786 for executor = "dask"
-    tasks_per_worker: int = 2  # back-pressure: tasks handed to the executor per worker at most
+    tasks_per_worker: int = 4  # back-pressure: tasks handed to the executor per worker at most
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
