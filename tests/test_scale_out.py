@@ -5,10 +5,12 @@ Real daemons as subprocesses, real kill -9, deadlines everywhere."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,65 @@ def test_daemon_on_a_dask_cluster_processes_and_quarantines_like_local(tmp_path:
         assert_no_temps(root)
     assert results["local"] == results["dask-local"]
     assert "broken.jpg" in results["local"][2]
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path) -> Iterator[str]:
+    """A real cluster from the command line: `dask scheduler` and `dask worker` processes on
+    127.0.0.1, as the README sets one up on several machines."""
+    dask = Path(sys.executable).parent / "dask"
+    sched_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0",
+           "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1", "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "dask.log", "w")  # noqa: SIM115
+    procs = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--no-dashboard", "--scheduler-file", str(sched_file)],
+                              stdout=log, stderr=log, env=env)]
+    try:
+        wait_until(sched_file.exists, 60, "the scheduler to write its address")
+        procs.append(subprocess.Popen(
+            [str(dask), "worker", "--scheduler-file", str(sched_file), "--nworkers", "2",
+             "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
+            stdout=log, stderr=log, env=env))
+        address = json.loads(sched_file.read_text())["address"]
+        from distributed import Client
+
+        with Client(address, timeout=30) as c:
+            c.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        log.close()
+
+
+@needs_dask
+@pytest.mark.timeout(180)
+def test_daemon_with_executor_dask_on_a_cli_started_cluster(tmp_path: Path,
+                                                            dask_cluster: str) -> None:
+    root = tmp_path / "d"
+    root.mkdir()
+    cfg = root / "watcher.toml"
+    cfg.write_text(f'[engine]\nexecutor = "dask"\nscheduler = "{dask_cluster}"\n')
+    d = Daemon(root, "-c", str(cfg))
+    try:
+        assert d.seen("cluster.connected", executor="dask")
+        for i, fmt in enumerate(["PNG", "JPEG", "WEBP"]):
+            make_image(root / "inbox" / f"seed{i}.{fmt.lower()}", size=(300, 200), fmt=fmt,
+                       seed=i)
+        (root / "inbox" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+        d.wait_for("file.processed", count=3, timeout=90)
+        d.wait_for("file.quarantined", count=1, timeout=60)
+    finally:
+        assert d.stop() == 0
+    assert files(root / "archive") == ["seed0.png", "seed1.jpeg", "seed2.webp"]
+    assert files(root / "processed") == ["seed0_thumbnail.png", "seed1_thumbnail.jpeg",
+                                         "seed2_thumbnail.webp"]
+    assert "broken.jpg" in files(root / "quarantine")
+    assert_no_temps(root)
