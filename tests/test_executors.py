@@ -19,6 +19,7 @@ import pytest
 
 from tests import crashers
 from tests.conftest import make_image, wait_until
+from tests.test_engine import poison, run_all, tasks_for
 from watcher import batch, config
 from watcher.cluster import create_engine
 from watcher.codec import DecodeLimits
@@ -43,31 +44,6 @@ def engine_for(executor: str, steps: list[Any], **settings: Any) -> Any:
     s = EngineSettings(**{"workers": 2, "task_timeout": 30.0, "grace": 5.0,
                           "executor": executor, **settings})
     return create_engine(s, {"p": p}, DecodeLimits())
-
-
-def tasks_for(paths: list[Path], out: Path) -> list[Task]:
-    return [Task(i, str(p), (OutputPlan("p", str(out / f"{p.stem}_p.png")),))
-            for i, p in enumerate(paths)]
-
-
-def run_all(engine: Any, tasks: list[Task], timeout: float = 90) -> dict[str, Result]:
-    results: dict[str, Result] = {}
-    for t in tasks:
-        engine.submit(t)
-    deadline = time.monotonic() + timeout
-    while engine.outstanding:
-        if time.monotonic() > deadline:
-            pytest.fail(f"engine did not finish in {timeout} s: {results}")
-        for r in engine.poll(0.2):
-            assert r.path not in results, f"two results for {r.path}"
-            results[r.path] = r
-    return results
-
-
-def poison(path: Path, token: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    crashers.poison_image(str(path), token)
-    return path
 
 
 def temps(root: Path) -> list[Path]:
