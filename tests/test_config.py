@@ -132,3 +132,45 @@ def test_dotted_import_path_is_a_user_transform() -> None:
         config.parse_step("tests.crashers.nope", "--ops")
     with pytest.raises(ConfigError, match="bad arguments"):
         config.parse_step("tests.crashers.invert(3)", "--ops")
+
+
+@pytest.mark.parametrize(("text", "where", "message"), [
+    ('executor = "ray"', "engine.executor", "expected one of local, dask, dask-local"),
+    ('executor = "dask"', "engine.scheduler", "needs the scheduler's address"),
+    ('scheduler = "10.0.0.1:8786"', "engine.scheduler", "like tcp://HOST:8786"),
+    ("tasks_per_worker = 0", "engine.tasks_per_worker", "must be >= 1"),
+])
+def test_bad_executor_settings_are_refused_naming_the_key(tmp_path: Path, text: str, where: str,
+                                                          message: str) -> None:
+    cfg = tmp_path / "watcher.toml"
+    cfg.write_text(f"[engine]\n{text}\n")
+    with pytest.raises(ConfigError, match=message) as exc:
+        config.load(cfg)
+    assert exc.value.where == f"{cfg}: {where}" or exc.value.where.endswith(where)
+
+
+def test_executor_settings_from_file_environment_and_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "watcher.toml"
+    cfg.write_text('[engine]\nexecutor = "dask"\nscheduler = "tcp://10.0.0.5:8786"\n'
+                   "tasks_per_worker = 3\n")
+    s = config.load(cfg)
+    assert (s.engine.executor, s.engine.scheduler, s.engine.tasks_per_worker) == \
+        ("dask", "tcp://10.0.0.5:8786", 3)
+    s = config.from_environment(config.load(None), {"WATCHER_EXECUTOR": "dask-local"})
+    assert s.engine.executor == "dask-local"
+    s = config.load(None, scheduler="tcp://h:8786")  # --scheduler alone implies dask
+    assert (s.engine.executor, s.engine.scheduler) == ("dask", "tcp://h:8786")
+    with pytest.raises(ConfigError, match="WATCHER_SCHEDULER"):
+        config.from_environment(config.load(None), {"WATCHER_EXECUTOR": "dask"})
+
+
+def test_instance_names_the_work_folder(tmp_path: Path) -> None:
+    cfg = tmp_path / "watcher.toml"
+    cfg.write_text('[watch]\nwork = "w"\ninstance = "{host}-2"\n')
+    ws = config.load(cfg).watch
+    from watcher.files import HOST
+
+    assert ws.folders()["work"] == str(tmp_path / "w" / f"{HOST}-2")
+    cfg.write_text('[watch]\ninstance = "a/b"\n')
+    with pytest.raises(ConfigError, match="instance name"):
+        config.load(cfg)
