@@ -155,24 +155,49 @@ def test_task_past_timeout_kills_worker_and_fails_with_timeout(
         os.kill(hung_pid, 0)
 
 
-def test_idle_worker_killed_from_outside_does_not_stall_the_queue(
+def test_idle_worker_killed_from_outside_is_replaced_and_work_goes_on(
         tmp_path: Path, images: list[Path]) -> None:
     e = engine_for(["mirror"], workers=2)
     e.start()
     try:
         first = run_all(e, tasks_for(images[:2], tmp_path / "out"))
         assert all(r.ok for r in first.values())
-        # Both workers now wait in queue.get(); one of them holds the queue's read lock.
-        for pid in e.pids:
-            os.kill(pid, signal.SIGKILL)
-            break
+        victim = e.pids[0]
+        os.kill(victim, signal.SIGKILL)  # idle: waiting on its task pipe
         more = tasks_for(images[2:], tmp_path / "out2")
         more = [Task(t.seq + 100, t.path, t.outputs) for t in more]
         results = run_all(e, more, timeout=30)
     finally:
         e.close()
-    assert all(r.ok for r in results.values()), results
-    assert e.stats.queue_resets >= 1
+    assert all(r.ok and r.attempt == 1 for r in results.values()), results
+    assert e.stats.restarts == 1 and e.stats.crashes == 0
+    assert victim not in {r.worker for r in results.values()}
+
+
+def test_tasks_a_killed_worker_had_not_started_go_to_another_uncharged(
+        tmp_path: Path, images: list[Path]) -> None:
+    # One worker holds a slow task and, queued behind it, two more it has not started. Killed,
+    # it is charged for the slow one only; the other two run on its replacement, first attempt.
+    e = engine_for([crashers.slow], workers=1, tasks_per_worker=3)
+    e._avg = 0.001  # as if tasks were short: the worker is handed tasks ahead
+    e.start()
+    try:
+        s = slow(tmp_path / "in" / "s.png", 1.5)
+        tasks = tasks_for([s, *images[:2]], tmp_path / "out")
+        for t in tasks:
+            e.submit(t)
+        wait_until(lambda: e._slots[0].seq == tasks[0].seq, 10, "the worker to start the task")
+        assert len(e._slots[0].held) == 3  # all three were sent to it
+        os.kill(e.pids[0], signal.SIGKILL)
+        results: dict[str, Result] = {}
+        deadline = time.monotonic() + 30
+        while e.outstanding and time.monotonic() < deadline:
+            results.update((r.path, r) for r in e.poll(0.2))
+    finally:
+        e.close()
+    assert results[str(s)].ok and results[str(s)].attempt == 2
+    assert all(results[str(p)].ok and results[str(p)].attempt == 1 for p in images[:2])
+    assert e.stats.crashes == 1 and e.stats.requeued == 2
 
 
 def test_busy_worker_killed_from_outside_retries_its_task(tmp_path: Path) -> None:

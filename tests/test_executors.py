@@ -21,12 +21,18 @@ from tests import crashers
 from tests.conftest import make_image, wait_until
 from tests.test_engine import poison, run_all, tasks_for
 from watcher import batch, config
-from watcher.cluster import create_engine
 from watcher.codec import DecodeLimits
 from watcher.config import EngineSettings
+from watcher.engine import create_engine
 from watcher.tasks import OutputPlan, Result, Task
 
 pytestmark = pytest.mark.integration
+
+
+def failures(results: dict[str, Result], paths: list[Path]) -> list[tuple[str, str, str]]:
+    """The inputs among ``paths`` that did not succeed, with their reason and error."""
+    return [(str(p), results[str(p)].reason, results[str(p)].error) for p in paths
+            if not results[str(p)].ok]
 
 HAVE_DASK = importlib.util.find_spec("distributed") is not None
 needs_dask = pytest.mark.skipif(not HAVE_DASK, reason="the dask extra is not installed "
@@ -89,7 +95,7 @@ def test_bad_inputs_fail_with_their_reason_and_the_rest_succeed(
         e.close()
     assert results[str(text)].reason == "not-an-image"
     assert results[str(cut)].reason in ("truncated", "corrupt")
-    assert all(results[str(p)].ok for p in images)
+    assert all(results[str(p)].ok for p in images), failures(results, images)
     assert not (tmp_path / "out" / "notes_p.png").exists()
     assert not temps(tmp_path / "out")
 
@@ -110,7 +116,7 @@ def test_a_file_that_kills_every_worker_is_charged_worker_crashed(
         e.close()
     r = results[str(bad)]
     assert (r.ok, r.reason, r.attempt) == (False, "worker-crashed", 2)
-    assert all(results[str(p)].ok for p in images)
+    assert all(results[str(p)].ok for p in images), failures(results, images)
     assert all(r.ok for r in again.values())
     assert e.stats.crashes >= 1
     assert not temps(tmp_path / "out")
@@ -152,7 +158,7 @@ def test_hung_task_times_out_and_its_worker_is_replaced(executor: str, tmp_path:
         e.close()
     r = results[str(bad)]
     assert (r.ok, r.reason) == (False, "timeout")
-    assert all(results[str(p)].ok for p in images)
+    assert all(results[str(p)].ok for p in images), failures(results, images)
     assert all(x.ok for x in after.values())
     assert e.stats.timeouts == 1
     if r.worker:

@@ -61,19 +61,25 @@ KILLER = """
 import os, signal, sys
 from watcher import files
 def write(f):
-    f.write(b"a" * 100000)
+    f.write(b"a" * int(sys.argv[2]))
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 files.atomic_write(sys.argv[1], write, overwrite=True)
 """
 
 
-def test_kill_9_mid_write_leaves_no_visible_output(tmp_path: Path) -> None:
-    final = tmp_path / "out.jpg"
-    final.write_bytes(b"previous good result")
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(final)], check=False, timeout=30,
+def kill_mid_write(final: Path, size: int) -> None:
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(final), str(size)], check=False,
+                          timeout=30,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_kill_9_mid_write_leaves_no_visible_output(tmp_path: Path) -> None:
+    # Past the in-memory limit the output is being written to its temp file when killed.
+    final = tmp_path / "out.jpg"
+    final.write_bytes(b"previous good result")
+    kill_mid_write(final, files.SPOOL_LIMIT + 100_000)
     assert final.read_bytes() == b"previous good result"  # never a partial file under the name
     leftovers = [p.name for p in tmp_path.iterdir() if p != final]
     assert len(leftovers) == 1 and leftovers[0].startswith(".out.jpg.")  # hidden temp only
@@ -82,6 +88,33 @@ def test_kill_9_mid_write_leaves_no_visible_output(tmp_path: Path) -> None:
     pid = owner[1]
     assert files.remove_temps([str(final)], pid) == [str(tmp_path / leftovers[0])]
     assert list(tmp_path.iterdir()) == [final]
+
+
+def test_kill_9_while_encoding_in_memory_leaves_nothing(tmp_path: Path) -> None:
+    final = tmp_path / "out.jpg"
+    final.write_bytes(b"previous good result")
+    kill_mid_write(final, 100_000)
+    assert list(tmp_path.iterdir()) == [final]
+    assert final.read_bytes() == b"previous good result"
+
+
+def test_output_is_encoded_in_memory_and_spills_past_the_limit(tmp_path: Path) -> None:
+    seen: list[bool] = []
+
+    def write(f: object) -> None:
+        f.write(b"x" * 1000)  # type: ignore[attr-defined]
+        seen.append(any(tmp_path.iterdir()))  # no file yet: the committer creates it
+        f.write(b"y" * files.SPOOL_LIMIT)  # type: ignore[attr-defined]
+        seen.append(any(p.name.endswith(files.TEMP_SUFFIX) for p in tmp_path.iterdir()))
+        f.seek(0)  # type: ignore[attr-defined]
+        f.write(b"z")  # type: ignore[attr-defined]
+
+    st = files.Staged(str(tmp_path / "big.bin"), write)
+    assert seen == [False, True] and st.size == 1000 + files.SPOOL_LIMIT
+    assert st.commit(overwrite=False) == st.size
+    data = (tmp_path / "big.bin").read_bytes()
+    assert len(data) == st.size and data[:2] == b"zx" and data[-1:] == b"y"
+    assert [p.name for p in tmp_path.iterdir()] == ["big.bin"]
 
 
 def test_name_allocator_adds_counter_on_collision(tmp_path: Path) -> None:

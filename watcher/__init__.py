@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, ExitCode, RejectedInput, WatcherError
@@ -56,13 +55,13 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
     Raises ``ConfigError`` before any work starts for anything that cannot run (a lambda, an
     unknown transform, a bad parameter).
     """
-    import structlog  # noqa: PLC0415
+    from dataclasses import replace  # noqa: PLC0415
 
     from . import batch, log  # noqa: PLC0415
     from . import config as cfg  # noqa: PLC0415
     from .codec import OutputOptions  # noqa: PLC0415
 
-    if not structlog.is_configured():
+    if not log.is_configured():
         log.configure("main", "auto", "warning")
     settings = cfg.load(config, workers=workers, timeout=timeout, on_conflict=on_conflict)
     opts = output if isinstance(output, OutputOptions) else cfg.output_options(

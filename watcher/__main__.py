@@ -1,7 +1,5 @@
 """``python -m watcher``: the same as the ``watcher`` command."""
 
-import sys
+from .launch import run
 
-from .launch import main
-
-sys.exit(main())
+run()

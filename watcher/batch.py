@@ -23,9 +23,9 @@ from typing import Any
 from PIL import Image
 
 from . import codec, log
-from .cluster import create_engine
 from .codec import OutputOptions
 from .config import Settings
+from .engine import create_engine
 from .errors import ConfigError
 from .files import NameAllocator, fsync_dir, walk_images
 from .pipeline import Pipeline

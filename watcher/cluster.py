@@ -363,6 +363,11 @@ class DaskEngine:
                 return
             self._accept(task, result)
             return
+        if status != "error":
+            # Finished, then its worker died holding the result: the scheduler has put it back
+            # ("lost", "pending"). This notification is stale; run it again under a new key.
+            self._lost_attempt(task, f"its result was lost with its worker (now {status})")
+            return
         exc = fut.exception(timeout=RPC_TIMEOUT)
         from distributed import KilledWorker  # noqa: PLC0415
 
@@ -556,12 +561,3 @@ def _remove_all_temps(finals: list[str], min_age: float = 0.0) -> None:
 
 
 AnyEngine = Engine | DaskEngine
-
-
-def create_engine(settings: EngineSettings, pipelines: Mapping[str, Pipeline],
-                  limits: DecodeLimits, **kw: Any) -> AnyEngine:
-    """The engine for ``settings.executor``: local processes, or a Dask cluster."""
-    if settings.executor == "local":
-        return Engine(settings, pipelines, limits, **kw)
-    return DaskEngine(settings, pipelines, limits, **kw)
-

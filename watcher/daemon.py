@@ -24,17 +24,20 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import batch, health, lifecycle, log, sources
-from .cluster import AnyEngine, create_engine
 from .config import Settings
+from .engine import create_engine
 from .errors import TRANSIENT_REASONS, ConfigError
 from .lifecycle import Claim, Folders, NotClaimed
 from .metrics import Metrics, MetricsServer
 from .notify import Notifier
 from .pipeline import Pipeline
 from .tasks import OutputPlan, Result, Task
+
+if TYPE_CHECKING:
+    from .cluster import AnyEngine
 
 TICK = 0.25  # longest wait between ticks; events, results and signals wake the loop sooner
 BEAT = 1.0  # seconds between heartbeats (file, STATUS)
@@ -129,16 +132,16 @@ class Daemon:
             self.observer.start()
             self.tracker.close_events = self.observer.kind == "inotify"
             backlog = self._reconcile(count=False)
-            self._log.info("daemon.started", pid=os.getpid(), **self.folders.named(),
-                           observer=self.observer.kind, workers=self.settings.engine.workers,
-                           pipelines=[p.name for p in self._pipelines], backlog=backlog,
-                           recovered=recovered, on_success=ws.on_success)
             if ws.metrics_port:
                 self._server = MetricsServer(self.metrics, ws.metrics_host, ws.metrics_port)
                 self._server.start()
                 self._log.info("metrics.listening", host=self._server.address[0],
                                port=self._server.address[1])
-            self.metrics.ready = True
+            self.metrics.ready = True  # before daemon.started: that line means "up and ready"
+            self._log.info("daemon.started", pid=os.getpid(), **self.folders.named(),
+                           observer=self.observer.kind, workers=self.settings.engine.workers,
+                           pipelines=[p.name for p in self._pipelines], backlog=backlog,
+                           recovered=recovered, on_success=ws.on_success)
             self._beat(force=True)
             self.notifier.ready(self._status())
             next_scan = time.monotonic() + ws.reconcile_interval

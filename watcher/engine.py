@@ -3,38 +3,38 @@
 Both modes drive it the same way: ``submit(task)`` as paths become known, ``poll(timeout)`` in
 their own loop (it returns finished results), ``stop_intake()`` to stop handing out work, and
 ``close(grace)`` to drain and end the workers. Each ``poll`` is one supervisor tick, in a fixed
-order: wait for a result or a worker exit, collect results, reap dead workers (charging the task
-they held), kill workers stuck past the timeout, recover tasks lost with a dead worker, top the
-pool back up, and feed the task queue.
+order: wait for a result or a worker exit, collect results, reap dead workers (settling every
+task they held), kill workers stuck past the timeout, top the pool back up, and feed the workers.
 
-Tasks go to the workers over one ``multiprocessing.Queue`` (kept short so stopping is quick);
-each worker sends results back on its own pipe, so a worker killed mid-send can only break its
-own channel. A worker records in a shared slot which task it holds; the supervisor kills a worker
-only under that slot's lock while the slot still shows the task it timed out, so it never kills a
-worker that may be inside ``queue.get()``. Results are accepted once per task: a late duplicate
-(a task that ran twice) is dropped.
+Each worker has two pipes of its own: tasks go down one (a few at a time, in one message) and
+results come back on the other. No lock or queue is shared between workers, so a worker killed
+at any moment can only break its own channels. The supervisor hands a worker at most a few tasks
+ahead (enough to hide the round trip when tasks are short, one when they are long, so that a slow
+file never holds others back), and so always knows which tasks each worker holds.
 
-A worker that dies holding no recorded task (killed from outside while idle, or between taking a
-task and recording it) may have died inside ``queue.get()`` holding the queue's read lock, which
-would block every other worker forever. So the supervisor then replaces the queue: a new queue
-with every task not yet seen started, idle workers ended (they wait on the old queue), busy ones
-told to exit after their current task, and fresh workers on the new queue.
+A worker takes its tasks in the order it got them and records, under its slot's lock, how many it
+has taken and which one it is processing (and which one its committer thread is publishing). So
+when a worker dies, each task it held is settled exactly: the one it was processing is charged
+(retried once, then ``worker-crashed``), the one being committed is run again (it did not cause
+the death), and the ones it had not started go back to the front of the line. The supervisor
+kills a worker for a timeout only under that lock while the slot still shows the timed-out task.
+Results are accepted once per task: a late duplicate (a task that ran twice) is dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 import os
 import pickle
-import queue
 import signal
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import log
 from .codec import DecodeLimits
@@ -42,21 +42,31 @@ from .config import EngineSettings
 from .errors import WatcherError
 from .files import remove_temps
 from .pipeline import Pipeline
-from .tasks import STOP, Result, Task
+from .tasks import Result, Task
 from .worker import (
     EXIT_INIT_FAILED,
+    HALT,
     IDLE,
     PENDING,
-    RETIRE,
     SEQ,
     SLOT_SIZE,
     STARTED,
+    TAKEN,
     WorkerConfig,
     worker_main,
 )
 
-PREFETCH = 2  # tasks waiting in the queue per worker: enough to never starve one
+# How many tasks a worker holds at once: the one it processes, the one its committer thread
+# publishes, and enough queued behind them to cover about LOOKAHEAD seconds of work (when tasks
+# are short, so the round trip to the supervisor never leaves it idle). Long tasks get nothing
+# queued: a slow file must not hold back another that an idle worker could take.
+LOOKAHEAD = 0.02
+LONG_TASK = 0.1
 EARLY_DEATHS = 5  # workers dying in a row before reporting anything: they cannot start
+
+
+if TYPE_CHECKING:
+    from .cluster import AnyEngine
 
 
 class EngineError(WatcherError):
@@ -72,10 +82,13 @@ class _Slot:
     conn: Connection
     shared: Any
     lock: Any
+    tasks_conn: Connection  # the supervisor's end of the worker's task pipe
     killed_for: int = -1  # the task this worker was killed for (timeout/shutdown), if any
     cleanup: list[str] = field(default_factory=list)  # outputs whose temp files it may leave
-    retiring: bool = False  # on an abandoned queue: exits after its current task
-    tasks: int = 0
+    tasks: int = 0  # results received from it
+    # Tasks sent to it and not yet settled, with their position in the order it got them.
+    held: dict[int, int] = field(default_factory=dict)
+    sent: int = 0  # tasks ever sent to it
 
     @property
     def seq(self) -> int:
@@ -85,6 +98,10 @@ class _Slot:
     def pending(self) -> int:
         return int(self.shared[PENDING])
 
+    @property
+    def taken(self) -> int:
+        return int(self.shared[TAKEN])
+
 
 @dataclass
 class Stats:
@@ -92,7 +109,6 @@ class Stats:
     restarts: int = 0
     crashes: int = 0
     timeouts: int = 0
-    queue_resets: int = 0
     requeued: int = 0
     duplicates: int = 0
 
@@ -111,35 +127,38 @@ class Engine:
             self._cfg = pickle.dumps(cfg)
         except Exception as exc:
             raise EngineError(f"the pipelines cannot be sent to worker processes: {exc}") from exc
-        self._queue: Any = None
         self._slots: dict[int, _Slot] = {}
         self._tasks: dict[int, Task] = {}  # outstanding: submitted, no result accepted yet
-        self._pending: deque[Task] = deque()  # not yet on the queue
-        self._inq: dict[int, Task] = {}  # on the queue, not yet seen started
+        self._pending: deque[Task] = deque()  # not yet sent to a worker
         self._intake = True
+        self._started = False
         self._early_deaths = 0  # consecutive workers that died before sending any result
         self._ready: list[Result] = []
+        self._avg: float | None = None  # moving average of a task's duration, seconds
         self.stats = Stats()
         self._log = log.get("watcher.engine")
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._queue = self._ctx.Queue()
+        self._started = True
         for i in range(self.settings.workers):
             self._spawn(i)
+        self._feed()
 
     def _spawn(self, index: int) -> None:
         shared = self._ctx.RawArray("d", SLOT_SIZE)
         shared[SEQ] = shared[PENDING] = IDLE
         lock = self._ctx.Lock()
         recv, send = self._ctx.Pipe(duplex=False)
+        task_recv, task_send = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(target=worker_main, name=f"watcher-worker-{index}",
-                                 args=(index, self._queue, send, shared, lock, self._cfg),
+                                 args=(index, task_recv, send, shared, lock, self._cfg),
                                  daemon=True)
         proc.start()
         send.close()  # the worker holds the only writing end: EOF means it is gone
-        self._slots[index] = _Slot(index, proc, recv, shared, lock)
+        task_recv.close()
+        self._slots[index] = _Slot(index, proc, recv, shared, lock, task_send)
         self.stats.started += 1
         self._log.info("worker.started", worker=proc.pid, slot=index)
 
@@ -167,21 +186,22 @@ class Engine:
         self._feed()
 
     def stop_intake(self) -> list[Task]:
-        """Stop handing out work; return the tasks that had not started (now withdrawn)."""
+        """Stop handing out work; return the tasks that had not started (now withdrawn).
+
+        Every worker is told to halt: it finishes (and commits) the task it is processing, takes
+        no other, and exits. The tasks it held but had not taken are withdrawn here."""
         self._intake = False
         withdrawn = list(self._pending)
         self._pending.clear()
-        while True:
-            try:
-                # a short wait, not get_nowait(): the queue's feeder thread may still hold
-                # tasks put a moment ago, which a worker would otherwise take later
-                item = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                break
-            if isinstance(item, Task):
-                withdrawn.append(item)
+        for slot in self._slots.values():
+            with slot.lock:
+                slot.shared[HALT] = 1.0
+                taken = slot.taken
+            for seq, n in list(slot.held.items()):
+                if n >= taken and seq in self._tasks:
+                    withdrawn.append(self._tasks[seq])
+                    del slot.held[seq]
         for t in withdrawn:
-            self._inq.pop(t.seq, None)
             self._tasks.pop(t.seq, None)
         return withdrawn
 
@@ -201,9 +221,8 @@ class Engine:
         while self._tasks and time.monotonic() < deadline and not (abort and abort()):
             results += self.poll(min(0.1, max(0.0, deadline - time.monotonic())), respawn=False)
         for slot in self._slots.values():
-            if slot.proc.is_alive():
-                with contextlib.suppress(Exception):
-                    self._queue.put(STOP)
+            with contextlib.suppress(OSError):
+                slot.tasks_conn.close()  # EOF: an idle worker exits at once
         end = time.monotonic() + 2.0
         for slot in self._slots.values():
             slot.proc.join(max(0.0, end - time.monotonic()))
@@ -223,9 +242,6 @@ class Engine:
         for t in list(self._tasks.values()):
             results.append(_failure(t, "cancelled", "the run stopped before this input finished"))
         self._tasks.clear()
-        if self._queue is not None:
-            self._queue.close()
-            self._queue.join_thread()
         return results
 
     # --- one supervisor tick --------------------------------------------------------------------
@@ -262,6 +278,7 @@ class Engine:
                 self._log.warning("engine.result_unreadable", worker=slot.proc.pid)
                 break
             slot.tasks += 1
+            slot.held.pop(result.seq, None)
             self._early_deaths = 0
             accepted = self._accept(result)
             if accepted is not None:
@@ -275,30 +292,20 @@ class Engine:
             self._log.debug("engine.duplicate_result", path=result.path, seq=result.seq)
             return None
         del self._tasks[result.seq]
-        self._inq.pop(result.seq, None)
+        if result.ok and result.duration > 0:
+            self._avg = result.duration if self._avg is None else \
+                0.8 * self._avg + 0.2 * result.duration
         return result
 
     def _reap(self, respawn: bool) -> None:
         for slot in list(self._slots.values()):
             if slot.proc.is_alive():
-                for seq in (slot.seq, slot.pending):
-                    if seq >= 0:
-                        self._inq.pop(seq, None)  # seen started
                 continue
             slot.proc.join(0)
             self._ready += self._drain(slot)  # results sent just before it died
             code = slot.proc.exitcode
             seq = slot.seq
-            self._requeue_pending(slot)
-            reset = False
-            if slot.killed_for >= 0:
-                pass  # charged when it was killed; _retire removes its temp files
-            elif seq >= 0 and seq in self._tasks:
-                self._crashed(slot, seq, code)
-            elif code != 0 and not slot.retiring and code != EXIT_INIT_FAILED:
-                # Died while idle or between taking a task and recording it: possibly inside
-                # queue.get(), holding the queue's read lock.
-                reset = True
+            self._settle_held(slot, code)
             if code != 0:
                 self._log.warning("worker.died", worker=slot.proc.pid, exitcode=code,
                                   held=self._tasks[seq].path if seq in self._tasks else None)
@@ -315,48 +322,35 @@ class Engine:
                         f"any task (last exit code {code}); not respawning them. If a script "
                         "calls watcher, guard its top level with "
                         "`if __name__ == \"__main__\":` (workers import the main module)")
-            if reset:
-                self._reset_queue()
             if respawn and self._intake and slot.index not in self._slots:
                 self.stats.restarts += 1 if code != 0 else 0
                 self._spawn(slot.index)
 
-    def _requeue_pending(self, slot: _Slot) -> None:
-        """A dead worker's committer may have held a task whose outputs were encoded but whose
-        result never came: run it again (same attempt: it did not cause the death)."""
-        seq = slot.pending
-        if seq < 0 or seq not in self._tasks or seq == slot.killed_for:
-            return
-        remove_temps(self._outputs(seq), slot.proc.pid)
-        self._inq.pop(seq, None)
-        if not self._intake:
-            self._ready.append(self._charge(slot, seq, "cancelled", "its worker died during "
-                                            "shutdown before committing its outputs"))
-            return
-        self.stats.requeued += 1
-        self._pending.appendleft(self._tasks[seq])
-        self._log.info("file.requeued", path=self._tasks[seq].path, worker=slot.proc.pid,
-                       why="its worker died before committing its outputs")
-
-    def _reset_queue(self) -> None:
-        """Replace a task queue whose read lock may be held by a dead worker."""
-        self.stats.queue_resets += 1
-        old, self._queue = self._queue, self._ctx.Queue()
-        for slot in list(self._slots.values()):
-            with slot.lock:
-                slot.retiring = True
-                if slot.seq < 0:
-                    slot.proc.kill()  # idle: waiting on the old queue, holding nothing
-                else:
-                    slot.shared[RETIRE] = 1.0
-        unstarted = list(self._inq.values())
-        self._inq.clear()
-        self._pending.extendleft(reversed(unstarted))
-        self.stats.requeued += len(unstarted)
-        self._log.warning("engine.queue_replaced", requeued=len(unstarted),
-                          why="a worker died outside a task, maybe holding the queue lock")
-        old.cancel_join_thread()
-        old.close()
+    def _settle_held(self, slot: _Slot, code: int | None) -> None:
+        """Settle every task a dead worker held, exactly once each: the one it was processing is
+        charged with the crash; the one being committed and the ones it had not taken go back
+        to the front of the line (they did not cause the death); their temp files are removed."""
+        seq, pending, taken = slot.seq, slot.pending, slot.taken
+        back: list[Task] = []
+        for s, n in list(slot.held.items()):
+            task = self._tasks.get(s)
+            if task is None or s == slot.killed_for:
+                continue  # settled already (a result, a timeout, a withdrawal)
+            if s == seq:
+                self._crashed(slot, s, code)
+            elif not self._intake:
+                self._ready.append(self._charge(slot, s, "cancelled", "its worker ended during "
+                                                "shutdown before finishing this input"))
+            elif s == pending or n < taken:
+                remove_temps(self._outputs(s), slot.proc.pid)
+                self._log.info("file.requeued", path=task.path, worker=slot.proc.pid,
+                               why="its worker died before committing its outputs")
+                back.append(task)
+            else:
+                back.append(task)  # never started there: handed to the next worker
+        slot.held.clear()
+        self.stats.requeued += len(back)
+        self._pending.extendleft(reversed(back))
 
     def _crashed(self, slot: _Slot, seq: int, code: int | None) -> None:
         task = self._tasks[seq]
@@ -395,17 +389,45 @@ class Engine:
                                                 f"still running after {limit:g} s; worker "
                                                 "killed"))
 
+    def capacity(self) -> int:
+        """Tasks one worker may hold now (see LOOKAHEAD), at most ``tasks_per_worker``."""
+        if self._avg is None:
+            ahead = 1
+        elif self._avg >= LONG_TASK:
+            ahead = 0
+        else:
+            ahead = math.ceil(LOOKAHEAD / max(self._avg, 1e-4))
+        return max(1, min(self.settings.tasks_per_worker, 1 + ahead))
+
     def _feed(self) -> None:
-        if not self._intake or self._queue is None:
+        if not self._intake or not self._started or not self._pending:
             return
-        room = PREFETCH * max(1, len(self._slots)) - len(self._inq)
-        while room > 0 and self._pending:
-            task = self._pending.popleft()
-            if task.seq not in self._tasks:
-                continue
-            self._inq[task.seq] = task
-            self._queue.put(task)
-            room -= 1
+        cap = self.capacity()
+        batch = max(1, cap // 2)  # send a few at a time: one message, one wake-up
+        while self._pending:
+            live = [s for s in self._slots.values()
+                    if s.killed_for < 0 and cap - len(s.held) > 0]
+            if not live:
+                return
+            slot = min(live, key=lambda s: (len(s.held), s.index))
+            room = cap - len(slot.held)
+            if slot.held and room < batch:
+                return  # every worker has enough to do; send a fuller message later
+            chunk: list[Task] = []
+            while self._pending and len(chunk) < room:
+                task = self._pending.popleft()
+                if task.seq in self._tasks:
+                    chunk.append(task)
+            if not chunk:
+                return
+            try:
+                slot.tasks_conn.send(chunk)
+            except OSError:  # it died: reaped at the next tick, these go to another
+                self._pending.extendleft(reversed(chunk))
+                return
+            for task in chunk:
+                slot.held[task.seq] = slot.sent
+                slot.sent += 1
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -415,12 +437,14 @@ class Engine:
 
     def _charge(self, slot: _Slot, seq: int, reason: str, error: str) -> Result:
         task = self._tasks.pop(seq)
-        self._inq.pop(seq, None)
+        slot.held.pop(seq, None)
         return _failure(task, reason, error, worker=slot.proc.pid)
 
     def _retire(self, slot: _Slot) -> None:
         with contextlib.suppress(OSError):
             slot.conn.close()
+        with contextlib.suppress(OSError):
+            slot.tasks_conn.close()
         if slot.cleanup:
             slot.proc.join(5)  # a killed process may still be exiting
             removed = remove_temps(slot.cleanup, slot.proc.pid)
@@ -432,3 +456,14 @@ class Engine:
 
 def _failure(task: Task, reason: str, error: str, worker: int = 0) -> Result:
     return Result(task.seq, task.path, False, (), reason, error, "", 0.0, worker, task.attempt)
+
+
+def create_engine(settings: EngineSettings, pipelines: Mapping[str, Pipeline],
+                  limits: DecodeLimits, **kw: Any) -> AnyEngine:
+    """The engine for ``settings.executor``: local processes, or a Dask cluster (whose module,
+    and the libraries it needs, is imported only then)."""
+    if settings.executor == "local":
+        return Engine(settings, pipelines, limits, **kw)
+    from .cluster import DaskEngine  # noqa: PLC0415
+
+    return DaskEngine(settings, pipelines, limits, **kw)

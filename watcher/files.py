@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import filecmp
+import io
 import os
 import re
 import socket
 from collections.abc import Callable, Iterator
-from typing import IO
+from typing import IO, Any
 
 from .errors import RejectedInput
 
@@ -61,38 +62,134 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-class Staged:
-    """An output written in full to its temp name, not yet durable nor published.
+SPOOL_LIMIT = 16 * 1024 * 1024  # bytes of an encoded output kept in memory before its temp file
 
-    ``commit`` fsyncs it and publishes it under its final name; ``discard`` removes it. The two
-    halves of ``atomic_write``, so that a worker can hand the commit (which waits on the disk)
-    to a thread while it decodes the next image.
+
+class _Spool:
+    """Where an output is encoded: memory, until it grows past SPOOL_LIMIT, then its temp file.
+
+    Encoding into memory keeps the file system out of the worker's main thread: creating a file
+    waits on the journal while another thread's fsync commits it (ext4, XFS), so the fsync
+    that should overlap the next image's decode would stall it instead. The committer thread
+    creates the temp file, writes, fsyncs and publishes it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._mem: io.BytesIO | None = io.BytesIO()
+        self._file: IO[bytes] | None = None
+
+    @property
+    def _fp(self) -> IO[bytes]:
+        fp = self._mem if self._mem is not None else self._file
+        if fp is None:
+            raise ValueError("I/O on a closed output")
+        return fp
+
+    def write(self, data: Any) -> int:
+        n = self._fp.write(data)
+        if self._mem is not None and self._mem.tell() > SPOOL_LIMIT:
+            self._spill()
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fp.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fp.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        return self._fp.read(n)
+
+    def flush(self) -> None:
+        self._fp.flush()
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")  # Pillow then encodes in chunks through write()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def size(self) -> int:
+        fp = self._fp
+        pos = fp.tell()
+        end = fp.seek(0, os.SEEK_END)
+        fp.seek(pos)
+        return end
+
+    def _create(self) -> IO[bytes]:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # left by an earlier process with a recycled pid
+        return open(self.path, "xb")
+
+    def _spill(self) -> None:
+        assert self._mem is not None
+        pos = self._mem.tell()
+        f = self._create()
+        try:
+            f.write(self._mem.getbuffer())
+            f.seek(pos)
+        except BaseException:
+            f.close()
+            raise
+        self._file, self._mem = f, None
+
+    def persist(self) -> None:
+        """The whole output in its temp file, fsynced and closed."""
+        if self._mem is not None:
+            f = self._create()
+            self._file = f
+            f.write(self._mem.getbuffer())
+            self._mem = None
+        f = self._fp
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        self._file = None
+
+    def close(self) -> None:
+        self._mem = None
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
+class Staged:
+    """An output encoded in full, not yet durable nor published.
+
+    ``commit`` writes it to its temp name, fsyncs it and publishes it under its final name;
+    ``discard`` drops it (and any temp file). The two halves of ``atomic_write``, so that a
+    worker can hand the commit (which waits on the disk) to a thread while it decodes the next
+    image.
     """
 
     def __init__(self, final: str, write: Callable[[IO[bytes]], None]) -> None:
         self.final = final
-        folder = os.path.dirname(final) or "."
-        os.makedirs(folder, exist_ok=True)
         self.tmp = temp_name(final, os.getpid())
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)  # left by an earlier process with a recycled pid
-        self._file: IO[bytes] | None = open(self.tmp, "xb")  # noqa: SIM115 - closed by commit
+        self._out: _Spool | None = _Spool(self.tmp)
         try:
-            write(self._file)
-            self._file.flush()
-            self.size = self._file.tell()
+            write(self._out)  # type: ignore[arg-type]
+            self.size = self._out.size
         except BaseException:
             self.discard()
             raise
 
     def commit(self, *, overwrite: bool, sync_dir: bool = True) -> int:
-        """fsync, publish, remove the temp name; returns the bytes written. On failure the temp
-        file is removed and the error raised (``output-conflict``, or the OSError)."""
+        """Write, fsync, publish, remove the temp name; returns the bytes written. On failure
+        the temp file is removed and the error raised (``output-conflict``, or the OSError)."""
         try:
-            assert self._file is not None, "committed or discarded twice"
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+            assert self._out is not None, "committed or discarded twice"
+            self._out.persist()
+            self._out = None
             publish(self.tmp, self.final, overwrite=overwrite)
         finally:
             self.discard()
@@ -101,22 +198,20 @@ class Staged:
         return self.size
 
     def sync(self) -> str:
-        """fsync and close, leaving the temp file for someone else to publish; its name."""
-        assert self._file is not None, "committed or discarded twice"
+        """Write and fsync to the temp name, leaving it for someone else to publish; its name."""
+        assert self._out is not None, "committed or discarded twice"
         try:
-            os.fsync(self._file.fileno())
-            self._file.close()
+            self._out.persist()
         except BaseException:
             self.discard()
             raise
-        self._file = None
+        self._out = None
         return self.tmp
 
     def discard(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
+        if self._out is not None:
+            self._out.close()
+            self._out = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
 

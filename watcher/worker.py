@@ -1,27 +1,32 @@
-"""The worker: a plain loop over a task queue, run in a long-lived process by the engine.
+"""The worker: a plain loop over the tasks its supervisor sends, run in a long-lived process.
 
 ``Worker`` can be driven in a test without a process (``process_one``); ``worker_main`` is the
-module-level process target. The worker records which task it holds in its shared slot (so the
-supervisor can charge a crash or a timeout to the right file) and sends each result back on its
-own pipe. It ignores SIGINT (the terminal sends Ctrl-C to the whole process group; the supervisor
-decides), finishes its current task on SIGTERM, and exits when its parent is gone.
+module-level process target. Tasks arrive on the worker's own pipe, a few per message; it takes
+them in order, records in its shared slot which one it holds and how many it has taken (so the
+supervisor can charge a crash or a timeout to the right file and give the others back), and
+sends each result back on its own pipe. It ignores SIGINT (the terminal sends Ctrl-C to the
+whole process group; the supervisor decides), finishes its current task on SIGTERM, and exits
+when its parent is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
-import queue
+import pickle
 import resource
 import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
+from . import log
 from .codec import DecodeLimits
 from .files import pid_alive
 from .pipeline import Pipeline, Prepared, Processor
@@ -29,11 +34,12 @@ from .tasks import Result, Stop, Task
 
 # Slot layout (a shared array of doubles, one per worker). SEQ: the task being decoded and
 # encoded, since STARTED. PENDING: the task whose outputs are being committed (fsync, publish)
-# and whose result is being sent, by the committer thread, while the next task runs. RETIRE:
-# set by the supervisor when the task queue was replaced; the worker exits after its current
-# task instead of taking another.
-SEQ, STARTED, RETIRE, PENDING = 0, 1, 2, 3
-SLOT_SIZE = 4
+# and whose result is being sent, by the committer thread, while the next task runs. TAKEN: how
+# many of the tasks sent to this worker it has started (it takes them in the order it got them).
+# HALT: set by the supervisor when it stops handing out work; the worker finishes its current
+# task and takes no other.
+SEQ, STARTED, PENDING, TAKEN, HALT = 0, 1, 2, 3, 4
+SLOT_SIZE = 5
 IDLE = -1.0
 
 EXIT_OK = 0
@@ -79,9 +85,10 @@ def _on_term(signum: int, frame: Any) -> None:
     _terminate = True
 
 
-def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: Any,
+def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, lock: Any,
                 cfg_bytes: bytes) -> None:
-    """Process target: take tasks until a stop sentinel, SIGTERM, recycling or parent death.
+    """Process target: take tasks until the task pipe closes (or a stop sentinel), a halt,
+    SIGTERM, recycling or parent death.
 
     ``cfg_bytes`` is the pickled WorkerConfig: unpickled here, so a pipeline whose transforms
     cannot be imported in a worker exits with EXIT_INIT_FAILED instead of a bootstrap crash.
@@ -93,12 +100,7 @@ def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: An
     if os.getppid() != parent:  # the parent died before the line above took effect
         sys.exit(EXIT_OK)
     try:
-        import pickle  # noqa: PLC0415
-
-        from . import log  # noqa: PLC0415
-
         cfg: WorkerConfig = pickle.loads(cfg_bytes)  # noqa: S301 - our own parent's bytes
-
         log.configure("worker", cfg.log_format, cfg.log_level)
         logger = log.get().bind(worker=os.getpid(), slot=index)
         worker = Worker(cfg)
@@ -107,25 +109,32 @@ def worker_main(index: int, tasks: Any, results: Connection, slot: Any, lock: An
         sys.exit(EXIT_INIT_FAILED)
     logger.debug("worker.started")
     committer = Committer(worker.processor, results, slot, lock)
+    held: deque[Task] = deque()  # sent to this worker, not yet taken
     while not _terminate and not committer.broken:
-        try:
-            item = tasks.get(timeout=0.5)
-        except queue.Empty:
-            if os.getppid() != parent or (cfg.parent_pid and not pid_alive(cfg.parent_pid)):
-                logger.warning("worker.orphaned")
+        if not held:
+            try:
+                if not tasks.poll(0.5):
+                    if os.getppid() != parent or (cfg.parent_pid
+                                                  and not pid_alive(cfg.parent_pid)):
+                        logger.warning("worker.orphaned")
+                        break
+                    continue
+                message = tasks.recv()
+            except (EOFError, OSError):
+                break  # the supervisor closed our task pipe: stop
+            if isinstance(message, Stop):
                 break
+            held.extend(message)
             continue
-        if isinstance(item, Stop):
-            break
+        item = held[0]
         with lock:
+            if slot[HALT] > 0:
+                break
+            held.popleft()
+            slot[TAKEN] += 1
             slot[SEQ] = float(item.seq)
             slot[STARTED] = time.monotonic()
         committer.hand_over(worker.prepare(item))
-        with lock:
-            retire = slot[RETIRE] > 0
-        if retire:
-            logger.debug("worker.retiring", why="task queue replaced")
-            break
         if worker.spent:
             logger.debug("worker.recycling", tasks=worker.done)
             break
@@ -209,8 +218,6 @@ def _die_with_parent() -> None:
     engine's process, or the forkserver, which exits when the engine's process dies: either way a
     killed daemon leaves no worker writing outputs behind it."""
     try:
-        import ctypes  # noqa: PLC0415
-
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
