@@ -178,7 +178,7 @@ def test_tasks_a_killed_worker_had_not_started_go_to_another_uncharged(
         tmp_path: Path, images: list[Path]) -> None:
     # One worker holds a slow task and, queued behind it, two more it has not started. Killed,
     # it is charged for the slow one only; the other two run on its replacement, first attempt.
-    e = engine_for([crashers.slow], workers=1, tasks_per_worker=3)
+    e = engine_for([crashers.slow], workers=1)
     e._avg = 0.001  # as if tasks were short: the worker is handed tasks ahead
     e.start()
     try:

@@ -28,12 +28,13 @@ import math
 import multiprocessing
 import os
 import pickle
+import select
 import signal
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from . import log
@@ -58,9 +59,11 @@ from .worker import (
 
 # How many tasks a worker holds at once: the one it processes, the one its committer thread
 # publishes, and enough queued behind them to cover about LOOKAHEAD seconds of work (when tasks
-# are short, so the round trip to the supervisor never leaves it idle). Long tasks get nothing
-# queued: a slow file must not hold back another that an idle worker could take.
-LOOKAHEAD = 0.02
+# are short, so the supervisor, sharing the cores, never leaves it idle), at most MAX_AHEAD.
+# Tasks of LONG_TASK or more get one at a time: a slow file must not hold back another that an
+# idle worker could take.
+LOOKAHEAD = 0.1
+MAX_AHEAD = 8
 LONG_TASK = 0.1
 EARLY_DEATHS = 5  # workers dying in a row before reporting anything: they cannot start
 
@@ -135,6 +138,10 @@ class Engine:
         self._early_deaths = 0  # consecutive workers that died before sending any result
         self._ready: list[Result] = []
         self._avg: float | None = None  # moving average of a task's duration, seconds
+        # One poll set for the whole run: each worker's result pipe and exit sentinel, and the
+        # caller's wake descriptors (a tick then costs one system call, not a selector each).
+        self._poller = select.poll()
+        self._fds: dict[int, _Slot | None] = {}
         self.stats = Stats()
         self._log = log.get("watcher.engine")
 
@@ -158,7 +165,10 @@ class Engine:
         proc.start()
         send.close()  # the worker holds the only writing end: EOF means it is gone
         task_recv.close()
-        self._slots[index] = _Slot(index, proc, recv, shared, lock, task_send)
+        self._slots[index] = slot = _Slot(index, proc, recv, shared, lock, task_send)
+        for fd in (recv.fileno(), proc.sentinel):
+            self._poller.register(fd, select.POLLIN)
+            self._fds[fd] = slot
         self.stats.started += 1
         self._log.info("worker.started", worker=proc.pid, slot=index)
 
@@ -229,7 +239,7 @@ class Engine:
         for slot in list(self._slots.values()):
             if slot.proc.is_alive():
                 seq = slot.seq
-                slot.cleanup = self._outputs(seq) + self._outputs(slot.pending)
+                slot.cleanup = [o for s in slot.held for o in self._outputs(s)]
                 slot.proc.kill()
                 slot.proc.join(5)
                 if seq in self._tasks:
@@ -250,16 +260,27 @@ class Engine:
              wake: Sequence[Any] = ()) -> list[Result]:
         """Run one tick; return the results that became final during it. ``wake``: more things
         to wait on (a file descriptor the caller's own events write to)."""
-        waitables: list[Any] = [s.conn for s in self._slots.values()]
-        waitables += [s.proc.sentinel for s in self._slots.values()]
-        waitables += list(wake)
-        if waitables and not self._ready:
-            wait(waitables, timeout)
-        elif not waitables and timeout:
-            time.sleep(timeout)
-        for slot in list(self._slots.values()):
-            self._ready += self._drain(slot)
-        self._reap(respawn)
+        for w in wake:
+            fd = w if isinstance(w, int) else w.fileno()
+            if fd not in self._fds:
+                self._poller.register(fd, select.POLLIN)
+                self._fds[fd] = None
+        if not self._fds:
+            if timeout and not self._ready:
+                time.sleep(timeout)
+            events = []
+        else:
+            events = self._poller.poll(0 if self._ready else max(0, int(timeout * 1000)))
+        exited = set()
+        for fd, _ in events:
+            slot = self._fds.get(fd)
+            if slot is None:
+                continue
+            if fd == slot.proc.sentinel:
+                exited.add(slot.index)
+            elif slot.index in self._slots:
+                self._ready += self._drain(slot)
+        self._reap(respawn, exited)
         self._kill_stuck()
         self._feed()
         out, self._ready = self._ready, []
@@ -267,9 +288,10 @@ class Engine:
 
     def _drain(self, slot: _Slot) -> list[Result]:
         out = []
-        while True:
+        fd = slot.conn.fileno() if not slot.conn.closed else -1
+        while fd >= 0:
             try:
-                if not slot.conn.poll():
+                if not select.select([fd], [], [], 0)[0]:
                     break
                 result = slot.conn.recv()
             except (EOFError, OSError, ValueError):
@@ -297,8 +319,9 @@ class Engine:
                 0.8 * self._avg + 0.2 * result.duration
         return result
 
-    def _reap(self, respawn: bool) -> None:
-        for slot in list(self._slots.values()):
+    def _reap(self, respawn: bool, exited: set[int]) -> None:
+        """Settle the workers whose exit sentinel fired (``exited``: slot indexes)."""
+        for slot in [self._slots[i] for i in sorted(exited) if i in self._slots]:
             if slot.proc.is_alive():
                 continue
             slot.proc.join(0)
@@ -382,7 +405,7 @@ class Engine:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.proc.pid, signal.SIGKILL)
                 slot.killed_for = seq
-                slot.cleanup = self._outputs(seq) + self._outputs(slot.pending)
+                slot.cleanup = [o for s in slot.held for o in self._outputs(s)]
             self.stats.timeouts += 1
             if seq in self._tasks:
                 self._ready.append(self._charge(slot, seq, "timeout",
@@ -390,14 +413,12 @@ class Engine:
                                                 "killed"))
 
     def capacity(self) -> int:
-        """Tasks one worker may hold now (see LOOKAHEAD), at most ``tasks_per_worker``."""
+        """Tasks one worker may hold now (see LOOKAHEAD)."""
         if self._avg is None:
-            ahead = 1
-        elif self._avg >= LONG_TASK:
-            ahead = 0
-        else:
-            ahead = math.ceil(LOOKAHEAD / max(self._avg, 1e-4))
-        return max(1, min(self.settings.tasks_per_worker, 1 + ahead))
+            return 2
+        if self._avg >= LONG_TASK:
+            return 1
+        return 2 + min(MAX_AHEAD, math.ceil(LOOKAHEAD / max(self._avg, 1e-4)))
 
     def _feed(self) -> None:
         if not self._intake or not self._started or not self._pending:
@@ -441,6 +462,9 @@ class Engine:
         return _failure(task, reason, error, worker=slot.proc.pid)
 
     def _retire(self, slot: _Slot) -> None:
+        for fd in [fd for fd, s in self._fds.items() if s is slot]:
+            self._poller.unregister(fd)
+            del self._fds[fd]
         with contextlib.suppress(OSError):
             slot.conn.close()
         with contextlib.suppress(OSError):

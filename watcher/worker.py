@@ -33,14 +33,16 @@ from .pipeline import Pipeline, Prepared, Processor
 from .tasks import Result, Stop, Task
 
 # Slot layout (a shared array of doubles, one per worker). SEQ: the task being decoded and
-# encoded, since STARTED. PENDING: the task whose outputs are being committed (fsync, publish)
-# and whose result is being sent, by the committer thread, while the next task runs. TAKEN: how
+# encoded, since STARTED. PENDING: the task whose outputs the committer thread is writing,
+# fsyncing and publishing, and whose result it sends, while the next task runs (up to
+# COMMIT_DEPTH tasks wait for it). TAKEN: how
 # many of the tasks sent to this worker it has started (it takes them in the order it got them).
 # HALT: set by the supervisor when it stops handing out work; the worker finishes its current
 # task and takes no other.
 SEQ, STARTED, PENDING, TAKEN, HALT = 0, 1, 2, 3, 4
 SLOT_SIZE = 5
 IDLE = -1.0
+COMMIT_DEPTH = 2
 
 EXIT_OK = 0
 EXIT_INIT_FAILED = 3  # the worker could not even start: the supervisor stops, not respawns
@@ -145,13 +147,15 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
 
 
 class Committer:
-    """The worker's second thread: commits a prepared task (fsync, publish) and sends its result
-    while the main thread decodes the next one. The fsync waits on the disk, not the CPU.
+    """The worker's second thread: commits prepared tasks (writes, fsyncs, publishes) and sends
+    their results while the main thread decodes the next ones. The fsync waits on the disk, not
+    the CPU.
 
-    At most one task is pending. The hand-over moves the task from the slot's SEQ to PENDING in
-    one step under the slot lock, and PENDING is cleared only after its result is sent: a worker
-    that dies meanwhile leaves PENDING naming a task the supervisor re-queues (it did not cause
-    the death; its temp files are removed). Only this thread sends on the result pipe.
+    At most COMMIT_DEPTH tasks wait to be committed. A task leaves the slot's SEQ when it is
+    handed over, and its result is sent only once its outputs are published: a worker that dies
+    meanwhile leaves the supervisor tasks it took, that are not the one in SEQ and have no result;
+    those are run again (they did not cause the death; their temp files are removed). Only this
+    thread sends on the result pipe.
     """
 
     def __init__(self, processor: Processor, results: Connection, slot: Any, lock: Any) -> None:
@@ -160,21 +164,20 @@ class Committer:
         self._slot = slot
         self._lock = lock
         self._cond = threading.Condition()
-        self._item: Prepared | None = None
+        self._items: deque[Prepared] = deque()
         self._closing = False
         self.broken = False  # the supervisor is gone
         self._thread = threading.Thread(target=self._loop, name="committer", daemon=True)
         self._thread.start()
 
     def hand_over(self, prep: Prepared) -> None:
-        """Wait until the previous task is committed, then pass ``prep`` on."""
+        """Pass ``prep`` on; wait first while COMMIT_DEPTH tasks are waiting to be committed."""
         with self._cond:
-            while self._item is not None:
+            while len(self._items) >= COMMIT_DEPTH:
                 self._cond.wait()
             with self._lock:
-                self._slot[PENDING] = float(prep.task.seq)
                 self._slot[SEQ] = IDLE
-            self._item = prep
+            self._items.append(prep)
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -187,12 +190,14 @@ class Committer:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while self._item is None and not self._closing:
+                while not self._items and not self._closing:
                     self._cond.wait()
-                prep = self._item
-            if prep is None:
-                return
+                if not self._items:
+                    return
+                prep = self._items[0]
             if not self.broken:
+                with self._lock:
+                    self._slot[PENDING] = float(prep.task.seq)
                 result = self._processor.commit(prep)
                 result = replace(result,
                                  peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -203,13 +208,13 @@ class Committer:
                     for st in prep.staged:
                         st.discard()
                 if not self.broken:
-                    with self._lock:  # only after the result is sent: a kill before this
-                        self._slot[PENDING] = IDLE  # re-runs the task, never loses it
+                    with self._lock:
+                        self._slot[PENDING] = IDLE
             else:
                 for st in prep.staged:
                     st.discard()
             with self._cond:
-                self._item = None
+                self._items.popleft()
                 self._cond.notify_all()
 
 
