@@ -20,14 +20,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from PIL import Image
-
 from . import codec, log
 from .codec import OutputOptions
 from .config import Settings
 from .engine import create_engine
 from .errors import ConfigError
 from .files import NameAllocator, fsync_dir, walk_images
+from .pil import Image
 from .pipeline import Pipeline
 from .tasks import OutputPlan, Result, Task
 

@@ -26,23 +26,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import IO, Any
 
-# Load the plugins of the default formats (all ~40 would cost a worker's start-up ~30 ms);
-# ensure_formats() loads the rest when a config allows another format.
-from PIL import (  # noqa: F401
-    AvifImagePlugin,
-    BmpImagePlugin,
-    GifImagePlugin,
-    Image,
-    ImageCms,
-    ImageColor,
-    JpegImagePlugin,
-    PngImagePlugin,
-    TiffImagePlugin,
-    UnidentifiedImageError,
-    WebPImagePlugin,
-)
-
 from .errors import RejectedInput
+from .pil import Image, ImageCms, ImageColor, UnidentifiedImageError, load_plugins
 
 
 def ensure_formats(formats: tuple[str, ...]) -> None:
@@ -67,7 +52,7 @@ COPYRIGHT_TAGS = (0x013B, 0x8298)  # Artist, Copyright
 @dataclass(frozen=True)
 class DecodeLimits:
     formats: tuple[str, ...] = DEFAULT_FORMATS
-    pixel_limit: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+    pixel_limit: int = 89_478_485  # Pillow's own MAX_IMAGE_PIXELS
     max_file_size: int = 0  # 0: no limit
 
 
@@ -168,6 +153,7 @@ def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
     (libjpeg DCT scaling): a thumbnail of a 48 MP photo then never holds the full image.
     """
     f, nbytes = open_regular(path, nofollow=nofollow, max_size=limits.max_file_size)
+    load_plugins()
     ensure_formats(limits.formats)
     Image.MAX_IMAGE_PIXELS = limits.pixel_limit
     try:

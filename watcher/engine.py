@@ -42,6 +42,7 @@ from .codec import DecodeLimits
 from .config import EngineSettings
 from .errors import WatcherError
 from .files import remove_temps
+from .launch import PRELOAD
 from .pipeline import Pipeline
 from .tasks import Result, Task
 from .worker import (
@@ -123,7 +124,7 @@ class Engine:
         self.settings = settings
         self._ctx = multiprocessing.get_context(settings.start_method)
         if settings.start_method == "forkserver":
-            self._ctx.set_forkserver_preload(["watcher.worker"])
+            self._ctx.set_forkserver_preload(PRELOAD)
         cfg = WorkerConfig(dict(pipelines), limits, settings.max_tasks_per_worker, log_format,
                            log_level, os.getpid())
         try:

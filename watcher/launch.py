@@ -10,6 +10,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+# What the worker forkserver imports before forking workers: the worker loop, Pillow and its
+# default plugins. The engine asks for the same list (a forkserver serves one preload).
+PRELOAD = ["watcher.worker", "watcher.preload"]
+
 
 def start_forkserver() -> None:
     """Start the forkserver that engines of this process fork their workers from, if not yet."""
@@ -18,7 +22,7 @@ def start_forkserver() -> None:
     from multiprocessing import forkserver  # noqa: PLC0415
 
     with contextlib.suppress(Exception):
-        multiprocessing.get_context("forkserver").set_forkserver_preload(["watcher.worker"])
+        multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
         forkserver.ensure_running()
 
 

@@ -19,12 +19,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
-
 from . import codec, transforms
 from .codec import DecodeLimits, OutputOptions, Source
 from .errors import RejectedInput
 from .files import Staged
+from .pil import Image
 from .tasks import Result, Task
 
 Size = tuple[int, int]

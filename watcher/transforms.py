@@ -18,12 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageColor, ImageEnhance, ImageFilter, ImageOps
-
 from .errors import ConfigError
+from .pil import Image, ImageColor, ImageEnhance, ImageFilter, ImageOps
 
 Size = tuple[int, int]
-LANCZOS = Image.Resampling.LANCZOS
+LANCZOS = 1  # Image.Resampling.LANCZOS, without loading Pillow to read it
 
 
 class OrientationWarning(UserWarning):

@@ -1,0 +1,66 @@
+"""Pillow's modules for watcher, each loaded on its first use (``importlib.util.LazyLoader``).
+
+The supervisor of a batch or the daemon plans paths and pipelines and never touches pixels: it
+need not pay for Pillow and its codecs (about 80 ms of every command's start-up). A worker loads
+them when its module is imported (``load_plugins``), which the forkserver does once, before any
+worker exists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from types import ModuleType
+
+import PIL  # the package itself is a few lines
+from PIL import UnidentifiedImageError
+
+# The plugins of the default formats (all ~40 would cost a worker's start-up ~30 ms);
+# codec.ensure_formats() loads the rest when a config allows another format.
+PLUGINS = ("JpegImagePlugin", "PngImagePlugin", "GifImagePlugin", "BmpImagePlugin",
+           "TiffImagePlugin", "WebPImagePlugin", "AvifImagePlugin")
+
+
+def _lazy(name: str) -> ModuleType:
+    """``name`` (a Pillow module), executed when one of its attributes is first used."""
+    full = f"PIL.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    spec = importlib.util.find_spec(full)
+    if spec is None or spec.loader is None:  # pragma: no cover - a broken Pillow install
+        return importlib.import_module(full)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[full] = module
+    spec.loader.exec_module(module)
+    setattr(PIL, name, module)
+    return module
+
+
+Image = _lazy("Image")
+ImageCms = _lazy("ImageCms")
+ImageColor = _lazy("ImageColor")
+ImageEnhance = _lazy("ImageEnhance")
+ImageFilter = _lazy("ImageFilter")
+ImageOps = _lazy("ImageOps")
+
+
+def load_plugins() -> None:
+    """Import Pillow and the default formats' plugins now (a worker, before its first image)."""
+    for name in ("Image", "ImageCms", "ImageColor", "ImageOps", *PLUGINS):
+        getattr(importlib.import_module(f"PIL.{name}"), "__name__", None)
+    Image.preinit  # noqa: B018 - touching an attribute executes a lazy module
+
+
+__all__ = [
+    "PLUGINS",
+    "Image",
+    "ImageCms",
+    "ImageColor",
+    "ImageEnhance",
+    "ImageFilter",
+    "ImageOps",
+    "UnidentifiedImageError",
+    "load_plugins",
+]
