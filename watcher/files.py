@@ -125,9 +125,12 @@ class _Spool:
         return end
 
     def _create(self) -> IO[bytes]:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # left by an earlier process with a recycled pid
+        try:
+            return open(self.path, "xb")
+        except FileExistsError:  # left by an earlier process with a recycled pid
+            os.unlink(self.path)
+        except FileNotFoundError:  # the output folder does not exist yet
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         return open(self.path, "xb")
 
     def _spill(self) -> None:
@@ -191,8 +194,12 @@ class Staged:
             self._out.persist()
             self._out = None
             publish(self.tmp, self.final, overwrite=overwrite)
-        finally:
+        except BaseException:
             self.discard()
+            raise
+        if not overwrite:
+            self.discard()  # published as a second name (a link): the temp name goes
+        # (overwrite: os.replace moved the temp name itself; nothing is left to remove)
         if sync_dir:
             fsync_dir(os.path.dirname(self.final) or ".")
         return self.size
