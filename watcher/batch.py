@@ -258,9 +258,9 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
                                log_format=log_format, log_level=log_level)
         with _Signals() as sigs:
             try:
-                engine.start()
                 for task in p.tasks:
                     engine.submit(task)
+                engine.start()
                 while engine.outstanding and not sigs.received:
                     for r in engine.poll(0.25):
                         record(r)

@@ -149,10 +149,11 @@ class Engine:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the workers; each is handed its first tasks (submitted before) as it starts."""
         self._started = True
         for i in range(self.settings.workers):
             self._spawn(i)
-        self._feed()
+            self._feed()
 
     def _spawn(self, index: int) -> None:
         shared = self._ctx.RawArray("d", SLOT_SIZE)
