@@ -46,11 +46,18 @@ ImageFilter = _lazy("ImageFilter")
 ImageOps = _lazy("ImageOps")
 
 
+_loaded = False
+
+
 def load_plugins() -> None:
     """Import Pillow and the default formats' plugins now (a worker, before its first image)."""
+    global _loaded
+    if _loaded:
+        return
     for name in ("Image", "ImageCms", "ImageColor", "ImageOps", *PLUGINS):
         getattr(importlib.import_module(f"PIL.{name}"), "__name__", None)
     Image.preinit  # noqa: B018 - touching an attribute executes a lazy module
+    _loaded = True
 
 
 __all__ = [
