@@ -346,7 +346,9 @@ class WatchDaemon:
         return self.log.read()
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self._text().splitlines()
+        text = self._text()
+        text = text[: text.rfind("\n") + 1]  # the last line may still be being written
+        return [json.loads(line) for line in text.splitlines()
                 if line.startswith("{") and f'"event": "{name}"' in line]
 
     @staticmethod
