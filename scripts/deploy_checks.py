@@ -137,8 +137,11 @@ def test_systemd(wheels: Path, imgs: Path) -> None:
     tree = debootstrap("nspawn-bookworm", "systemd,systemd-sysv,dbus,python3,python3-venv")
     c = Container(tree, {str(ROOT): "/src", str(wheels): "/wheels", str(imgs): "/samples"})
     try:
-        state = c.run("systemctl", "is-system-running", "--wait", check=False, timeout=90)
-        check("nspawn: systemd booted", state.strip() in ("running", "degraded"), state.strip())
+        # Right after the container's systemd appears its bus may not be up yet: systemctl then
+        # prints nothing (a failed connection). Ask again until it answers.
+        state = wait_for(lambda: c.run("systemctl", "is-system-running", "--wait", check=False,
+                                       timeout=90).strip(), 90, 0.5) or ""
+        check("nspawn: systemd booted", state in ("running", "degraded"), state or "no answer")
         c.run("/src/scripts/install-systemd", "--wheelhouse", "/wheels", "--no-start",
               timeout=300)
         c.run("mkdir", "-p", "/etc/systemd/system/watcher.service.d")
