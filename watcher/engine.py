@@ -13,7 +13,7 @@ ahead (enough to hide the round trip when tasks are short, one when they are lon
 file never holds others back), and so always knows which tasks each worker holds.
 
 A worker takes its tasks in the order it got them and records, under its slot's lock, how many it
-has taken and which one it is processing (and which one its committer thread is publishing). So
+has taken and which one it is processing; the others it took wait for its committer thread. So
 when a worker dies, each task it held is settled exactly: the one it was processing is charged
 (retried once, then ``worker-crashed``), the one being committed is run again (it did not cause
 the death), and the ones it had not started go back to the front of the line. The supervisor
@@ -49,7 +49,6 @@ from .worker import (
     EXIT_INIT_FAILED,
     HALT,
     IDLE,
-    PENDING,
     SEQ,
     SLOT_SIZE,
     STARTED,
@@ -97,10 +96,6 @@ class _Slot:
     @property
     def seq(self) -> int:
         return int(self.shared[SEQ])
-
-    @property
-    def pending(self) -> int:
-        return int(self.shared[PENDING])
 
     @property
     def taken(self) -> int:
@@ -157,7 +152,7 @@ class Engine:
 
     def _spawn(self, index: int) -> None:
         shared = self._ctx.RawArray("d", SLOT_SIZE)
-        shared[SEQ] = shared[PENDING] = IDLE
+        shared[SEQ] = IDLE
         lock = self._ctx.Lock()
         recv, send = self._ctx.Pipe(duplex=False)
         task_recv, task_send = self._ctx.Pipe(duplex=False)
@@ -355,7 +350,7 @@ class Engine:
         """Settle every task a dead worker held, exactly once each: the one it was processing is
         charged with the crash; the one being committed and the ones it had not taken go back
         to the front of the line (they did not cause the death); their temp files are removed."""
-        seq, pending, taken = slot.seq, slot.pending, slot.taken
+        seq, taken = slot.seq, slot.taken
         back: list[Task] = []
         for s, n in list(slot.held.items()):
             task = self._tasks.get(s)
@@ -366,7 +361,7 @@ class Engine:
             elif not self._intake:
                 self._ready.append(self._charge(slot, s, "cancelled", "its worker ended during "
                                                 "shutdown before finishing this input"))
-            elif s == pending or n < taken:
+            elif n < taken:  # taken, not the one it processed, no result: being committed
                 remove_temps(self._outputs(s), slot.proc.pid)
                 self._log.info("file.requeued", path=task.path, worker=slot.proc.pid,
                                why="its worker died before committing its outputs")

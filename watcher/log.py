@@ -105,11 +105,12 @@ def _apply(setup: _Setup) -> None:
 class Logger:
     """A named logger with bound context; a line at or above the level goes to structlog."""
 
-    __slots__ = ("_context", "_name")
+    __slots__ = ("_context", "_name", "_real")
 
     def __init__(self, name: str, context: dict[str, Any] | None = None) -> None:
         self._name = name
         self._context = context or {}
+        self._real: Any = None  # structlog's logger, once a line was written
 
     def bind(self, **kw: Any) -> Logger:
         return Logger(self._name, {**self._context, **kw})
@@ -135,15 +136,16 @@ class Logger:
         setup = _setup
         if setup is not None and level < setup.level:
             return
-        import structlog  # noqa: PLC0415 - in sys.modules after the first line: a dict lookup
-
         if setup is not None and not _applied:
             _apply(setup)
             _applied = True
-        logger = structlog.get_logger(self._name)
-        if self._context:
-            logger = logger.bind(**self._context)
-        getattr(logger, method)(event, **kw)
+        if self._real is None:
+            import structlog  # noqa: PLC0415 - loaded with the first line written (see above)
+
+            # a lazy proxy with the bound context: it follows a later configure() (structlog
+            # caches no logger), where .bind() would fix the configuration of the first line
+            self._real = structlog.get_logger(self._name, **self._context)
+        getattr(self._real, method)(event, **kw)
 
 
 def get(name: str = "watcher") -> Logger:

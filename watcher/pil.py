@@ -55,8 +55,8 @@ def load_plugins() -> None:
     if _loaded:
         return
     for name in ("Image", "ImageCms", "ImageColor", "ImageOps", *PLUGINS):
+        # reading any attribute of a lazy module executes it
         getattr(importlib.import_module(f"PIL.{name}"), "__name__", None)
-    Image.preinit  # noqa: B018 - touching an attribute executes a lazy module
     _loaded = True
 
 

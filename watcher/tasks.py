@@ -59,11 +59,3 @@ class Result:
     # (temp, final) pairs written and fsynced but not yet published: a task on a cluster only
     # writes; the coordinator publishes (executor "dask").
     staged: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Stop:
-    """The stop sentinel: a worker that takes it from the queue finishes and exits."""
-
-
-STOP = Stop()

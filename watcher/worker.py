@@ -30,17 +30,15 @@ from . import log
 from .codec import DecodeLimits
 from .files import pid_alive
 from .pipeline import Pipeline, Prepared, Processor
-from .tasks import Result, Stop, Task
+from .tasks import Result, Task
 
 # Slot layout (a shared array of doubles, one per worker). SEQ: the task being decoded and
-# encoded, since STARTED. PENDING: the task whose outputs the committer thread is writing,
-# fsyncing and publishing, and whose result it sends, while the next task runs (up to
-# COMMIT_DEPTH tasks wait for it). TAKEN: how
-# many of the tasks sent to this worker it has started (it takes them in the order it got them).
-# HALT: set by the supervisor when it stops handing out work; the worker finishes its current
-# task and takes no other.
-SEQ, STARTED, PENDING, TAKEN, HALT = 0, 1, 2, 3, 4
-SLOT_SIZE = 5
+# encoded, since STARTED. TAKEN: how many of the tasks sent to this worker it has started (it
+# takes them in the order it got them); a taken task that is not in SEQ and has no result is
+# waiting for the committer thread (at most COMMIT_DEPTH of them). HALT: set by the supervisor
+# when it stops handing out work; the worker finishes its current task and takes no other.
+SEQ, STARTED, TAKEN, HALT = 0, 1, 2, 3
+SLOT_SIZE = 4
 IDLE = -1.0
 COMMIT_DEPTH = 2
 
@@ -89,8 +87,8 @@ def _on_term(signum: int, frame: Any) -> None:
 
 def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, lock: Any,
                 cfg_bytes: bytes) -> None:
-    """Process target: take tasks until the task pipe closes (or a stop sentinel), a halt,
-    SIGTERM, recycling or parent death.
+    """Process target: take tasks until the task pipe closes, a halt, SIGTERM, recycling or
+    parent death.
 
     ``cfg_bytes`` is the pickled WorkerConfig: unpickled here, so a pipeline whose transforms
     cannot be imported in a worker exits with EXIT_INIT_FAILED instead of a bootstrap crash.
@@ -124,8 +122,6 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
                 message = tasks.recv()
             except (EOFError, OSError):
                 break  # the supervisor closed our task pipe: stop
-            if isinstance(message, Stop):
-                break
             held.extend(message)
             continue
         item = held[0]
@@ -196,8 +192,6 @@ class Committer:
                     return
                 prep = self._items[0]
             if not self.broken:
-                with self._lock:
-                    self._slot[PENDING] = float(prep.task.seq)
                 result = self._processor.commit(prep)
                 result = replace(result,
                                  peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -207,9 +201,6 @@ class Committer:
                     self.broken = True  # the supervisor is gone: discard what is left
                     for st in prep.staged:
                         st.discard()
-                if not self.broken:
-                    with self._lock:
-                        self._slot[PENDING] = IDLE
             else:
                 for st in prep.staged:
                     st.discard()
