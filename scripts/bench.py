@@ -213,6 +213,20 @@ PEERS = {"T": ["pillow_tuned", "pillow_naive", "pyvips_pool", "vips_cli", "magic
          "S": ["pillow_tuned", "pyvips_pool", "vips_cli"]}
 
 
+def fresh_out(work: Path, name: str, r: int) -> Path:
+    """A new, empty output folder for round ``r``, on a file system with nothing left to write.
+
+    Earlier rounds' outputs stay until the work folder goes: deleting a thousand files just
+    before a run makes the next tool's file creations scan past the freshly freed inodes (ext4
+    skips recently deleted ones), about 1 ms of kernel time per file that varied from run to run
+    by which tool the freed inodes happened to be near. ``os.sync`` writes back what the
+    previous tool left in the page cache, so that write-back is not charged to this one."""
+    out = work / f"{name}-r{r}"
+    out.mkdir(parents=True)
+    os.sync()
+    return out
+
+
 def bench_throughput(job: str, src: Path, rounds: int, work: Path,
                      inputs: list[Path]) -> tuple[list[Run], dict[str, Any]]:
     impls = ["watcher", *PEERS[job]]
@@ -225,9 +239,7 @@ def bench_throughput(job: str, src: Path, rounds: int, work: Path,
         for impl in order:
             if not runs[impl].ok and runs[impl].note:
                 continue
-            out = work / f"{job}-{impl}"
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
+            out = fresh_out(work, f"{job}-{impl}", r)
             cmd = watcher_cmd(job, src, out) if impl == "watcher" else peer_cmd(impl, job, src,
                                                                               out)
             assert cmd is not None
@@ -236,7 +248,8 @@ def bench_throughput(job: str, src: Path, rounds: int, work: Path,
                 runs[impl].ok, runs[impl].note = False, f"exit status {status}"
             runs[impl].walls.append(wall)
             runs[impl].peaks_mib.append(peak)
-    q = {impl: quality(job, inputs, work / f"{job}-{impl}") for impl in impls if runs[impl].ok}
+    q = {impl: quality(job, inputs, work / f"{job}-{impl}-r{rounds - 1}") for impl in impls
+         if runs[impl].ok}
     return list(runs.values()), q
 
 
@@ -248,9 +261,7 @@ def bench_executor(job: str, src: Path, rounds: int, work: Path, inputs: list[Pa
     for r in range(rounds):
         order = ["local", executor] if r % 2 == 0 else [executor, "local"]
         for ex in order:
-            out = work / f"{job}-exec-{ex}"
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
+            out = fresh_out(work, f"{job}-exec-{ex}", r)
             wall, peak, status = timed(watcher_cmd(job, src, out, executor=ex))
             if status:
                 runs[ex].ok, runs[ex].note = False, f"exit status {status}"
@@ -264,7 +275,7 @@ def bench_executor(job: str, src: Path, rounds: int, work: Path, inputs: list[Pa
         out["slowdown"] = other.wall / local.wall
         out["extra_s"] = other.wall - local.wall
         out["extra_ms_per_file"] = 1000 * (other.wall - local.wall) / len(inputs)
-        out["quality"] = quality(job, inputs, work / f"{job}-exec-{executor}")
+        out["quality"] = quality(job, inputs, work / f"{job}-exec-{executor}-r{rounds - 1}")
     return out
 
 
