@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import os
-import platform
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -138,61 +135,3 @@ def test_walk_skips_dot_files_and_symlinked_dirs(tmp_path: Path) -> None:
     os.symlink(tmp_path, tmp_path / "a" / "loop")
     found = [os.path.relpath(p, tmp_path) for p in files.walk_images(str(tmp_path))]
     assert found == ["2.png", "a/b/1.jpg"]
-
-
-# --- background fsync (watcher.flush) -----------------------------------------------------------
-
-@pytest.mark.parametrize("background", [True, False], ids=["aio", "inline"])
-def test_flush_reports_done_and_its_error(tmp_path: Path, background: bool,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from watcher import flush
-
-    if background and not flush.background():
-        pytest.skip("no glibc POSIX AIO here")
-    if not background:
-        monkeypatch.setattr(flush, "_libc", None)  # what musl, macOS and 32-bit builds get
-    fd = os.open(tmp_path / "a", os.O_WRONLY | os.O_CREAT, 0o644)
-    os.write(fd, b"data" * 1000)
-    f = flush.start(fd)
-    f.wait()
-    assert f.done()
-    f.wait()  # a second wait is harmless
-    os.close(fd)
-    r, w = os.pipe()  # fsync of a pipe fails with EINVAL: the error comes back from wait
-    bad = flush.start(r)
-    with pytest.raises(OSError) as exc:
-        bad.wait()
-    assert exc.value.errno == errno.EINVAL
-    os.close(r)
-    os.close(w)
-
-
-def test_flushes_run_in_the_background_on_glibc() -> None:
-    from watcher import flush
-
-    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-            and sys.maxsize > 2**32):
-        pytest.skip("not 64-bit glibc")
-    assert flush.background()
-
-
-def test_staged_begin_then_finish_publishes_only_after_the_flush(tmp_path: Path) -> None:
-    final = tmp_path / "out.bin"
-    st = files.Staged(str(final), lambda f: f.write(b"abc" * 1000))
-    st.begin()
-    assert not final.exists()
-    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(st.tmp)]
-    deadline = time.monotonic() + 30
-    while not st.flushed():
-        assert time.monotonic() < deadline, "the fsync never finished"
-        time.sleep(0.001)
-    assert st.finish(overwrite=False) == 3000
-    assert final.read_bytes() == b"abc" * 1000
-    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
-
-
-def test_staged_discard_while_flushing_leaves_nothing(tmp_path: Path) -> None:
-    st = files.Staged(str(tmp_path / "out.bin"), lambda f: f.write(b"x" * 100_000))
-    st.begin()
-    st.discard()  # waits for the flush before closing the file it flushes
-    assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,7 @@ ahead (enough to hide the round trip when tasks are short, one when they are lon
 file never holds others back), and so always knows which tasks each worker holds.
 
 A worker takes its tasks in the order it got them and records, under its slot's lock, how many it
-has taken and which one it is processing; the others it took are being committed. So
+has taken and which one it is processing; the others it took wait for its committer thread. So
 when a worker dies, each task it held is settled exactly: the one it was processing is charged
 (retried once, then ``worker-crashed``), the one being committed is run again (it did not cause
 the death), and the ones it had not started go back to the front of the line. The supervisor
@@ -57,7 +57,7 @@ from .worker import (
     worker_main,
 )
 
-# How many tasks a worker holds at once: the one it processes, the one whose outputs it
+# How many tasks a worker holds at once: the one it processes, the one its committer thread
 # publishes, and enough queued behind them to cover about LOOKAHEAD seconds of work (when tasks
 # are short, so the supervisor, sharing the cores, never leaves it idle), at most MAX_AHEAD.
 # Tasks of LONG_TASK or more get one at a time: a slow file must not hold back another that an

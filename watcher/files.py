@@ -18,7 +18,6 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-from . import flush
 from .errors import RejectedInput
 
 TEMP_SUFFIX = ".watcher-tmp"
@@ -69,9 +68,10 @@ SPOOL_LIMIT = 16 * 1024 * 1024  # bytes of an encoded output kept in memory befo
 class _Spool:
     """Where an output is encoded: memory, until it grows past SPOOL_LIMIT, then its temp file.
 
-    The temp file is created only once the output is complete (``write_out``), so a failed
-    encode never touches the file system, and each output costs one create, one write, one
-    fsync and one rename.
+    Encoding into memory keeps the file system out of the worker's main thread: creating a file
+    waits on the journal while another thread's fsync commits it (ext4, XFS), so the fsync
+    that should overlap the next image's decode would stall it instead. The committer thread
+    creates the temp file, writes, fsyncs and publishes it.
     """
 
     def __init__(self, path: str) -> None:
@@ -145,8 +145,8 @@ class _Spool:
             raise
         self._file, self._mem = f, None
 
-    def write_out(self) -> IO[bytes]:
-        """The whole output in its temp file, flushed to the kernel; the file, still open."""
+    def persist(self) -> None:
+        """The whole output in its temp file, fsynced and closed."""
         if self._mem is not None:
             f = self._create()
             self._file = f
@@ -154,11 +154,6 @@ class _Spool:
             self._mem = None
         f = self._fp
         f.flush()
-        return f
-
-    def persist(self) -> None:
-        """The whole output in its temp file, fsynced and closed."""
-        f = self.write_out()
         os.fsync(f.fileno())
         f.close()
         self._file = None
@@ -174,16 +169,15 @@ class _Spool:
 class Staged:
     """An output encoded in full, not yet durable nor published.
 
-    ``begin`` writes it to its temp name and starts its fsync (``watcher.flush``), ``finish``
-    publishes it under its final name once the data is on disk; ``commit`` does both.
-    ``discard`` drops it (and any temp file). The halves of ``atomic_write``, so that a worker
-    can decode the next image while the disk catches up.
+    ``commit`` writes it to its temp name, fsyncs it and publishes it under its final name;
+    ``discard`` drops it (and any temp file). The two halves of ``atomic_write``, so that a
+    worker can hand the commit (which waits on the disk) to a thread while it decodes the next
+    image.
     """
 
     def __init__(self, final: str, write: Callable[[IO[bytes]], None]) -> None:
         self.final = final
         self.tmp = temp_name(final, os.getpid())
-        self._flush: flush.Flush | None = None
         self._out: _Spool | None = _Spool(self.tmp)
         try:
             write(self._out)  # type: ignore[arg-type]
@@ -192,29 +186,12 @@ class Staged:
             self.discard()
             raise
 
-    def begin(self) -> None:
-        """Write the temp file and start its fsync. On failure the temp file is removed and the
-        OSError raised."""
-        assert self._out is not None and self._flush is None, "begun, committed or discarded"
+    def commit(self, *, overwrite: bool, sync_dir: bool = True) -> int:
+        """Write, fsync, publish, remove the temp name; returns the bytes written. On failure
+        the temp file is removed and the error raised (``output-conflict``, or the OSError)."""
         try:
-            self._flush = flush.start(self._out.write_out().fileno())
-        except BaseException:
-            self.discard()
-            raise
-
-    def flushed(self) -> bool:
-        """Whether ``finish`` would not wait for the disk."""
-        return self._flush is None or self._flush.done()
-
-    def finish(self, *, overwrite: bool) -> int:
-        """Wait for the fsync, publish, remove the temp name; returns the bytes written. On
-        failure the temp file is removed and the error raised (``output-conflict``, or the
-        OSError)."""
-        try:
-            assert self._out is not None and self._flush is not None, "not begun"
-            self._flush.wait()
-            self._flush = None
-            self._out.close()
+            assert self._out is not None, "committed or discarded twice"
+            self._out.persist()
             self._out = None
             publish(self.tmp, self.final, overwrite=overwrite)
         except BaseException:
@@ -223,16 +200,9 @@ class Staged:
         if not overwrite:
             self.discard()  # published as a second name (a link): the temp name goes
         # (overwrite: os.replace moved the temp name itself; nothing is left to remove)
-        return self.size
-
-    def commit(self, *, overwrite: bool, sync_dir: bool = True) -> int:
-        """``begin`` and ``finish``, then (``sync_dir``) fsync the folder: the new name is
-        durable too."""
-        self.begin()
-        size = self.finish(overwrite=overwrite)
         if sync_dir:
             fsync_dir(os.path.dirname(self.final) or ".")
-        return size
+        return self.size
 
     def sync(self) -> str:
         """Write and fsync to the temp name, leaving it for someone else to publish; its name."""
@@ -246,10 +216,6 @@ class Staged:
         return self.tmp
 
     def discard(self) -> None:
-        if self._flush is not None:  # the fd must stay open until its fsync is over
-            with contextlib.suppress(OSError):
-                self._flush.wait()
-            self._flush = None
         if self._out is not None:
             self._out.close()
             self._out = None

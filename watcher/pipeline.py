@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import codec, flush, transforms
+from . import codec, transforms
 from .codec import DecodeLimits, OutputOptions, Source
 from .errors import RejectedInput
 from .files import Staged
@@ -137,92 +137,6 @@ class Prepared:
     failure: Result | None = None
 
 
-class Commit:
-    """One task's outputs on their way to the disk (``Processor.begin_commit``).
-
-    Made with the temp files written and their fsyncs running (``watcher.flush``); ``step``
-    publishes the outputs in order once their data is on disk, then, for a task with
-    ``sync_dir``, fsyncs their folders the same way (the new names become durable), and gives
-    the task's final result. A worker keeps a few moving while it decodes the next images.
-    """
-
-    def __init__(self, processor: Processor, prep: Prepared) -> None:
-        self._processor = processor
-        self.prep = prep
-        self.result: Result | None = prep.failure
-        self._written: list[str] = []
-        self._bytes_out = 0
-        self._dirs: list[tuple[int, flush.Flush]] | None = None  # set once published
-        if self.result is not None:
-            return
-        try:
-            for st in prep.staged:
-                st.begin()
-        except OSError as exc:
-            for st in prep.staged:
-                st.discard()
-            self._fail(exc)
-
-    def step(self, block: bool) -> Result | None:
-        """Go as far as the disk allows without waiting (or, ``block``, to the end); the result
-        once the task is final, else None."""
-        if self.result is not None:
-            return self.result
-        if self._dirs is None:
-            if not block and not all(st.flushed() for st in self.prep.staged):
-                return None
-            if not self._publish():
-                return self.result
-        if not block and not all(f.done() for _, f in self._dirs or ()):
-            return None
-        try:
-            for _, f in self._dirs or ():
-                f.wait()
-        except OSError as exc:
-            self._fail(exc)
-            return self.result
-        finally:
-            for fd, _ in self._dirs or ():
-                os.close(fd)
-            self._dirs = []
-        task = self.prep.task
-        self.result = Result(task.seq, task.path, True, tuple(self._written),
-                             duration=_since(self.prep.t0), worker=os.getpid(),
-                             attempt=task.attempt, bytes_in=self.prep.bytes_in,
-                             bytes_out=self._bytes_out, warnings=self.prep.notes)
-        return self.result
-
-    def _publish(self) -> bool:
-        task = self.prep.task
-        pending = list(self.prep.staged)
-        self._dirs = []
-        try:
-            while pending:
-                st = pending.pop(0)
-                self._bytes_out += st.finish(overwrite=task.overwrite)
-                self._written.append(st.final)
-            if task.sync_dir:
-                for folder in dict.fromkeys(os.path.dirname(p) or "." for p in self._written):
-                    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-                    self._dirs.append((fd, flush.start(fd)))
-        except (RejectedInput, OSError) as exc:
-            for st in pending:
-                st.discard()
-            for fd, f in self._dirs:
-                with contextlib.suppress(OSError):
-                    f.wait()
-                os.close(fd)
-            self._dirs = []
-            self._fail(exc)
-            return False
-        return True
-
-    def _fail(self, exc: Exception) -> None:
-        prep = self.prep
-        self.result = self._processor._failure(prep.task, prep.t0, exc, list(prep.notes),
-                                               prep.bytes_in, self._written)
-
-
 class Processor:
     """Turns tasks into results with a fixed set of pipelines (what a worker holds)."""
 
@@ -260,14 +174,24 @@ class Processor:
 
     def commit(self, prep: Prepared) -> Result:
         """fsync and publish the staged outputs (in order); the task's final result."""
-        result = self.begin_commit(prep).step(block=True)
-        assert result is not None
-        return result
-
-    def begin_commit(self, prep: Prepared) -> Commit:
-        """Write the staged outputs to their temp files and start their fsyncs; the returned
-        ``Commit`` publishes them."""
-        return Commit(self, prep)
+        task, notes = prep.task, list(prep.notes)
+        if prep.failure is not None:
+            return prep.failure
+        written: list[str] = []
+        bytes_out = 0
+        pending = list(prep.staged)
+        try:
+            while pending:
+                st = pending.pop(0)
+                bytes_out += st.commit(overwrite=task.overwrite, sync_dir=task.sync_dir)
+                written.append(st.final)
+        except (RejectedInput, OSError) as exc:
+            for st in pending:
+                st.discard()
+            return self._failure(task, prep.t0, exc, notes, prep.bytes_in, written)
+        return Result(task.seq, task.path, True, tuple(written), duration=_since(prep.t0),
+                      worker=os.getpid(), attempt=task.attempt, bytes_in=prep.bytes_in,
+                      bytes_out=bytes_out, warnings=tuple(notes))
 
     def stage(self, prep: Prepared) -> Result:
         """fsync the staged outputs but leave them under their temp names: the result lists

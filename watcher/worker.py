@@ -4,9 +4,7 @@
 module-level process target. Tasks arrive on the worker's own pipe, a few per message; it takes
 them in order, records in its shared slot which one it holds and how many it has taken (so the
 supervisor can charge a crash or a timeout to the right file and give the others back), and
-sends each result back on its own pipe once the task's outputs are durable and published. It is
-one Python thread: the fsyncs run in the background (``watcher.flush``) while it decodes the next
-image. It ignores SIGINT (the terminal sends Ctrl-C to the
+sends each result back on its own pipe. It ignores SIGINT (the terminal sends Ctrl-C to the
 whole process group; the supervisor decides), finishes its current task on SIGTERM, and exits
 when its parent is gone.
 """
@@ -20,6 +18,7 @@ import pickle
 import resource
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -30,13 +29,13 @@ from typing import Any
 from . import log
 from .codec import DecodeLimits
 from .files import pid_alive
-from .pipeline import Commit, Pipeline, Prepared, Processor
+from .pipeline import Pipeline, Prepared, Processor
 from .tasks import Result, Task
 
 # Slot layout (a shared array of doubles, one per worker). SEQ: the task being decoded and
 # encoded, since STARTED. TAKEN: how many of the tasks sent to this worker it has started (it
 # takes them in the order it got them); a taken task that is not in SEQ and has no result is
-# being committed (at most COMMIT_DEPTH of them). HALT: set by the supervisor
+# waiting for the committer thread (at most COMMIT_DEPTH of them). HALT: set by the supervisor
 # when it stops handing out work; the worker finishes its current task and takes no other.
 SEQ, STARTED, TAKEN, HALT = 0, 1, 2, 3
 SLOT_SIZE = 4
@@ -114,8 +113,6 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
     while not _terminate and not committer.broken:
         if not held:
             try:
-                if committer.busy and not tasks.poll(0):
-                    committer.settle(block=True)  # nothing else to do: publish, then wait
                 if not tasks.poll(0.5):
                     if os.getppid() != parent or (cfg.parent_pid
                                                   and not pid_alive(cfg.parent_pid)):
@@ -127,7 +124,6 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
                 break  # the supervisor closed our task pipe: stop
             held.extend(message)
             continue
-        committer.settle(block=False)
         item = held[0]
         with lock:
             if slot[HALT] > 0:
@@ -147,15 +143,15 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
 
 
 class Committer:
-    """Commits prepared tasks in the worker's own thread, a few at a time: each task's temp
-    files are written and their fsyncs started (``Processor.begin_commit``); the worker then
-    decodes the next image while the disk catches up (``watcher.flush``), and ``settle``
-    publishes what is durable and sends its result.
+    """The worker's second thread: commits prepared tasks (writes, fsyncs, publishes) and sends
+    their results while the main thread decodes the next ones. The fsync waits on the disk, not
+    the CPU.
 
-    At most COMMIT_DEPTH tasks are in flight. A task leaves the slot's SEQ when it is handed
-    over, and its result is sent only once its outputs are published: a worker that dies
-    meanwhile leaves the supervisor tasks it took, that are not the one in SEQ and have no
-    result; those are run again (they did not cause the death; their temp files are removed).
+    At most COMMIT_DEPTH tasks wait to be committed. A task leaves the slot's SEQ when it is
+    handed over, and its result is sent only once its outputs are published: a worker that dies
+    meanwhile leaves the supervisor tasks it took, that are not the one in SEQ and have no result;
+    those are run again (they did not cause the death; their temp files are removed). Only this
+    thread sends on the result pipe.
     """
 
     def __init__(self, processor: Processor, results: Connection, slot: Any, lock: Any) -> None:
@@ -163,48 +159,54 @@ class Committer:
         self._results = results
         self._slot = slot
         self._lock = lock
-        self._inflight: deque[Commit] = deque()
+        self._cond = threading.Condition()
+        self._items: deque[Prepared] = deque()
+        self._closing = False
         self.broken = False  # the supervisor is gone
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._inflight)
+        self._thread = threading.Thread(target=self._loop, name="committer", daemon=True)
+        self._thread.start()
 
     def hand_over(self, prep: Prepared) -> None:
-        """Start committing ``prep``; first finish the oldest while COMMIT_DEPTH are in flight."""
-        with self._lock:
-            self._slot[SEQ] = IDLE
-        self._inflight.append(self._processor.begin_commit(prep))
-        while len(self._inflight) > COMMIT_DEPTH:
-            self._settle_one(block=True)
-        self.settle(block=False)
-
-    def settle(self, block: bool) -> None:
-        """Publish and report the tasks whose data is on disk, in order (``block``: all)."""
-        while self._inflight and self._settle_one(block):
-            pass
+        """Pass ``prep`` on; wait first while COMMIT_DEPTH tasks are waiting to be committed."""
+        with self._cond:
+            while len(self._items) >= COMMIT_DEPTH:
+                self._cond.wait()
+            with self._lock:
+                self._slot[SEQ] = IDLE
+            self._items.append(prep)
+            self._cond.notify_all()
 
     def close(self) -> None:
-        """Commit what is in flight."""
-        self.settle(block=True)
+        """Commit what is pending, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
 
-    def _settle_one(self, block: bool) -> bool:
-        commit = self._inflight[0]
-        if self.broken:  # the supervisor is gone: discard what is left
-            for st in commit.prep.staged:
-                st.discard()
-            self._inflight.popleft()
-            return True
-        result = commit.step(block)
-        if result is None:
-            return False
-        self._inflight.popleft()
-        result = replace(result, peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-        try:
-            self._results.send(result)
-        except (BrokenPipeError, OSError):
-            self.broken = True
-        return True
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._closing:
+                    self._cond.wait()
+                if not self._items:
+                    return
+                prep = self._items[0]
+            if not self.broken:
+                result = self._processor.commit(prep)
+                result = replace(result,
+                                 peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+                try:
+                    self._results.send(result)
+                except (BrokenPipeError, OSError):
+                    self.broken = True  # the supervisor is gone: discard what is left
+                    for st in prep.staged:
+                        st.discard()
+            else:
+                for st in prep.staged:
+                    st.discard()
+            with self._cond:
+                self._items.popleft()
+                self._cond.notify_all()
 
 
 def _die_with_parent() -> None:
