@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,3 +137,51 @@ def test_walk_skips_dot_files_and_symlinked_dirs(tmp_path: Path) -> None:
     os.symlink(tmp_path, tmp_path / "a" / "loop")
     found = [os.path.relpath(p, tmp_path) for p in files.walk_images(str(tmp_path))]
     assert found == ["2.png", "a/b/1.jpg"]
+
+
+# --- a task's commit when the disk says no ------------------------------------------------------
+
+def _noise_task(tmp_path: Path, out_dir: Path) -> tuple[Any, Any]:
+    from PIL import Image
+
+    from watcher import config
+    from watcher.codec import DecodeLimits
+    from watcher.pipeline import Processor
+    from watcher.tasks import OutputPlan, Task
+
+    src = tmp_path / "noise.png"
+    Image.frombytes("RGB", (512, 512), os.urandom(512 * 512 * 3)).save(src)  # ~800 kB as PNG
+    p = config.pipeline_from(["grayscale"], "p", "p")
+    proc = Processor({"p": p}, DecodeLimits())
+    return proc, Task(1, str(src), (OutputPlan("p", str(out_dir / "noise_p.png")),))
+
+
+def test_disk_full_fails_the_task_and_leaves_nothing(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
+        pytest.skip("needs root to mount a small tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        proc, task = _noise_task(tmp_path, small)
+        r = proc.run(task)
+        assert not r.ok and r.reason == "write-failed" and "No space left" in r.error
+        assert os.listdir(small) == []  # no output, no temp file
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_failed_fsync_fails_the_task_and_leaves_nothing(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    proc, task = _noise_task(tmp_path, out)
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    # An fsync that fails (EIO: the disk lost the data) cannot be made on demand: a fake one.
+    monkeypatch.setattr(os, "fsync", fsync)
+    r = proc.run(task)
+    assert not r.ok and r.reason == "write-failed" and "Input/output error" in r.error
+    assert os.listdir(out) == []
