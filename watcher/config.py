@@ -577,8 +577,6 @@ def from_environment(s: Settings, env: Mapping[str, str]) -> Settings:
 
 
 def _formats(value: Any, where: str) -> tuple[str, ...]:
-    from PIL import Image  # noqa: PLC0415
-
     if not isinstance(value, list) or not value:
         raise ConfigError(where, "expected a non-empty list of format names")
     out = []
@@ -587,10 +585,9 @@ def _formats(value: Any, where: str) -> tuple[str, ...]:
             raise ConfigError(f"{where}[{i}]", f"expected a format name, got {v!r}")
         name = v.upper()
         name = {"JPG": "JPEG", "TIF": "TIFF"}.get(name, name)
-        if name not in Image.OPEN:
-            Image.init()  # all ~40 plugins (about 0.1 s): only for a format not loaded yet
-        if name not in Image.OPEN:
-            known = set(Image.OPEN)
+        codec.ensure_formats((name,))  # all ~40 plugins (about 0.1 s) only when not loaded
+        if name not in codec.Image.OPEN:
+            known = set(codec.Image.OPEN)
             raise ConfigError(f"{where}[{i}]", f"unknown format {v!r}; known: "
                               + ", ".join(sorted(known)))
         out.append(name)

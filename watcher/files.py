@@ -148,10 +148,7 @@ class _Spool:
     def persist(self) -> None:
         """The whole output in its temp file, fsynced and closed."""
         if self._mem is not None:
-            f = self._create()
-            self._file = f
-            f.write(self._mem.getbuffer())
-            self._mem = None
+            self._spill()
         f = self._fp
         f.flush()
         os.fsync(f.fileno())
