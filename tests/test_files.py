@@ -185,3 +185,127 @@ def test_a_failed_fsync_fails_the_task_and_leaves_nothing(tmp_path: Path,
     r = proc.run(task)
     assert not r.ok and r.reason == "write-failed" and "Input/output error" in r.error
     assert os.listdir(out) == []
+
+
+# --- committing several tasks together -----------------------------------------------------------
+
+def _group(tmp_path: Path, out_dir: Path, names: list[str], *, overwrite: bool = False,
+           big: set[str] = frozenset()) -> tuple[Any, list[Any]]:
+    """A Processor and the prepared tasks for ``names`` (``big`` ones: ~800 kB noise PNGs)."""
+    from PIL import Image
+
+    from tests.conftest import make_image
+    from watcher import config
+    from watcher.codec import DecodeLimits
+    from watcher.pipeline import Processor
+    from watcher.tasks import OutputPlan, Task
+
+    proc = Processor({"p": config.pipeline_from(["grayscale"], "p", "p")}, DecodeLimits())
+    preps = []
+    for seq, name in enumerate(names):
+        src = tmp_path / "in" / f"{name}.png"
+        if name in big:
+            src.parent.mkdir(parents=True, exist_ok=True)
+            Image.frombytes("RGB", (512, 512), os.urandom(512 * 512 * 3)).save(src)
+        else:
+            make_image(src, seed=seq)
+        task = Task(seq, str(src), (OutputPlan("p", str(out_dir / f"{name}_p.png")),),
+                    overwrite=overwrite, sync_dir=False)
+        preps.append(proc.prepare(task))
+    return proc, preps
+
+
+def test_a_group_is_made_durable_with_one_syncfs_and_published(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if files._SYNCFS is None:
+        pytest.skip("no syncfs here: each output gets its own fsync")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc, preps = _group(tmp_path, out, ["a", "b", "c", "d"])
+    calls = {"syncfs": 0, "fsync": 0}
+    real_syncfs, real_fsync = files._SYNCFS, os.fsync
+
+    def syncfs(fd: int) -> int:  # the real call, counted
+        calls["syncfs"] += 1
+        return real_syncfs(fd)
+
+    def fsync(fd: int) -> None:
+        calls["fsync"] += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(files, "_SYNCFS", syncfs)
+    monkeypatch.setattr(os, "fsync", fsync)
+    results = proc.commit_many(preps)
+    assert [r.ok for r in results] == [True] * 4
+    assert [r.seq for r in results] == [0, 1, 2, 3]
+    assert calls == {"syncfs": 1, "fsync": 0}
+    assert sorted(os.listdir(out)) == ["a_p.png", "b_p.png", "c_p.png", "d_p.png"]
+    from PIL import Image
+
+    for r in results:
+        with Image.open(r.outputs[0]) as im:
+            assert im.mode == "L" and im.size == (64, 48)
+
+
+def test_a_group_fails_only_its_tasks_that_conflict(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b_p.png").write_bytes(b"someone else's file")
+    proc, preps = _group(tmp_path, out, ["a", "b", "c"])
+    results = proc.commit_many(preps)
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].reason == "output-conflict"
+    assert (out / "b_p.png").read_bytes() == b"someone else's file"
+    assert sorted(os.listdir(out)) == ["a_p.png", "b_p.png", "c_p.png"]  # no temp file left
+
+
+def test_a_group_on_a_full_disk_fails_only_the_task_that_does_not_fit(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
+        pytest.skip("needs root to mount a small tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        proc, preps = _group(tmp_path, small, ["a", "noise", "c"], big={"noise"})
+        results = proc.commit_many(preps)
+        assert [r.ok for r in results] == [True, False, True]
+        assert results[1].reason == "write-failed" and "No space left" in results[1].error
+        assert sorted(os.listdir(small)) == ["a_p.png", "c_p.png"]  # no temp file left
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_when_the_group_sync_fails_each_file_is_fsynced_to_find_the_bad_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    proc, preps = _group(tmp_path, out, ["a", "bad", "c"])
+    real_fsync = os.fsync
+
+    # A disk that loses one file's data cannot be made on demand: syncfs reports the error
+    # (faked), and the fsync of the file it hit says which one (faked for that file only).
+    def fsync(fd: int) -> None:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".bad_p.png"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(files, "_SYNCFS", lambda fd: -1)
+    monkeypatch.setattr(os, "fsync", fsync)
+    results = proc.commit_many(preps)
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].reason == "write-failed" and "Input/output error" in results[1].error
+    assert sorted(os.listdir(out)) == ["a_p.png", "c_p.png"]
+
+
+def test_sync_files_without_syncfs_fsyncs_each_file(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "_SYNCFS", None)
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    fds = [os.open(tmp_path / f"{i}", os.O_CREAT | os.O_WRONLY) for i in range(3)]
+    try:
+        assert files.sync_files(fds) == [None, None, None]
+        assert synced == fds
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -47,6 +47,8 @@ from .pipeline import Pipeline
 from .tasks import Result, Task
 from .worker import (
     EXIT_INIT_FAILED,
+    GROUP_MAX,
+    GROUP_WAIT,
     HALT,
     IDLE,
     SEQ,
@@ -57,7 +59,8 @@ from .worker import (
     worker_main,
 )
 
-# How many tasks a worker holds at once: the one it processes, the one its committer thread
+# How many tasks a worker holds at once: the one it processes, the ones its committer thread
+# gathers into a commit group (about GROUP_WAIT seconds of work, at most GROUP_MAX) and
 # publishes, and enough queued behind them to cover about LOOKAHEAD seconds of work (when tasks
 # are short, so the supervisor, sharing the cores, never leaves it idle), at most MAX_AHEAD.
 # Tasks of LONG_TASK or more get one at a time: a slow file must not hold back another that an
@@ -290,18 +293,19 @@ class Engine:
             try:
                 if not select.select([fd], [], [], 0)[0]:
                     break
-                result = slot.conn.recv()
+                message = slot.conn.recv()  # the results of one commit group
             except (EOFError, OSError, ValueError):
                 break
             except Exception:  # noqa: BLE001 - a message torn by a kill mid-send
                 self._log.warning("engine.result_unreadable", worker=slot.proc.pid)
                 break
-            slot.tasks += 1
-            slot.held.pop(result.seq, None)
-            self._early_deaths = 0
-            accepted = self._accept(result)
-            if accepted is not None:
-                out.append(accepted)
+            for result in message:
+                slot.tasks += 1
+                slot.held.pop(result.seq, None)
+                self._early_deaths = 0
+                accepted = self._accept(result)
+                if accepted is not None:
+                    out.append(accepted)
         return out
 
     def _accept(self, result: Result) -> Result | None:
@@ -415,7 +419,10 @@ class Engine:
             return 2
         if self._avg >= LONG_TASK:
             return 1
-        return 2 + min(MAX_AHEAD, math.ceil(LOOKAHEAD / max(self._avg, 1e-4)))
+        avg = max(self._avg, 1e-4)
+        # plus the tasks a commit group gathers while the next ones are decoded
+        return 2 + min(MAX_AHEAD, math.ceil(LOOKAHEAD / avg)) + \
+            min(GROUP_MAX, math.ceil(GROUP_WAIT / avg))
 
     def _feed(self) -> None:
         if not self._intake or not self._started or not self._pending:

@@ -15,14 +15,14 @@ import os
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import codec, transforms
 from .codec import DecodeLimits, OutputOptions, Source
 from .errors import RejectedInput
-from .files import Staged
+from .files import Staged, fsync_dir, sync_files
 from .pil import Image
 from .tasks import Result, Task
 
@@ -135,6 +135,7 @@ class Prepared:
     bytes_in: int
     notes: tuple[str, ...]
     failure: Result | None = None
+    spent: float = 0.0  # seconds prepare took (a result's duration leaves out its wait)
 
 
 class Processor:
@@ -170,28 +171,82 @@ class Processor:
                 raise
             return Prepared(task, t0, (), bytes_in, tuple(notes),
                             self._failure(task, t0, exc, notes, bytes_in))
-        return Prepared(task, t0, tuple(staged), bytes_in, tuple(notes))
+        return Prepared(task, t0, tuple(staged), bytes_in, tuple(notes), spent=_since(t0))
 
     def commit(self, prep: Prepared) -> Result:
-        """fsync and publish the staged outputs (in order); the task's final result."""
-        task, notes = prep.task, list(prep.notes)
-        if prep.failure is not None:
-            return prep.failure
-        written: list[str] = []
-        bytes_out = 0
-        pending = list(prep.staged)
-        try:
-            while pending:
-                st = pending.pop(0)
-                bytes_out += st.commit(overwrite=task.overwrite, sync_dir=task.sync_dir)
-                written.append(st.final)
-        except (RejectedInput, OSError) as exc:
-            for st in pending:
-                st.discard()
-            return self._failure(task, prep.t0, exc, notes, prep.bytes_in, written)
-        return Result(task.seq, task.path, True, tuple(written), duration=_since(prep.t0),
-                      worker=os.getpid(), attempt=task.attempt, bytes_in=prep.bytes_in,
-                      bytes_out=bytes_out, warnings=tuple(notes))
+        """Make the staged outputs durable and publish them (in order); the task's result."""
+        return self.commit_many([prep])[0]
+
+    def commit_many(self, preps: Sequence[Prepared]) -> list[Result]:
+        """Commit several prepared tasks together; their results, in order.
+
+        Every output is written to its temp file, all of them are made durable at once
+        (``sync_files``), then each task's outputs are published in order and each folder that
+        needs it is fsynced once. Each task still succeeds or fails on its own, as alone.
+        """
+        t0 = time.perf_counter()
+        results: list[Result | None] = [p.failure for p in preps]
+        errors: dict[int, Exception] = {}
+        fds: list[int] = []
+        owners: list[int] = []
+        for i, prep in enumerate(preps):
+            if prep.failure is not None:
+                continue
+            mine: list[int] = []
+            try:
+                for st in prep.staged:
+                    mine.append(st.write_temp())
+            except OSError as exc:
+                errors[i] = exc
+                continue
+            fds += mine
+            owners += [i] * len(mine)
+        for i, error in zip(owners, sync_files(fds), strict=True):
+            if error is not None:
+                errors.setdefault(i, error)
+        folders: dict[str, set[int]] = {}
+        for i, prep in enumerate(preps):
+            if prep.failure is not None:
+                continue
+            task, notes = prep.task, list(prep.notes)
+            if i in errors:
+                for st in prep.staged:
+                    st.discard()
+                results[i] = self._failure(task, prep.t0, errors[i], notes, prep.bytes_in)
+                continue
+            written: list[str] = []
+            bytes_out = 0
+            pending = list(prep.staged)
+            try:
+                while pending:
+                    st = pending.pop(0)
+                    bytes_out += st.publish(overwrite=task.overwrite)
+                    written.append(st.final)
+            except (RejectedInput, OSError) as exc:
+                for st in pending:
+                    st.discard()
+                results[i] = self._failure(task, prep.t0, exc, notes, prep.bytes_in, written)
+                continue
+            if task.sync_dir:
+                for path in written:
+                    folders.setdefault(os.path.dirname(path) or ".", set()).add(i)
+            results[i] = Result(task.seq, task.path, True, tuple(written),
+                                duration=prep.spent + _since(t0), worker=os.getpid(),
+                                attempt=task.attempt, bytes_in=prep.bytes_in,
+                                bytes_out=bytes_out, warnings=tuple(notes))
+        for folder, owners_of in folders.items():
+            try:
+                fsync_dir(folder)
+            except OSError as exc:
+                for i in sorted(owners_of):
+                    done = results[i]
+                    if done is not None and done.ok:
+                        results[i] = self._failure(preps[i].task, preps[i].t0, exc,
+                                                   list(preps[i].notes), preps[i].bytes_in,
+                                                   list(done.outputs))
+        if any(r is None for r in results):
+            raise RuntimeError("a prepared task was left without a result")
+        return results  # type: ignore[return-value]
 
     def stage(self, prep: Prepared) -> Result:
         """fsync the staged outputs but leave them under their temp names: the result lists

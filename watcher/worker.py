@@ -40,7 +40,13 @@ from .tasks import Result, Task
 SEQ, STARTED, TAKEN, HALT = 0, 1, 2, 3
 SLOT_SIZE = 4
 IDLE = -1.0
-COMMIT_DEPTH = 2
+# Group commit (see Committer): at most GROUP_MAX tasks in one group; a group is due when its
+# oldest task has waited GROUP_WAIT seconds or GROUP_BYTES of output wait; COMMIT_DEPTH tasks
+# at most wait for the committer (the main thread waits beyond that).
+GROUP_MAX = 8
+GROUP_WAIT = 0.03
+GROUP_BYTES = 32 * 1024 * 1024
+COMMIT_DEPTH = 2 * GROUP_MAX
 
 EXIT_OK = 0
 EXIT_INIT_FAILED = 3  # the worker could not even start: the supervisor stops, not respawns
@@ -113,6 +119,8 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
     while not _terminate and not committer.broken:
         if not held:
             try:
+                if not tasks.poll(0):
+                    committer.flush()  # nothing to decode next: commit what waits now
                 if not tasks.poll(0.5):
                     if os.getppid() != parent or (cfg.parent_pid
                                                   and not pid_alive(cfg.parent_pid)):
@@ -143,9 +151,14 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
 
 
 class Committer:
-    """The worker's second thread: commits prepared tasks (writes, fsyncs, publishes) and sends
-    their results while the main thread decodes the next ones. The fsync waits on the disk, not
-    the CPU.
+    """The worker's second thread: commits prepared tasks (writes, makes durable, publishes) and
+    sends their results while the main thread decodes the next ones.
+
+    Tasks are committed in groups: the outputs of every task waiting are written, made durable
+    together (one ``syncfs`` for the lot, see ``files.sync_files``) and published, and their
+    results go back in one message. A group is committed once GROUP_MAX tasks or GROUP_BYTES of
+    output wait, once its oldest task has waited GROUP_WAIT, or at once when the main thread has
+    nothing else to do (so a file alone, at idle, is not held back) or is stopping.
 
     At most COMMIT_DEPTH tasks wait to be committed. A task leaves the slot's SEQ when it is
     handed over, and its result is sent only once its outputs are published: a worker that dies
@@ -160,21 +173,34 @@ class Committer:
         self._slot = slot
         self._lock = lock
         self._cond = threading.Condition()
-        self._items: deque[Prepared] = deque()
+        self._items: deque[tuple[Prepared, float, int]] = deque()  # (task, handed at, bytes)
+        self._bytes = 0
         self._closing = False
+        self._now = False  # commit what waits without waiting for more
         self.broken = False  # the supervisor is gone
         self._thread = threading.Thread(target=self._loop, name="committer", daemon=True)
         self._thread.start()
 
     def hand_over(self, prep: Prepared) -> None:
-        """Pass ``prep`` on; wait first while COMMIT_DEPTH tasks are waiting to be committed."""
+        """Pass ``prep`` on; wait first while COMMIT_DEPTH tasks (or twice GROUP_BYTES of
+        output) are waiting to be committed."""
+        size = sum(st.size for st in prep.staged)
         with self._cond:
-            while len(self._items) >= COMMIT_DEPTH:
+            while len(self._items) >= COMMIT_DEPTH or (
+                    self._items and self._bytes + size > 2 * GROUP_BYTES):
                 self._cond.wait()
             with self._lock:
                 self._slot[SEQ] = IDLE
-            self._items.append(prep)
+            self._items.append((prep, time.monotonic(), size))
+            self._bytes += size
             self._cond.notify_all()
+
+    def flush(self) -> None:
+        """The main thread has nothing to do next: commit what waits now."""
+        with self._cond:
+            if self._items and not self._now:
+                self._now = True
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Commit what is pending, then stop the thread."""
@@ -183,29 +209,39 @@ class Committer:
             self._cond.notify_all()
         self._thread.join()
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._items and not self._closing:
-                    self._cond.wait()
+    def _next_group(self) -> list[Prepared] | None:
+        """Wait until a group is due; the tasks in it (they stay counted until committed), or
+        None when closing with nothing left."""
+        with self._cond:
+            while True:
                 if not self._items:
-                    return
-                prep = self._items[0]
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                due = self._items[0][1] + GROUP_WAIT - time.monotonic()
+                if (self._closing or self._now or due <= 0 or len(self._items) >= GROUP_MAX
+                        or self._bytes >= GROUP_BYTES):
+                    self._now = False
+                    return [p for p, _, _ in list(self._items)[:GROUP_MAX]]
+                self._cond.wait(due)
+
+    def _loop(self) -> None:
+        while (group := self._next_group()) is not None:
             if not self.broken:
-                result = self._processor.commit(prep)
-                result = replace(result,
-                                 peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+                results = self._processor.commit_many(group)
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 try:
-                    self._results.send(result)
+                    self._results.send([replace(r, peak_rss_kb=rss) for r in results])
                 except (BrokenPipeError, OSError):
                     self.broken = True  # the supervisor is gone: discard what is left
+            else:
+                for prep in group:
                     for st in prep.staged:
                         st.discard()
-            else:
-                for st in prep.staged:
-                    st.discard()
             with self._cond:
-                self._items.popleft()
+                for _ in group:
+                    self._bytes -= self._items.popleft()[2]
                 self._cond.notify_all()
 
 

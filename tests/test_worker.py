@@ -1,0 +1,65 @@
+"""The worker's committer thread: commit groups, and a lone task at idle committed at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import make_image
+from watcher import config, worker
+from watcher.codec import DecodeLimits
+from watcher.pipeline import Processor
+from watcher.tasks import OutputPlan, Task
+
+
+def _committer(tmp_path: Path, n: int) -> tuple[worker.Committer, Any, list[Any], Path]:
+    proc = Processor({"p": config.pipeline_from(["thumbnail(16, 16)"], "p", "p")},
+                     DecodeLimits())
+    out = tmp_path / "out"
+    preps = []
+    for i in range(n):
+        src = make_image(tmp_path / "in" / f"{i}.png", seed=i)
+        preps.append(proc.prepare(Task(i, str(src), (OutputPlan("p", str(out / f"{i}.png")),))))
+    recv, send = multiprocessing.Pipe(duplex=False)
+    slot = multiprocessing.RawArray("d", worker.SLOT_SIZE)
+    return worker.Committer(proc, send, slot, threading.Lock()), recv, preps, out
+
+
+def test_a_lone_task_waits_for_company_until_the_worker_is_idle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker, "GROUP_WAIT", 3600.0)
+    c, results, preps, out = _committer(tmp_path, 1)
+    try:
+        c.hand_over(preps[0])
+        assert not results.poll(0.3)  # not due: the worker may hand over more
+        assert not out.exists()
+        c.flush()  # the worker has nothing else to do
+        assert results.poll(10), "flush did not commit the waiting task"
+        [r] = results.recv()
+        assert r.ok and r.outputs == (str(out / "0.png"),) and r.peak_rss_kb > 0
+        assert (out / "0.png").is_file()
+    finally:
+        c.close()
+
+
+def test_a_full_group_is_committed_and_reported_in_one_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker, "GROUP_WAIT", 3600.0)
+    c, results, preps, out = _committer(tmp_path, worker.GROUP_MAX + 1)
+    try:
+        for prep in preps:
+            c.hand_over(prep)
+        assert results.poll(10), "a full group was not committed"
+        group = results.recv()
+        assert [r.seq for r in group] == list(range(worker.GROUP_MAX))
+        assert all(r.ok for r in group)
+        assert not results.poll(0.3)  # the last one waits for company
+    finally:
+        c.close()  # commits what is pending
+    assert [r.seq for r in results.recv()] == [worker.GROUP_MAX]
+    assert len(list(out.glob("*.png"))) == worker.GROUP_MAX + 1
+    assert not list(out.glob(".*"))  # no temp file left
