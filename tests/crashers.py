@@ -139,3 +139,14 @@ def started_markers(token: int) -> list[str]:
     folder = tempfile.gettempdir()
     prefix = os.path.basename(marker_path(token)) + ".started."
     return [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(prefix)]
+
+
+def note_parent(im: Image.Image) -> Image.Image:
+    """Record which process runs this worker and its parent: a file named for this worker's pid
+    holding its parent's pid, in $WATCHER_TEST_NOTES (a forked worker has the batch's
+    environment)."""
+    folder = os.environ.get("WATCHER_TEST_NOTES")
+    if folder:
+        with open(os.path.join(folder, str(os.getpid())), "w") as f:
+            f.write(str(os.getppid()))
+    return im

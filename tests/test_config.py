@@ -81,7 +81,7 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     ("[pipelines.a]\nsteps = ['grayscale']\nsuffix = 'a/b'", "watcher.toml: pipelines.a.suffix"),
     ("[engine]\nworkers = 'two'", "watcher.toml: engine.workers"),
     ("[engine]\nworkers = 0", "watcher.toml: engine.workers"),
-    ("[engine]\nstart_method = 'fork'", "watcher.toml: engine.start_method"),
+    ("[engine]\nstart_method = 'vfork'", "watcher.toml: engine.start_method"),
     ("[input]\nformats = ['jpeg', 'nope']", "watcher.toml: input.formats[1]"),
     ("[input]\nmax_file_size = 'lots'", "watcher.toml: input.max_file_size"),
     ("[output]\npipelines = ['missing']", "watcher.toml: output.pipelines[0]"),

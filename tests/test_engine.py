@@ -3,6 +3,7 @@ idle workers killed from outside, draining on close. Deadlines everywhere, no ba
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -287,7 +288,8 @@ def test_unimportable_transform_stops_the_engine(tmp_path: Path, images: list[Pa
     mod.ghost = ghost  # type: ignore[attr-defined]
     sys.modules["watcher_test_ghost"] = mod  # importable here, not in a worker
     try:
-        e = engine_for([ghost], workers=1)
+        # a forked worker would inherit the module: only a started interpreter lacks it
+        e = engine_for([ghost], workers=1, start_method="forkserver")
         e.start()
         with pytest.raises(EngineError, match="cannot start"):
             run_all(e, tasks_for(images[:1], tmp_path / "out"), timeout=30)
@@ -303,7 +305,7 @@ from watcher import process_images
 # no `if __name__ == "__main__":` guard: every worker re-runs this file and dies at start
 if sys.argv[-1] == "child-run":
     raise SystemExit(1)
-process_images([sys.argv[1]], sys.argv[2], ["grayscale"])
+process_images([sys.argv[1]], sys.argv[2], ["grayscale"], config=sys.argv[3])
 """
 
 
@@ -318,9 +320,73 @@ def test_workers_dying_at_start_stop_the_engine_instead_of_respawning(tmp_path: 
     # the main module raises on import in a worker (its argv is the parent's: we mark it)
     script.write_text(CRASHING_MAIN.replace('sys.argv[-1] == "child-run"',
                                             "__name__ != '__main__'"))
-    proc = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / "out")],
+    # a forkserver's workers import the main module (a forked one would not)
+    conf = tmp_path / "watcher.toml"
+    conf.write_text('[engine]\nstart_method = "forkserver"\n')
+    proc = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / "out"),
+                           str(conf)],
                           capture_output=True, text=True, timeout=60, check=False,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode != 0
     assert "died before finishing any task" in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.count("worker.started") < 20  # it stopped, not a respawn storm
+
+
+START_METHOD_MAIN = """
+import os, sys, threading
+from watcher import process_images
+from tests import crashers
+if __name__ == "__main__":
+    if sys.argv[3] == "with-a-thread":
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
+    report = process_images([sys.argv[1]], sys.argv[2], [crashers.note_parent, "grayscale"],
+                            workers=2)
+    print(os.getpid(), report.succeeded)
+"""
+
+
+@pytest.mark.parametrize("mode", ["alone", "with-a-thread"])
+def test_a_batch_forks_its_workers_unless_it_runs_other_threads(tmp_path: Path,
+                                                                mode: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    srcs = [make_image(tmp_path / "in" / f"{i}.png", seed=i) for i in range(4)]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    script = tmp_path / "main.py"
+    script.write_text(START_METHOD_MAIN)
+    proc = subprocess.run([sys.executable, str(script), str(srcs[0].parent), str(tmp_path / "o"),
+                           mode], capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               "WATCHER_TEST_NOTES": str(notes)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    batch_pid, succeeded = map(int, proc.stdout.split())
+    assert succeeded == 4
+    parents = {int(p.read_text()) for p in notes.iterdir()}
+    assert parents, "no worker ran the transform"
+    if mode == "alone":  # forked from the batch process itself: no forkserver in between
+        assert parents == {batch_pid}
+    else:  # a forkserver's children
+        assert batch_pid not in parents
+
+
+def test_forked_idle_workers_end_when_their_task_pipe_closes(
+        tmp_path: Path, images: list[Path], capfd: pytest.CaptureFixture[str]) -> None:
+    # A forked worker inherits this process's descriptors, its own task pipe's writing end and
+    # its siblings' among them; held open, they would hide the closing of its task pipe, and
+    # close() would have to kill the idle workers instead of letting them stop.
+    p = config.pipeline_from(["grayscale"], "p", "p")
+    e = Engine(EngineSettings(workers=2, task_timeout=30.0, grace=5.0), {"p": p},
+               DecodeLimits(), log_format="json", log_level="debug")
+    assert e.start_method == "fork"  # pytest runs no other thread
+    e.start()
+    results = run_all(e, tasks_for(images, tmp_path / "out"))
+    assert all(r.ok for r in results.values())
+    pids = e.pids
+    e.close()
+    stopped = [json.loads(line) for line in capfd.readouterr().err.splitlines()
+               if '"worker.stopped"' in line]
+    assert sorted(ev["worker"] for ev in stopped) == sorted(pids)  # each stopped by itself

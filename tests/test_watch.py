@@ -497,6 +497,17 @@ def test_on_success_delete_and_keep(root: Path, mode: str) -> None:
             d2.stop()
 
 
+def test_fork_start_method_is_refused_in_watch_mode(root: Path) -> None:
+    conf = root / "watcher.toml"
+    conf.write_text('[engine]\nstart_method = "fork"\n')
+    proc = subprocess.run([sys.executable, "-m", "watcher", "watch", "--config", str(conf),
+                           "--inbox", str(root / "in"), "--output", str(root / "out")],
+                          capture_output=True, text=True, timeout=30, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    assert "engine.start_method" in proc.stderr and "not safe in watch mode" in proc.stderr
+
+
 def test_config_with_output_inside_inbox_is_refused(root: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "watcher", "watch", "--inbox",
                            str(root / "in"), "--output", str(root / "in" / "out")],

@@ -333,6 +333,10 @@ def _bar(total: int, enabled: bool) -> Any:
         return _NoBar()
     from tqdm import tqdm  # noqa: PLC0415
 
+    # No monitor thread: a batch forks its workers from this process, which must then run no
+    # other thread (see engine.resolve_start_method).
+    tqdm.monitor_interval = 0
+
     try:
         sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
     except OSError:

@@ -371,7 +371,7 @@ def cmd_transforms() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("batch", "watch"):
+    if args.command == "watch":
         start_forkserver()  # already running when started through watcher.launch
     try:
         if args.command == "batch":

@@ -22,7 +22,7 @@ from .pipeline import Pipeline, Step
 from .transforms import join
 
 CONFLICT_POLICIES = ("skip", "overwrite", "rename")
-START_METHODS = ("forkserver", "spawn")
+START_METHODS = ("auto", "fork", "forkserver", "spawn")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,10 @@ class EngineSettings:
     max_tasks_per_worker: int = 0  # recycle a worker after this many tasks (0: never)
     crash_retries: int = 1  # a task whose worker died is tried this many more times
     grace: float = 30.0  # on stop: how long running tasks may take to finish
-    start_method: str = "forkserver"
+    # How worker processes start: "auto" forks them from a batch that runs no other thread (the
+    # quickest start) and uses a forkserver otherwise and in watch mode (the observer's threads
+    # make a plain fork unsafe); "fork", "forkserver" or "spawn" ask for one.
+    start_method: str = "auto"
     # Where tasks run: "local" (this machine's worker processes), "dask" (the Dask scheduler at
     # ``scheduler``), or "dask-local" (a Dask LocalCluster of ``workers`` processes started here).
     executor: str = "local"

@@ -47,8 +47,8 @@ STALL_HOOK = "WATCHER_DEBUG_STALL_FILE"  # tests: while this file exists, the lo
 class Daemon:
     def __init__(self, load: Callable[[], Settings], *, log_format: str = "json",
                  log_level: str = "info") -> None:
-        self._load = load
-        self.settings = load()
+        self._load = lambda: _for_watch(load())
+        self.settings = self._load()
         self.folders = _folders(self.settings)
         self._log_format = log_format
         self._log_level = log_level
@@ -90,7 +90,10 @@ class Daemon:
 
     def _new_engine(self) -> AnyEngine:
         pipes = self._pipelines
-        e = create_engine(self.settings.engine, {p.name: p for p in pipes}, self.settings.limits,
+        eng = self.settings.engine
+        if eng.start_method == "auto":  # the observer runs threads: no plain fork
+            eng = replace(eng, start_method="forkserver")
+        e = create_engine(eng, {p.name: p for p in pipes}, self.settings.limits,
                    log_format=self._log_format, log_level="warning")
         e.start()
         return e
@@ -577,3 +580,11 @@ def _folders(s: Settings) -> Folders:
     """The daemon's folders; with an instance name, its own work folder below ``work``."""
     ws = s.watch
     return Folders(ws.folders(), work_root=ws.work if ws.instance else None)
+
+
+def _for_watch(settings: Settings) -> Settings:
+    """``settings``, refused where watch mode cannot honour them."""
+    if settings.engine.start_method == "fork":
+        raise ConfigError("engine.start_method", "'fork' is not safe in watch mode (the inbox "
+                          "observer runs threads); use auto, forkserver or spawn")
+    return settings

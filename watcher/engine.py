@@ -30,6 +30,7 @@ import os
 import pickle
 import select
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -120,8 +121,9 @@ class Engine:
                  limits: DecodeLimits, *, log_format: str = "json",
                  log_level: str = "warning") -> None:
         self.settings = settings
-        self._ctx = multiprocessing.get_context(settings.start_method)
-        if settings.start_method == "forkserver":
+        self.start_method = resolve_start_method(settings.start_method)
+        self._ctx = multiprocessing.get_context(self.start_method)
+        if self.start_method == "forkserver":
             self._ctx.set_forkserver_preload(PRELOAD)
         cfg = WorkerConfig(dict(pipelines), limits, settings.max_tasks_per_worker, log_format,
                            log_level, os.getpid())
@@ -159,9 +161,17 @@ class Engine:
         lock = self._ctx.Lock()
         recv, send = self._ctx.Pipe(duplex=False)
         task_recv, task_send = self._ctx.Pipe(duplex=False)
+        # A forked worker starts with copies of this process's descriptors: it closes this
+        # side's pipe ends first, its own and its siblings' (held open, a task pipe's writing
+        # end would hide its closing from the worker that reads it).
+        inherited: tuple[int, ...] = ()
+        if self.start_method == "fork":
+            ends = [c for s in self._slots.values() for c in (s.conn, s.tasks_conn)]
+            inherited = (*(c.fileno() for c in ends if not c.closed), recv.fileno(),
+                         task_send.fileno())
         proc = self._ctx.Process(target=worker_main, name=f"watcher-worker-{index}",
-                                 args=(index, task_recv, send, shared, lock, self._cfg),
-                                 daemon=True)
+                                 args=(index, task_recv, send, shared, lock, self._cfg,
+                                       inherited), daemon=True)
         proc.start()
         send.close()  # the worker holds the only writing end: EOF means it is gone
         task_recv.close()
@@ -484,6 +494,19 @@ class Engine:
 
 def _failure(task: Task, reason: str, error: str, worker: int = 0) -> Result:
     return Result(task.seq, task.path, False, (), reason, error, "", 0.0, worker, task.attempt)
+
+
+def resolve_start_method(method: str) -> str:
+    """The start method ``method`` ("auto" or one by name) stands for in this process now.
+
+    "auto" is "fork" where this process runs no other thread (a forked worker then starts at
+    once, with nothing held by a thread it did not inherit), else "forkserver". A caller that
+    starts threads of its own later (the daemon) asks for "forkserver" instead.
+    """
+    if method != "auto":
+        return method
+    forkable = "fork" in multiprocessing.get_all_start_methods()
+    return "fork" if forkable and threading.active_count() == 1 else "forkserver"
 
 
 def create_engine(settings: EngineSettings, pipelines: Mapping[str, Pipeline],

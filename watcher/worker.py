@@ -92,15 +92,20 @@ def _on_term(signum: int, frame: Any) -> None:
 
 
 def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, lock: Any,
-                cfg_bytes: bytes) -> None:
+                cfg_bytes: bytes, inherited: tuple[int, ...] = ()) -> None:
     """Process target: take tasks until the task pipe closes, a halt, SIGTERM, recycling or
     parent death.
 
     ``cfg_bytes`` is the pickled WorkerConfig: unpickled here, so a pipeline whose transforms
     cannot be imported in a worker exits with EXIT_INIT_FAILED instead of a bootstrap crash.
+    ``inherited``: descriptors a forked worker inherited from the engine (the engine's ends of
+    its own and other workers' pipes), closed first.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_term)
+    for fd in inherited:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     parent = os.getppid()
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
