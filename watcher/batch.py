@@ -232,11 +232,20 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
         report.wall_time = round(time.perf_counter() - t0, 6)
         return report
 
-    p = plan(inputs, out_dir, pipelines, settings.on_conflict, settings.limits.formats)
+    # The workers start first: they get ready while the inputs are planned.
+    workers = max(1, min(settings.engine.workers, len(inputs)))
+    engine = create_engine(replace(settings.engine, workers=workers),
+                           {x.name: x for x in pipelines}, settings.limits,
+                           log_format=log_format, log_level=log_level)
+    try:
+        engine.start()
+        p = plan(inputs, out_dir, pipelines, settings.on_conflict, settings.limits.formats)
+    except BaseException:
+        engine.close(0)
+        raise
     for item in p.done:
         logger.info("file.skipped", input=item.input, outputs=item.outputs, reason=item.reason)
-    workers = max(1, min(settings.engine.workers, len(p.tasks)))
-    report.workers = workers if p.tasks else 0
+    report.workers = min(workers, len(p.tasks))
     bar = _bar(len(inputs), progress)
     bar.update(len(p.done))
 
@@ -252,15 +261,13 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
         if on_result:
             on_result(item)
 
-    if p.tasks:
-        engine = create_engine(replace(settings.engine, workers=workers),
-                               {x.name: x for x in pipelines}, settings.limits,
-                               log_format=log_format, log_level=log_level)
+    if not p.tasks:
+        engine.close(0)
+    else:
         with _Signals() as sigs:
             try:
                 for task in p.tasks:
                     engine.submit(task)
-                engine.start()
                 while engine.outstanding and not sigs.received:
                     for r in engine.poll(0.25):
                         record(r)

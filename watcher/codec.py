@@ -31,7 +31,10 @@ from .pil import Image, ImageCms, ImageColor, UnidentifiedImageError, load_plugi
 
 
 def ensure_formats(formats: tuple[str, ...]) -> None:
-    """Image.open(formats=...) only knows loaded plugins: load all when one is missing."""
+    """Image.open(formats=...) only knows loaded plugins: load the default formats' plugins
+    when one is missing, and all ~40 only when that is not enough."""
+    if any(f not in Image.OPEN for f in formats):
+        load_plugins()
     if any(f not in Image.OPEN for f in formats):
         Image.init()
 

@@ -588,7 +588,7 @@ def _formats(value: Any, where: str) -> tuple[str, ...]:
             raise ConfigError(f"{where}[{i}]", f"expected a format name, got {v!r}")
         name = v.upper()
         name = {"JPG": "JPEG", "TIF": "TIFF"}.get(name, name)
-        codec.ensure_formats((name,))  # all ~40 plugins (about 0.1 s) only when not loaded
+        codec.ensure_formats((name,))  # all ~40 plugins (about 0.1 s) only for a rare one
         if name not in codec.Image.OPEN:
             known = set(codec.Image.OPEN)
             raise ConfigError(f"{where}[{i}]", f"unknown format {v!r}; known: "
