@@ -29,7 +29,11 @@ from PIL import Image, ImageChops, ImageStat
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "bench"
-BENCH_HOME = Path(os.environ.get("BENCH_HOME", "/var/tmp/watcher-bench"))
+BENCH_HOME = Path(os.environ.get("BENCH_HOME", "/var/tmp/watcher-bench")).resolve()
+# Where every measured command runs (main() sets it to the run's work folder): not this clone,
+# whose ./watcher.toml (the daemon's demo config) watcher batch would pick up; watcher runs on
+# its built-in defaults, the peers on theirs.
+RUN_DIR: Path | None = None
 PEER_PY = BENCH_HOME / ".venv" / "bin" / "python"
 PEER_SPY = BENCH_HOME / ".venv-sysvips" / "bin" / "python"
 WATCHER = Path(sys.executable).parent / "watcher"
@@ -87,7 +91,8 @@ def timed(cmd: list[str], env: dict[str, str] | None = None,
     starts from its parent's high-water mark at exec, so this (large) process must not fork the
     measured command itself."""
     out = subprocess.run(["/usr/bin/python3", "-c", TIMER, *cmd], capture_output=True,
-                         text=True, env={**os.environ, **(env or {})}, cwd=cwd, check=True)
+                         text=True, env={**os.environ, **(env or {})}, cwd=cwd or RUN_DIR,
+                         check=True)
     wall, peak, status = out.stdout.split()
     return float(wall), float(peak), int(status)
 
@@ -227,6 +232,16 @@ def fresh_out(work: Path, name: str, r: int) -> Path:
     return out
 
 
+def warm(inputs: list[Path]) -> None:
+    """Read every input once, so that each run starts with them in the page cache. Some
+    machines reclaim page-cache pages unused for a minute or so (here: DAMON's pageout scheme
+    on the VM), and the first tool after such a pause would otherwise pay the disk reads."""
+    for path in inputs:
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+
+
 def bench_throughput(job: str, src: Path, rounds: int, work: Path,
                      inputs: list[Path]) -> tuple[list[Run], dict[str, Any]]:
     impls = ["watcher", *PEERS[job]]
@@ -243,6 +258,7 @@ def bench_throughput(job: str, src: Path, rounds: int, work: Path,
             cmd = watcher_cmd(job, src, out) if impl == "watcher" else peer_cmd(impl, job, src,
                                                                               out)
             assert cmd is not None
+            warm(inputs)
             wall, peak, status = timed(cmd)
             if status:
                 runs[impl].ok, runs[impl].note = False, f"exit status {status}"
@@ -262,6 +278,7 @@ def bench_executor(job: str, src: Path, rounds: int, work: Path, inputs: list[Pa
         order = ["local", executor] if r % 2 == 0 else [executor, "local"]
         for ex in order:
             out = fresh_out(work, f"{job}-exec-{ex}", r)
+            warm(inputs)
             wall, peak, status = timed(watcher_cmd(job, src, out, executor=ex))
             if status:
                 runs[ex].ok, runs[ex].note = False, f"exit status {status}"
@@ -440,7 +457,7 @@ def bench_watch(photos: list[Path], small: list[Path], idle: int, backlog: int,
 # --- corpus -------------------------------------------------------------------------------------
 
 def corpus(quick: bool, work: Path) -> tuple[Path, bool]:
-    real = Path(os.environ.get("BENCH_CORPUS", BENCH_HOME / "corpus"))
+    real = Path(os.environ.get("BENCH_CORPUS", BENCH_HOME / "corpus")).resolve()
     if (real / "manifest.tsv").exists():
         if not quick:
             return real, True
@@ -593,7 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     jobs = [j.strip().upper() for j in args.jobs.split(",") if j.strip()]
+    global RUN_DIR
     work = Path(tempfile.mkdtemp(prefix="watcher-bench-", dir="/var/tmp"))
+    RUN_DIR = work
     try:
         src, real = corpus(args.quick, work)
         photos = sorted((src / "photos").iterdir())
