@@ -2,8 +2,8 @@
 
 The supervisor of a batch or the daemon plans paths and pipelines and never touches pixels: it
 need not pay for Pillow and its codecs (about 80 ms of every command's start-up). A worker loads
-them when its module is imported (``load_plugins``), which the forkserver does once, before any
-worker exists.
+the default formats' plugins (``load_plugins``) before its first image: a forked batch worker
+itself, in parallel with its siblings; the forkserver once, before any worker exists.
 """
 
 from __future__ import annotations
