@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -387,6 +388,7 @@ def test_forked_idle_workers_end_when_their_task_pipe_closes(
     assert all(r.ok for r in results.values())
     pids = e.pids
     e.close()
-    stopped = [json.loads(line) for line in capfd.readouterr().err.splitlines()
-               if '"worker.stopped"' in line]
+    # two workers write to one stderr at once: take each JSON object, not each line
+    events = [json.loads(m) for m in re.findall(r"\{[^{}\n]*\}", capfd.readouterr().err)]
+    stopped = [ev for ev in events if ev.get("event") == "worker.stopped"]
     assert sorted(ev["worker"] for ev in stopped) == sorted(pids)  # each stopped by itself

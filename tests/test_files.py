@@ -235,6 +235,8 @@ def test_a_group_is_made_durable_with_one_syncfs_and_published(
 
     monkeypatch.setattr(files, "_SYNCFS", syncfs)
     monkeypatch.setattr(os, "fsync", fsync)
+    # however much other programs have left unwritten on this machine just now
+    monkeypatch.setattr(files, "OTHERS_DIRTY_LIMIT", 1 << 62)
     results = proc.commit_many(preps)
     assert [r.ok for r in results] == [True] * 4
     assert [r.seq for r in results] == [0, 1, 2, 3]
@@ -309,3 +311,39 @@ def test_sync_files_without_syncfs_fsyncs_each_file(tmp_path: Path,
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_with_much_else_unwritten_a_group_gets_an_fsync_per_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    proc, preps = _group(tmp_path, out, ["a", "b", "c"])
+    calls = {"syncfs": 0, "fsync": 0}
+    real_fsync = os.fsync
+
+    def syncfs(fd: int) -> int:
+        calls["syncfs"] += 1
+        return 0
+
+    def fsync(fd: int) -> None:
+        calls["fsync"] += 1
+        real_fsync(fd)
+
+    # 1 GiB of other programs' data waiting to be written (read from /proc/meminfo, faked):
+    # syncfs would write it all before returning
+    monkeypatch.setattr(files, "unwritten_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(files, "_SYNCFS", syncfs)
+    monkeypatch.setattr(os, "fsync", fsync)
+    results = proc.commit_many(preps)
+    assert [r.ok for r in results] == [True] * 3
+    assert calls == {"syncfs": 0, "fsync": 3}
+
+
+def test_unwritten_bytes_reads_the_page_cache_figures() -> None:
+    if not os.path.exists("/proc/meminfo"):
+        pytest.skip("no /proc/meminfo")
+    text = Path("/proc/meminfo").read_text()
+    fields = dict(line.split(":", 1) for line in text.splitlines())
+    expected = sum(int(fields[k].split()[0]) * 1024 for k in ("Dirty", "Writeback"))
+    # both are read at about the same moment; the kernel's figures move a little meanwhile
+    assert abs(files.unwritten_bytes() - expected) <= 64 * 1024 * 1024

@@ -189,6 +189,7 @@ class Processor:
         errors: dict[int, Exception] = {}
         fds: list[int] = []
         owners: list[int] = []
+        size = 0
         for i, prep in enumerate(preps):
             if prep.failure is not None:
                 continue
@@ -201,7 +202,8 @@ class Processor:
                 continue
             fds += mine
             owners += [i] * len(mine)
-        for i, error in zip(owners, sync_files(fds), strict=True):
+            size += sum(st.size for st in prep.staged)
+        for i, error in zip(owners, sync_files(fds, size), strict=True):
             if error is not None:
                 errors.setdefault(i, error)
         folders: dict[str, set[int]] = {}

@@ -227,7 +227,7 @@ class Committer:
                 due = self._items[0][1] + GROUP_WAIT - time.monotonic()
                 if (self._closing or self._now or due <= 0 or len(self._items) >= GROUP_MAX
                         or self._bytes >= GROUP_BYTES):
-                    self._now = False
+                    self._now = self._now and len(self._items) > GROUP_MAX  # the rest next
                     return [p for p, _, _ in list(self._items)[:GROUP_MAX]]
                 self._cond.wait(due)
 
