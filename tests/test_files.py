@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,19 +157,25 @@ def _noise_task(tmp_path: Path, out_dir: Path) -> tuple[Any, Any]:
     return proc, Task(1, str(src), (OutputPlan("p", str(out_dir / "noise_p.png")),))
 
 
-def test_disk_full_fails_the_task_and_leaves_nothing(tmp_path: Path) -> None:
+@pytest.fixture
+def small(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 kB file system (tmpfs) that fills up."""
     if os.geteuid() != 0 or not sys.platform.startswith("linux"):
         pytest.skip("needs root to mount a small tmpfs")
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    folder = tmp_path / "small"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], check=True)
     try:
-        proc, task = _noise_task(tmp_path, small)
-        r = proc.run(task)
-        assert not r.ok and r.reason == "write-failed" and "No space left" in r.error
-        assert os.listdir(small) == []  # no output, no temp file
+        yield folder
     finally:
-        subprocess.run(["umount", str(small)], check=True)
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_disk_full_fails_the_task_and_leaves_nothing(tmp_path: Path, small: Path) -> None:
+    proc, task = _noise_task(tmp_path, small)
+    r = proc.run(task)
+    assert not r.ok and r.reason == "write-failed" and "No space left" in r.error
+    assert os.listdir(small) == []  # no output, no temp file
 
 
 def test_a_failed_fsync_fails_the_task_and_leaves_nothing(tmp_path: Path,
@@ -261,20 +268,13 @@ def test_a_group_fails_only_its_tasks_that_conflict(tmp_path: Path) -> None:
     assert sorted(os.listdir(out)) == ["a_p.png", "b_p.png", "c_p.png"]  # no temp file left
 
 
-def test_a_group_on_a_full_disk_fails_only_the_task_that_does_not_fit(tmp_path: Path) -> None:
-    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
-        pytest.skip("needs root to mount a small tmpfs")
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
-    try:
-        proc, preps = _group(tmp_path, small, ["a", "noise", "c"], big={"noise"})
-        results = proc.commit_many(preps)
-        assert [r.ok for r in results] == [True, False, True]
-        assert results[1].reason == "write-failed" and "No space left" in results[1].error
-        assert sorted(os.listdir(small)) == ["a_p.png", "c_p.png"]  # no temp file left
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
+def test_a_group_on_a_full_disk_fails_only_the_task_that_does_not_fit(tmp_path: Path,
+                                                                     small: Path) -> None:
+    proc, preps = _group(tmp_path, small, ["a", "noise", "c"], big={"noise"})
+    results = proc.commit_many(preps)
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].reason == "write-failed" and "No space left" in results[1].error
+    assert sorted(os.listdir(small)) == ["a_p.png", "c_p.png"]  # no temp file left
 
 
 def test_when_the_group_sync_fails_each_file_is_fsynced_to_find_the_bad_one(
