@@ -39,6 +39,10 @@ REASONS = {
     "permission-denied": "the input cannot be read",
     "not-a-file": "the input is not a regular file (directory, FIFO, socket, device)",
     "symlink": "the input is a symbolic link and links are not followed here",
+    "hard-link": "the input has other hard links (its data may belong to a file elsewhere); "
+                 "it was not opened",
+    "path-too-long": "the input's name or path (or an output's, archive's or quarantine's made "
+                     "from it) is longer than the file system allows",
     "too-large": "the input file is larger than max_file_size",
     "not-an-image": "no allowed decoder recognises the data",
     "format-not-allowed": "a real image, but its format is not in the allow-list",
@@ -54,6 +58,8 @@ REASONS = {
     "worker-crashed": "the worker process died while processing this input (twice)",
     "timeout": "processing took longer than the per-file timeout",
     "cancelled": "the run was interrupted before this input was processed",
+    "gave-up": "a failure that was not the input's fault kept coming back; after the retry "
+               "bound (count and age) the input was set aside with the last error",
 }
 
 
