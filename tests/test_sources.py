@@ -206,13 +206,17 @@ def test_claim_archive_and_name_collisions(tmp_path: Path) -> None:
     f.check()
     src = make_image(Path(f.inbox) / "sub" / "a.png")
     c = lifecycle.claim(f, str(src), 1, 0.0)
-    assert c.rel == "sub/a.png" and Path(c.work_path) == Path(f.work) / "sub" / "a.png"
+    assert c.rel == "sub/a.png" and Path(c.work_path).parent == Path(f.work)
+    assert Path(c.work_path).name.endswith("-a.png") and Path(c.record).is_file()
     assert not src.exists()
+    assert [(x.rel, x.work_path) for x in lifecycle.leftover(f, lambda: 9)] == [
+        ("sub/a.png", c.work_path)]
     with pytest.raises(lifecycle.NotClaimed):
         lifecycle.claim(f, str(src), 2, 0.0)  # gone: someone else has it
     (Path(f.archive) / "sub").mkdir(parents=True)
     (Path(f.archive) / "sub" / "a.png").write_bytes(b"an older one")
     dest = lifecycle.archive(f, c)
+    assert not Path(c.record).exists()
     assert Path(dest) == Path(f.archive) / "sub" / "a_2.png"
     assert (Path(f.archive) / "sub" / "a.png").read_bytes() == b"an older one"
 

@@ -23,6 +23,7 @@ from PIL import Image
 from tests import crashers
 from tests.conftest import ROOT, make_image, wait_until
 from tests.test_cli import tagged_processes
+from watcher import lifecycle
 from watcher.samples import picture
 
 pytestmark = pytest.mark.integration
@@ -114,9 +115,18 @@ def drop(root: Path, name: str, **kw: Any) -> Path:
 
 
 def files(folder: Path) -> list[str]:
-    """Everything below ``folder`` but the daemon's heartbeat."""
+    """Everything below ``folder`` but the daemon's heartbeat and claim records."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if (p.is_file() or p.is_symlink()) and p.name != ".watcher-heartbeat.json")
+                  if (p.is_file() or p.is_symlink()) and p.name != ".watcher-heartbeat.json"
+                  and not p.name.endswith(".claim"))
+
+
+def claimed(root: Path) -> list[str]:
+    """The inputs claimed in the work folder, by their names in the inbox (from the records)."""
+    return sorted(c.rel for c in lifecycle.leftover(
+        lifecycle.Folders({k: str(root / v) for k, v in (
+            ("inbox", "inbox"), ("output", "processed"), ("archive", "archive"),
+            ("quarantine", "quarantine"), ("work", "work"))}), lambda: 0))
 
 
 def assert_no_temps(root: Path) -> None:
@@ -374,7 +384,7 @@ def test_second_signal_stops_at_once_leaving_the_file_claimed(root: Path) -> Non
     d.proc.send_signal(signal.SIGTERM)
     assert d.exit_code() == 128 + signal.SIGTERM
     assert time.monotonic() - t0 < 15
-    assert files(root / "work") == ["long.png"]  # nothing lost: it is processed next time
+    assert claimed(root) == ["long.png"]  # nothing lost: it is processed next time
     assert files(root / "processed") == []
     assert_no_temps(root)
     wait_until(lambda: not tagged_processes(d.tag), 10, "no process of the daemon left")
@@ -464,7 +474,7 @@ def test_unwritable_output_is_transient_and_nothing_is_quarantined(root: Path) -
     try:
         drop(root, "x.png")
         d.wait_for("file.retried", count=2, input="x.png")
-        assert files(root / "work") == ["x.png"]  # kept, not quarantined
+        assert claimed(root) == ["x.png"]  # kept, not quarantined
         (root / "processed").chmod(0o755)
         d.wait_for("file.processed", input="x.png")
     finally:

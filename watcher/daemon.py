@@ -124,9 +124,8 @@ class Daemon:
             self.engine = self._new_engine()
             recovered = 0
             self._recover_stale_claims()
-            for rel, path in lifecycle.leftover_claims(self.folders):
-                c = Claim(self._next_seq(), rel, path)
-                self._rels.add(rel)
+            for c in lifecycle.leftover(self.folders, self._next_seq):
+                self._rels.add(c.rel)
                 self._dispatch(c)
                 recovered += 1
             self.observer = sources.InboxObserver(
@@ -402,8 +401,10 @@ class Daemon:
 
     def _submit(self, c: Claim) -> None:
         assert self.engine is not None
-        task = Task(c.seq, c.work_path, self._plan(c.work_path, c.rel), overwrite=True,
-                    nofollow=True)
+        outputs = self._plan(c.work_path, c.rel)
+        c.outputs = tuple(o.path for o in outputs)
+        lifecycle.save_record(c)
+        task = Task(c.seq, c.work_path, outputs, overwrite=True, nofollow=True)
         self.claims[c.seq] = c
         self.engine.submit(task)
         self._log.info("file.queued", input=c.rel, seq=c.seq)

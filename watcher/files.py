@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import errno
 import filecmp
+import hashlib
 import io
 import os
 import re
@@ -27,6 +28,26 @@ from typing import IO, Any
 from .errors import RejectedInput
 
 TEMP_SUFFIX = ".watcher-tmp"
+NAME_MAX = 255  # bytes in one file name (Linux file systems, most others)
+PATH_MAX = 4096  # bytes in a path handed to the kernel (Linux)
+
+
+def short_name(name: str, limit: int = NAME_MAX) -> str:
+    """``name`` if it fits in ``limit`` bytes (UTF-8, as the file system counts), else its
+    readable start, a hash of the whole name and its extension: stable, so the same long
+    name always shortens the same way, and distinct names stay distinct."""
+    raw = os.fsencode(name)
+    if len(raw) <= limit:
+        return name
+    stem, ext = os.path.splitext(name)
+    ext_b = os.fsencode(ext)
+    if len(ext_b) > 16:
+        stem, ext_b = name, b""
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    keep = max(0, limit - len(ext_b) - len(digest) - 1)
+    head = os.fsencode(stem)[:keep]
+    head = head.decode("utf-8", "ignore").encode()  # never cut a character in half
+    return os.fsdecode(head + b"~" + digest.encode() + ext_b)
 # This machine, as temp names carry it: folders may be shared by several machines, and a pid
 # means something only on the host it came from.
 HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"

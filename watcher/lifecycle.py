@@ -12,36 +12,46 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import shutil
 import socket
+import stat
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
 from .files import (
     HOST,
+    NAME_MAX,
     TEMP_SUFFIX,
     atomic_write,
     fsync_dir,
     pid_alive,
     publish,
+    short_name,
     temp_name,
     temp_owner,
 )
 from .health import HEARTBEAT
 
 SIDECAR = ".error.json"
+RECORD_SUFFIX = ".claim"  # a claim's record, beside it in the work folder
 # A temp file from another host (a shared folder) untouched this long is abandoned.
 STALE_TEMP_AGE = 3600.0
 
 
 @dataclass
 class Claim:
-    """A file this daemon took out of the inbox; ``rel`` is where it was, below the inbox."""
+    """A file this daemon took out of the inbox; ``rel`` is where it was, below the inbox.
+
+    In the work folder the file has a short name of its own (``token``), whatever the length
+    of ``rel``, and a record beside it (``<token>.claim``, see ``save_record``) saying where it
+    came from and which outputs it may write: a restart knows both.
+    """
 
     seq: int
     rel: str
@@ -50,6 +60,14 @@ class Claim:
     claimed_at: float = field(default_factory=time.time)
     transient_failures: int = 0
     retry_at: float = 0.0  # monotonic time of the next try after a transient failure
+    first_failure_at: float = 0.0  # wall time of the first transient failure (0: none)
+    last_error: str = ""  # the last transient failure's reason and error
+    outputs: tuple[str, ...] = ()  # the output paths planned for it (recorded)
+    token: str = ""  # its name in the work folder ("" for a claim of the old layout)
+
+    @property
+    def record(self) -> str:
+        return self.work_path + RECORD_SUFFIX
 
 
 class Folders:
@@ -130,33 +148,119 @@ class NotClaimed(Exception):  # noqa: N818 - not an error: someone else has it, 
     """The file could not be claimed: gone (another daemon took it) or its name is busy."""
 
 
+_TOKENS = itertools.count(1)
+
+
+def new_token(rel: str) -> str:
+    """A claim's name in the work folder: unique (time, pid, counter), short (the readable
+    start of the input's name), so work paths never approach NAME_MAX or PATH_MAX."""
+    base = os.path.basename(rel)
+    head = f"{time.time_ns():x}-{os.getpid()}-{next(_TOKENS)}-"
+    return head + short_name(base, NAME_MAX - len(head) - len(RECORD_SUFFIX) - 60)
+
+
 def claim(folders: Folders, path: str, seq: int, detected_at: float) -> Claim:
-    """Rename ``path`` from the inbox into the work folder (links and special files included:
-    rename never follows or opens them)."""
-    rel = os.path.relpath(path, folders.inbox)
-    dest = os.path.join(folders.work, rel)
-    if os.path.lexists(dest):
-        raise NotClaimed(f"{rel} is already in flight")
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    """Rename ``path`` (below the inbox) into the work folder under a token name (links and
+    special files included: rename never follows or opens them). Its record is written, and
+    made durable, before the rename: a crash leaves either the input in the inbox (and a
+    stale record, removed at the next start) or the claim with its record."""
+    rel = os.path.relpath(path, folders.inbox) if os.path.isabs(path) else path
+    token = new_token(rel)
+    c = Claim(seq, rel, os.path.join(folders.work, token), detected_at=detected_at,
+              token=token)
+    save_record(c)
     try:
-        os.rename(path, dest)
+        os.rename(os.path.join(folders.inbox, rel), c.work_path)
     except FileNotFoundError as exc:
+        drop_record(c)
         raise NotClaimed(f"{rel} is gone (claimed elsewhere)") from exc
-    fsync_dir(os.path.dirname(dest))
-    fsync_dir(os.path.dirname(path))
-    return Claim(seq, rel, dest, detected_at=detected_at)
+    except BaseException:
+        drop_record(c)
+        raise
+    fsync_dir(folders.work)
+    fsync_dir(os.path.dirname(os.path.join(folders.inbox, rel)))
+    return c
+
+
+def save_record(c: Claim) -> None:
+    """Write (or rewrite) the claim's record durably: where it came from, when, which outputs
+    it may write, how often it failed for reasons not its own."""
+    if not c.token:
+        return  # a claim left by an older version: no record, nothing to update
+    doc = {"rel": c.rel, "detected_at": c.detected_at, "claimed_at": c.claimed_at,
+           "outputs": list(c.outputs), "transient_failures": c.transient_failures,
+           "first_failure_at": c.first_failure_at, "last_error": c.last_error}
+    atomic_write(c.record, lambda f: f.write(json.dumps(doc).encode()), overwrite=True,
+                 sync_dir=False)
+
+
+def drop_record(c: Claim) -> None:
+    """The claim is settled (its input moved out of the work folder): remove its record."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(c.record)
+
+
+def _read_record(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("rel"), str) else None
+
+
+def leftover(folders: Folders, seq: Callable[[], int]) -> Iterator[Claim]:
+    """The claims an earlier run left in the work folder, with what their records say (a
+    record whose file is gone is removed: that claim was settled, or never made)."""
+    work = folders.work
+    try:
+        names = sorted(os.listdir(work))
+    except FileNotFoundError:
+        return
+    for name in names:
+        path = os.path.join(work, name)
+        if name.endswith(RECORD_SUFFIX):
+            if not os.path.lexists(path[: -len(RECORD_SUFFIX)]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            continue
+        if name.endswith(TEMP_SUFFIX) or name.startswith("."):
+            continue
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+        except FileNotFoundError:
+            continue
+        if is_dir:  # the layout of older versions: work/<rel>, no records
+            for rel, p in _legacy_claims(path, work):
+                yield Claim(seq(), rel, p)
+            continue
+        doc = _read_record(path + RECORD_SUFFIX)
+        if doc is None:  # an older version's claim at the top, or a record lost
+            yield Claim(seq(), name, path)
+            continue
+        yield Claim(seq(), doc["rel"], path, detected_at=float(doc.get("detected_at", 0)),
+                    claimed_at=float(doc.get("claimed_at", 0)),
+                    transient_failures=int(doc.get("transient_failures", 0)),
+                    first_failure_at=float(doc.get("first_failure_at", 0)),
+                    last_error=str(doc.get("last_error", "")),
+                    outputs=tuple(str(o) for o in doc.get("outputs", [])), token=name)
+
+
+def _legacy_claims(folder: str, work: str) -> Iterator[tuple[str, str]]:
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in sorted(filenames):
+            if name.endswith((TEMP_SUFFIX, RECORD_SUFFIX)) or name.startswith("."):
+                continue
+            path = os.path.join(dirpath, name)
+            yield os.path.relpath(path, work), path
 
 
 def leftover_claims(folders: Folders) -> Iterator[tuple[str, str]]:
     """(rel, work path) of files left in the work folder by an earlier run."""
-    for dirpath, dirnames, filenames in os.walk(folders.work):
-        dirnames.sort()
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in sorted(filenames):
-            if name.endswith(TEMP_SUFFIX) or name.startswith("."):
-                continue  # temp files, the heartbeat: never claims
-            path = os.path.join(dirpath, name)
-            yield os.path.relpath(path, folders.work), path
+    for c in leftover(folders, lambda: 0):
+        yield c.rel, c.work_path
 
 
 # --- moving out -----------------------------------------------------------------------------
@@ -231,18 +335,23 @@ def _copy_across(src: str, dest: str) -> None:
 
 def archive(folders: Folders, c: Claim) -> str:
     rel_dir, name = os.path.split(c.rel)
-    return move_no_clobber(c.work_path, os.path.join(folders.archive, rel_dir), name)
+    dest = move_no_clobber(c.work_path, os.path.join(folders.archive, rel_dir), name)
+    drop_record(c)
+    return dest
 
 
 def keep(folders: Folders, c: Claim) -> str:
     """Put a processed input back where it was (on_success = "keep")."""
     rel_dir, name = os.path.split(c.rel)
-    return move_no_clobber(c.work_path, os.path.join(folders.inbox, rel_dir), name, rename=True)
+    dest = move_no_clobber(c.work_path, os.path.join(folders.inbox, rel_dir), name, rename=True)
+    drop_record(c)
+    return dest
 
 
 def delete(c: Claim) -> None:
     os.unlink(c.work_path)
     fsync_dir(os.path.dirname(c.work_path))
+    drop_record(c)
 
 
 def quarantine(folders: Folders, c: Claim, info: Mapping[str, Any]) -> str:
@@ -256,6 +365,7 @@ def quarantine(folders: Folders, c: Claim, info: Mapping[str, Any]) -> str:
            "retry": f"move it back into the inbox, or: watcher requeue {dest}"}
     atomic_write(dest + SIDECAR, lambda f: f.write(json.dumps(doc, indent=2).encode() + b"\n"),
                  overwrite=True)
+    drop_record(c)
     return dest
 
 
@@ -306,14 +416,15 @@ def recover_claims(folders: Folders, max_age: float, only: list[str] | None = No
             if now - last < max_age:
                 continue
         other = Folders({**folders.named(), "work": entry.path})
-        for rel, path in leftover_claims(other):
-            rel_dir, name = os.path.split(rel)
+        for c in leftover(other, lambda: 0):
+            rel_dir, name = os.path.split(c.rel)
             try:
-                dest = move_no_clobber(path, os.path.join(folders.inbox, rel_dir), name,
+                dest = move_no_clobber(c.work_path, os.path.join(folders.inbox, rel_dir), name,
                                        rename=True)
             except FileNotFoundError:
                 continue  # another instance recovered it first
-            moved.append((path, dest))
+            drop_record(c)
+            moved.append((c.work_path, dest))
     return moved
 
 
