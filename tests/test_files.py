@@ -120,16 +120,6 @@ def test_output_is_encoded_in_memory_and_spills_past_the_limit(tmp_path: Path) -
     assert [p.name for p in tmp_path.iterdir()] == ["big.bin"]
 
 
-def test_name_allocator_adds_counter_on_collision(tmp_path: Path) -> None:
-    alloc = files.NameAllocator()
-    a = alloc.claim(str(tmp_path), "x", "processed", ".jpg", avoid_existing=False)
-    b = alloc.claim(str(tmp_path), "x", "processed", ".jpg", avoid_existing=False)
-    assert Path(a).name == "x_processed.jpg" and Path(b).name == "x_processed_2.jpg"
-    (tmp_path / "y_t.png").write_bytes(b"")
-    c = alloc.claim(str(tmp_path), "y", "t", ".png", avoid_existing=True)
-    assert Path(c).name == "y_t_2.png"
-
-
 def test_walk_skips_dot_files_and_symlinked_dirs(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "1.jpg").write_bytes(b"")

@@ -25,7 +25,8 @@ from .codec import OutputOptions
 from .config import Settings
 from .engine import create_engine
 from .errors import ConfigError
-from .files import NameAllocator, fsync_dir, walk_images
+from .files import fsync_dir, walk_images
+from .naming import OutputNames
 from .pil import Image
 from .pipeline import Pipeline
 from .tasks import OutputPlan, Result, Task
@@ -166,7 +167,7 @@ class Plan:
 
 def plan(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline],
          on_conflict: str, allowed: Sequence[str], *, nofollow: bool = False) -> Plan:
-    alloc = NameAllocator()
+    alloc = OutputNames()
     tasks: list[Task] = []
     items: dict[int, ItemReport] = {}
     done: list[ItemReport] = []

@@ -120,12 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     _watch_args(r, folders_only=True)
     r.set_defaults(subparser=r)
 
-    h = sub.add_parser("health", help="exit 0 when the daemon is alive and its loop ticked "
-                                      "recently, 1 otherwise, with a one-line reason")
+    h = sub.add_parser("health", help="exit 0 when the daemon is alive, its loop ticked "
+                                      "recently and it is not degraded (files waiting to "
+                                      "retry, stuck claims or workers), 1 otherwise, with a "
+                                      "one-line reason")
     h.add_argument("-c", "--config", metavar="FILE", help="watcher.toml (for the work folder)")
     h.add_argument("--work", metavar="DIR", help="the daemon's work folder")
     h.add_argument("--max-age", type=_positive_float, default=30.0, metavar="S",
                    help="the longest the supervisor loop may go without ticking (default 30)")
+    h.add_argument("--live", action="store_true",
+                   help="liveness only: ok while the loop ticks, even when degraded (for a "
+                        "probe that restarts the daemon: a restart cures no full disk)")
 
     c = sub.add_parser("check-config", help="validate a config file and print the effective "
                                             "settings (environment included)")
@@ -224,7 +229,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     if not work:
         args.inbox = args.output = args.archive = args.quarantine = None
         work = watch_loader(args)().watch.work
-    ok, line = health.check(health.heartbeat_path(work), args.max_age)
+    ok, line = health.check(health.heartbeat_path(work), args.max_age, live_only=args.live)
     print(line)
     return ExitCode.OK if ok else ExitCode.SOME_FAILED
 

@@ -81,6 +81,10 @@ class WatchSettings:
     max_in_flight: int = 0  # claimed, unfinished files at once (0: 4 per worker)
     retry_backoff: float = 1.0  # first wait after a transient failure (doubles, with jitter)
     retry_backoff_max: float = 300.0
+    # A failure that is not the input's fault is retried at most this many times, and no
+    # longer than this many seconds after the first; then the input is quarantined "gave-up".
+    retry_max: int = 10
+    retry_max_age: float = 3600.0
     metrics_port: int = 0  # 0: no HTTP endpoint
     metrics_host: str = "127.0.0.1"
     # Several daemons on one inbox (a shared folder): each names itself ("{host}" is this
@@ -112,6 +116,7 @@ WATCH_KEYS: dict[str, tuple[type, float | None, float | None, tuple[str, ...] | 
     "reconcile_interval": (float, 0.5, 86400, None), "ignore": (list, None, None, None),
     "max_in_flight": (int, 0, 1_000_000, None), "retry_backoff": (float, 0.01, 3600, None),
     "retry_backoff_max": (float, 0.01, 86400, None),
+    "retry_max": (int, 0, 1000, None), "retry_max_age": (float, 1.0, 30 * 86400, None),
     "metrics_port": (int, 0, 65535, None), "metrics_host": (str, None, None, None),
     "instance": (str, None, None, None), "stale_claims_after": (float, 1.0, 30 * 86400, None),
 }

@@ -23,15 +23,16 @@ import signal
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import batch, health, lifecycle, log, sources
+from . import batch, health, lifecycle, log, naming, sources
 from .config import Settings
 from .engine import create_engine
 from .errors import TRANSIENT_REASONS, ConfigError
 from .lifecycle import Claim, Folders, NotClaimed
 from .metrics import Metrics, MetricsServer
+from .naming import OutputNames
 from .notify import Notifier
 from .pipeline import Pipeline
 from .tasks import OutputPlan, Result, Task
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     from .cluster import AnyEngine
 
 TICK = 0.25  # longest wait between ticks; events, results and signals wake the loop sooner
+# Failures not the input's fault, after each of which other inputs succeeded: this many, and the
+# evidence says the fault is this input's after all (it is quarantined "gave-up").
+ISOLATED_FAILURES = 3
 BEAT = 1.0  # seconds between heartbeats (file, STATUS)
 STALL_HOOK = "WATCHER_DEBUG_STALL_FILE"  # tests: while this file exists, the loop is wedged
 
@@ -58,6 +62,9 @@ class Daemon:
         self.claims: dict[int, Claim] = {}  # claimed, not yet decided
         self._rels: set[str] = set()  # their inbox-relative names: one in flight per name
         self._retry: list[Claim] = []  # transient failures waiting for their back-off
+        self._deferred: list[_Deferred] = []  # fates decided whose move failed (a full disk)
+        self.names = OutputNames()  # the outputs each claim holds, by claim seq
+        self._successes = 0  # inputs processed since start: evidence for isolated failures
         self._kept: dict[str, tuple[int, int]] = {}  # keep mode: inputs left in the inbox
         self._claim_wait: dict[str, tuple[float, int]] = {}  # path -> (next try, failures)
         self._signals: list[int] = []
@@ -66,11 +73,12 @@ class Daemon:
         self.tracker = sources.Stability(self.settings.watch.settle)
         self.observer: sources.InboxObserver | None = None
         self.counts = {"processed": 0, "quarantined": 0, "retried": 0, "skipped": 0,
-                       "reconcile_found": 0}
+                       "reconcile_found": 0, "gave_up": 0}
         self.notifier = Notifier()
         self.metrics = Metrics()
         self._server: MetricsServer | None = None
         self._next_beat = 0.0
+        self._beat_failures = 0
         self._restarts_seen = 0
         self._stall_file = os.environ.get(STALL_HOOK, "")
         self._wake_r, self._wake_w = os.pipe()
@@ -123,11 +131,11 @@ class Daemon:
         try:
             self.engine = self._new_engine()
             recovered = 0
-            self._recover_stale_claims()
             for c in lifecycle.leftover(self.folders, self._next_seq):
                 self._rels.add(c.rel)
                 self._dispatch(c)
                 recovered += 1
+            self._recover_stale_claims()
             self.observer = sources.InboxObserver(
                 self.folders.inbox, kind=ws.observer, recursive=ws.recursive,
                 poll_interval=ws.poll_interval, wake=self.wake)
@@ -158,8 +166,35 @@ class Daemon:
             self._restore(old)
 
     def _status(self) -> str:
-        return (f"{len(self.claims)} in flight, {len(self.tracker)} waiting, "
-                f"{self.counts['processed']} processed, {self.counts['quarantined']} quarantined")
+        text = (f"{len(self.claims)} in flight, {len(self._retry)} waiting to retry, "
+                f"{len(self.tracker)} waiting, {self.counts['processed']} processed, "
+                f"{self.counts['quarantined']} quarantined")
+        problems = self._problems()
+        return f"{text}; degraded: {problems[0]}" if problems else text
+
+    def _problems(self) -> list[str]:
+        """What keeps this daemon from being healthy, one line each (none: ok)."""
+        out: list[str] = []
+        if self._retry:
+            last = min(self._retry, key=lambda c: c.retry_at)
+            out.append(f"{len(self._retry)} file(s) waiting to retry after failures not their "
+                       f"own (e.g. {last.rel}: {last.last_error})")
+        if self._deferred:
+            d = self._deferred[0]
+            out.append(f"{len(self._deferred)} file(s) whose fate could not be carried out "
+                       f"(e.g. {d.claim.rel}: {d.error})")
+        es = self.settings.engine
+        limit = es.task_timeout * (es.crash_retries + 2) + 60
+        now = time.monotonic()
+        stuck = [c for c in self.claims.values()
+                 if c.submitted_at and now - c.submitted_at > limit]
+        if stuck:
+            out.append(f"{len(stuck)} claim(s) without a result for over {limit:g} s "
+                       f"(e.g. {stuck[0].rel})")
+        for e in [self.engine, *self._draining]:
+            if e is not None and hasattr(e, "problems"):
+                out.extend(e.problems())
+        return out
 
     def _beat(self, force: bool = False, state: str = "running") -> None:
         """Once a second: heartbeat file, gauges, STATUS; every tick: the systemd watchdog."""
@@ -170,18 +205,30 @@ class Daemon:
             return
         self._next_beat = now + BEAT
         alive = self.engine.workers_alive if self.engine else 0
-        self.metrics.in_flight.set(len(self.claims))
+        problems = self._problems()
+        self.metrics.in_flight.set(len(self.claims) + len(self._retry) + len(self._deferred))
+        self.metrics.retry_waiting.set(len(self._retry))
         self.metrics.pending.set(len(self.tracker))
         self.metrics.workers.set(alive)
         if self.engine is not None and self.engine.stats.restarts > self._restarts_seen:
             self.metrics.restarts.inc(self.engine.stats.restarts - self._restarts_seen)
             self._restarts_seen = self.engine.stats.restarts
+        if problems and state == "running":
+            state = "degraded"
         try:
             health.write(health.heartbeat_path(self.folders.work), {
                 "state": state, "in_flight": len(self.claims), "pending": len(self.tracker),
-                "workers_alive": alive, **self.counts})
+                "retrying": len(self._retry), "deferred": len(self._deferred),
+                "problems": problems, "workers_alive": alive, **self.counts})
+            self._beat_failures = 0
         except OSError as exc:
-            self._log.warning("heartbeat.write_failed", error=str(exc))
+            # A full disk must not make a live daemon look dead: the old heartbeat's time is
+            # refreshed (no space needed), and the write is tried again next second.
+            self._beat_failures += 1
+            touched = health.touch(health.heartbeat_path(self.folders.work))
+            if self._beat_failures == 1 or self._beat_failures % 60 == 0:
+                self._log.warning("heartbeat.write_failed", error=str(exc),
+                                  failures=self._beat_failures, touched=touched)
         self.notifier.status(self._status())
         if os.getpid() == 1:
             self._reap_orphans()
@@ -243,6 +290,7 @@ class Daemon:
             self._reconcile()
         self._claim_ready()
         self._retry_due()
+        self._deferred_due()
         for e in list(self._draining):
             for r in e.poll(0):
                 self._fate(r)
@@ -257,8 +305,9 @@ class Daemon:
 
     def _timeout(self) -> float:
         t = TICK
-        if self._retry:
-            t = min(t, max(0.0, min(c.retry_at for c in self._retry) - time.monotonic()))
+        due = [c.retry_at for c in self._retry] + [d.retry_at for d in self._deferred]
+        if due:
+            t = min(t, max(0.0, min(due) - time.monotonic()))
         return t
 
     # --- intake ------------------------------------------------------------------------------
@@ -289,19 +338,22 @@ class Daemon:
         self.tracker.hint(path, kind)
 
     def _recover_stale_claims(self) -> None:
-        """Claims another instance left and will not finish (its heartbeat is old) go back to
-        the inbox, where any instance (this one included) claims them again."""
+        """Claims another instance left and will not finish (its heartbeat is old) are taken
+        into this instance's work folder, with their records, and processed here."""
         if self.folders.work_root is None:
             return
         try:
-            moved = lifecycle.recover_claims(self.folders, self.settings.watch.stale_claims_after)
+            taken = lifecycle.adopt_claims(self.folders, self.settings.watch.stale_claims_after,
+                                           self._next_seq)
         except OSError as exc:
             self._log.warning("claims.recover_failed", error=str(exc))
             return
-        for src, dest in moved:
-            self._log.warning("claim.recovered", claim=src, to=dest,
+        for src, c in taken:
+            self._log.warning("claim.recovered", claim=src, to=c.work_path, input=c.rel,
                               why="its instance's heartbeat is older than "
                                   f"{self.settings.watch.stale_claims_after:g} s")
+            self._rels.add(c.rel)
+            self._dispatch(c)
 
     def _reconcile(self, count: bool = True) -> int:
         """Scan the inbox for files no event told about; returns how many were new."""
@@ -362,13 +414,13 @@ class Daemon:
             self._dispatch(c)
 
     def _outputs_exist(self, path: str, rel: str) -> bool:
-        outputs = self._plan(path, rel)
-        if outputs and all(os.path.exists(o.path) for o in outputs):
+        outputs = self._natural_outputs(rel, path)
+        if outputs and all(os.path.exists(o) for o in outputs):
             st = os.lstat(path)
             self._kept[rel] = (st.st_size, st.st_mtime_ns)
             self.tracker.forget(path)
             self.counts["skipped"] += 1
-            self._log.info("file.skipped", input=rel, outputs=[o.path for o in outputs],
+            self._log.info("file.skipped", input=rel, outputs=outputs,
                            reason="outputs-exist")
             return True
         return False
@@ -390,21 +442,49 @@ class Daemon:
             return
         self._submit(c)
 
-    def _plan(self, path: str, rel: str) -> tuple[OutputPlan, ...]:
+    def _plan(self, c: Claim) -> tuple[tuple[OutputPlan, ...], bool]:
+        """The outputs ``c`` writes, and whether they may replace files of those names.
+
+        Through the one naming component: no two claims ever hold the same output path, and a
+        new input never takes the name of a file already there (it gets a counter). A claim
+        that recorded its outputs (a retry, or a restart after a crash) gets exactly those back
+        and may replace them: they are its own."""
+        pipes = self._pipelines
+        recorded = [p for _, p in c.outputs]
+        if c.outputs and [n for n, _ in c.outputs] == [p.name for p in pipes] and \
+                self.names.reuse(recorded, c.seq):
+            return tuple(OutputPlan(n, p) for n, p in c.outputs), not c.adopted
+        self.names.release(c.seq)
+        rel_dir, name = os.path.split(c.rel)
+        stem = os.path.splitext(name)[0]
+        folder = os.path.join(self.folders.output, rel_dir)
+        formats = self.settings.limits.formats
+        outputs = tuple(OutputPlan(p.name, self.names.claim(
+            folder, stem, p.suffix, batch.output_ext(p.output, c.work_path, formats),
+            avoid_existing=True, owner=c.seq)) for p in pipes)
+        return outputs, False
+
+    def _natural_outputs(self, rel: str, path: str) -> list[str]:
+        """The first-choice output paths of an input (keep mode: are they there already?)."""
         rel_dir, name = os.path.split(rel)
         stem = os.path.splitext(name)[0]
         folder = os.path.join(self.folders.output, rel_dir)
         formats = self.settings.limits.formats
-        return tuple(OutputPlan(p.name, os.path.join(
-            folder, f"{stem}_{p.suffix}{batch.output_ext(p.output, path, formats)}"))
-            for p in self._pipelines)
+        return [os.path.join(folder, naming.output_name(
+            stem, p.suffix, batch.output_ext(p.output, path, formats))) for p in self._pipelines]
 
     def _submit(self, c: Claim) -> None:
         assert self.engine is not None
-        outputs = self._plan(c.work_path, c.rel)
-        c.outputs = tuple(o.path for o in outputs)
-        lifecycle.save_record(c)
-        task = Task(c.seq, c.work_path, outputs, overwrite=True, nofollow=True)
+        outputs, own = self._plan(c)
+        c.outputs = tuple((o.pipeline, o.path) for o in outputs)
+        try:
+            lifecycle.save_record(c)  # durable before any output is written
+        except OSError as exc:
+            self._transient(c, "write-failed", f"cannot record the claim: {exc}",
+                            {"input": c.rel})
+            return
+        task = Task(c.seq, c.work_path, outputs, overwrite=own, nofollow=True)
+        c.submitted_at = time.monotonic()
         self.claims[c.seq] = c
         self.engine.submit(task)
         self._log.info("file.queued", input=c.rel, seq=c.seq)
@@ -420,6 +500,20 @@ class Daemon:
         return self._seq
 
     # --- fates ----------------------------------------------------------------------------------
+    #
+    # Whose fault is a failure (the one rule; see the README's "Reasons"):
+    # - the input's: every reason but write-failed and io-error (the worker decoded, or failed
+    #   to decode, the data itself: corrupt, truncated, not-an-image, a bomb, a crash it
+    #   caused twice...), and a write that failed because of the input's own name or path
+    #   (ENAMETOOLONG: path-too-long). Quarantined at once.
+    # - not the input's: write-failed and io-error (the file system refused a write, a read
+    #   failed at the system level). The input stays in the work folder and is retried after a
+    #   back-off, at most retry_max times and retry_max_age seconds; past either bound, or
+    #   after ISOLATED_FAILURES failures each followed by other inputs succeeding (the same
+    #   write works for others: evidence that the fault is this input's), it is quarantined as
+    #   "gave-up" with the last error.
+    # A fate whose own move fails (a full archive or quarantine) is not re-processed: the input
+    # stays in the work folder and the move is retried (``_Deferred``).
 
     def _fate(self, r: Result) -> None:
         c = self.claims.pop(r.seq, None)
@@ -428,32 +522,37 @@ class Daemon:
         common = {"input": c.rel, "outputs": list(r.outputs), "worker": r.worker,
                   "duration_ms": round(r.duration * 1000, 1), "attempt": r.attempt}
         if r.ok:
-            try:
-                where = self._success(c)
-            except OSError as exc:
-                self._transient(c, "write-failed", f"processed, but the input could not be "
-                                f"moved: {exc}", common)
-                return
-            self._forget(c)
-            self.counts["processed"] += 1
-            for p in self._pipelines:
-                self.metrics.processed.labels(p.name).inc()
-            self.metrics.duration.observe(r.duration)
-            self.metrics.bytes_in.inc(r.bytes_in)
-            self.metrics.bytes_out.inc(r.bytes_out)
-            self._log.info("file.processed", **common, on_success=self.settings.watch.on_success,
-                           moved_to=where, bytes_in=r.bytes_in, bytes_out=r.bytes_out,
-                           **({"warnings": list(r.warnings)} if r.warnings else {}))
+            self._successes += 1
+            self._carry_out(c, "archive", lambda: self._processed(c, r, common))
         elif r.reason == "cancelled":
             self._forget(c)  # stays in the work folder: the next start takes it up
             self._log.info("file.left", input=c.rel, where=c.work_path, why=r.error)
-        elif r.reason in TRANSIENT_REASONS:
-            self._transient(c, r.reason, r.error, common)
         elif r.reason == "missing":
             self._forget(c)
+            lifecycle.drop_record(c)
             self._log.warning("file.vanished", input=c.rel, why=r.error)
+        elif r.reason == "write-failed" and "[Errno 36]" in r.error:  # ENAMETOOLONG
+            self._quarantine(c, "path-too-long", r.error, r.error_type, list(r.outputs), r)
+        elif r.reason == "output-conflict":
+            c.outputs = ()  # someone else wrote that name meanwhile: plan another
+            self._transient(c, r.reason, r.error, common)
+        elif r.reason in TRANSIENT_REASONS:
+            self._transient(c, r.reason, r.error, common)
         else:
             self._quarantine(c, r.reason, r.error, r.error_type, list(r.outputs), r)
+
+    def _processed(self, c: Claim, r: Result, common: dict[str, Any]) -> None:
+        where = self._success(c)
+        self._forget(c)
+        self.counts["processed"] += 1
+        for p in self._pipelines:
+            self.metrics.processed.labels(p.name).inc()
+        self.metrics.duration.observe(r.duration)
+        self.metrics.bytes_in.inc(r.bytes_in)
+        self.metrics.bytes_out.inc(r.bytes_out)
+        self._log.info("file.processed", **common, on_success=self.settings.watch.on_success,
+                       moved_to=where, bytes_in=r.bytes_in, bytes_out=r.bytes_out,
+                       **({"warnings": list(r.warnings)} if r.warnings else {}))
 
     def _success(self, c: Claim) -> str | None:
         mode = self.settings.watch.on_success
@@ -469,15 +568,39 @@ class Daemon:
 
     def _transient(self, c: Claim, reason: str, error: str, common: dict[str, Any]) -> None:
         ws = self.settings.watch
+        now = time.time()
+        if c.transient_failures and self._successes > c.successes_seen:
+            c.isolated_failures += 1  # others succeeded since its last failure
+        c.successes_seen = self._successes
         c.transient_failures += 1
+        c.first_failure_at = c.first_failure_at or now
+        c.last_error = f"{reason}: {error}"
+        age = now - c.first_failure_at
+        why = ""
+        if c.transient_failures > ws.retry_max:
+            why = f"failed {c.transient_failures} times (retry_max = {ws.retry_max})"
+        elif age > ws.retry_max_age:
+            why = f"still failing {age:.0f} s after the first time (retry_max_age = " \
+                  f"{ws.retry_max_age:g})"
+        elif c.isolated_failures >= ISOLATED_FAILURES:
+            why = (f"failed {c.transient_failures} times while other inputs succeeded: the "
+                   "fault looks like this input's")
+        if why:
+            self.counts["gave_up"] += 1
+            self._quarantine(c, "gave-up", f"{why}; last error: {c.last_error}", "",
+                             [p for _, p in c.outputs])
+            return
         delay = min(ws.retry_backoff_max, ws.retry_backoff * 2 ** (c.transient_failures - 1))
         delay *= random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not cryptography
         c.retry_at = time.monotonic() + delay
         self._retry.append(c)
+        with contextlib.suppress(OSError):
+            lifecycle.save_record(c)  # the count survives a restart
         self.counts["retried"] += 1
         self.metrics.retried.labels(reason).inc()
         self._log.warning("file.retried", **common, reason=reason, error=error,
                           failures=c.transient_failures, retry_in_s=round(delay, 2),
+                          retries_left=ws.retry_max - c.transient_failures + 1,
                           why="not the input's fault: kept and retried later")
 
     def _quarantine(self, c: Claim, reason: str, error: str, error_type: str,
@@ -488,23 +611,55 @@ class Daemon:
         info = {"reason": reason, "error": error, "error_type": error_type,
                 "pipelines": [p.name for p in self._pipelines],
                 "attempts": r.attempt if r else 0, "worker_pid": r.worker if r else None,
+                "transient_failures": c.transient_failures,
                 "warnings": list(r.warnings) if r else []}
-        try:
+
+        def carry_out() -> None:
             dest = lifecycle.quarantine(self.folders, c, info)
+            self._forget(c)
+            self.counts["quarantined"] += 1
+            self.metrics.quarantined.labels(reason).inc()
+            self._log.error("file.quarantined", input=c.rel, reason=reason, error=error,
+                            error_type=error_type, quarantined_as=dest,
+                            worker=r.worker if r else None, attempt=r.attempt if r else 0)
+
+        self._carry_out(c, "quarantine", carry_out)
+
+    def _carry_out(self, c: Claim, what: str, act: Callable[[], None]) -> None:
+        """Carry out a decided fate; when its move fails (a full disk), keep the input in the
+        work folder and try the same move again later: the fate is not decided again."""
+        try:
+            act()
         except OSError as exc:
-            self._transient(c, "write-failed", f"cannot quarantine ({reason}): {exc}",
-                            {"input": c.rel})
-            return
-        self._forget(c)
-        self.counts["quarantined"] += 1
-        self.metrics.quarantined.labels(reason).inc()
-        self._log.error("file.quarantined", input=c.rel, reason=reason, error=error,
-                        error_type=error_type, quarantined_as=dest,
-                        worker=r.worker if r else None, attempt=r.attempt if r else 0)
+            d = _Deferred(c, what, act)
+            self._defer(d, exc)
+
+    def _defer(self, d: _Deferred, exc: OSError) -> None:
+        ws = self.settings.watch
+        d.failures += 1
+        d.error = str(exc)
+        delay = min(ws.retry_backoff_max, ws.retry_backoff * 2 ** (d.failures - 1))
+        d.retry_at = time.monotonic() + delay
+        self._deferred.append(d)
+        if d.failures == 1 or d.failures % 10 == 0:
+            self._log.warning("file.fate_deferred", input=d.claim.rel, fate=d.what,
+                              error=d.error, failures=d.failures, retry_in_s=round(delay, 2),
+                              why="the move out of the work folder failed; the input stays "
+                                  "there and the move is tried again")
+
+    def _deferred_due(self) -> None:
+        now = time.monotonic()
+        for d in [d for d in self._deferred if d.retry_at <= now]:
+            self._deferred.remove(d)
+            try:
+                d.act()
+            except OSError as exc:
+                self._defer(d, exc)
 
     def _forget(self, c: Claim) -> None:
         self._rels.discard(c.rel)
         self.claims.pop(c.seq, None)
+        self.names.release(c.seq)
 
     # --- signals ----------------------------------------------------------------------------------
 
@@ -575,6 +730,18 @@ class Daemon:
 
     def _second_signal(self) -> bool:
         return any(s in (signal.SIGTERM, signal.SIGINT) for s in self._signals)
+
+
+@dataclass
+class _Deferred:
+    """A fate decided whose move out of the work folder failed; ``act`` tries it again."""
+
+    claim: Claim
+    what: str  # archive | quarantine
+    act: Callable[[], None]
+    failures: int = 0
+    retry_at: float = 0.0
+    error: str = ""
 
 
 def _folders(s: Settings) -> Folders:

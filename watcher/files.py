@@ -390,31 +390,6 @@ def remove_temps(paths: list[str], pid: int) -> list[str]:
     return removed
 
 
-def output_name(stem: str, suffix: str, ext: str, counter: int = 0) -> str:
-    """``{stem}_{suffix}{ext}``, with ``_{counter}`` before the extension when counter > 1."""
-    base = f"{stem}_{suffix}" if suffix else stem
-    return f"{base}_{counter}{ext}" if counter > 1 else f"{base}{ext}"
-
-
-class NameAllocator:
-    """Hands out output paths so that no two inputs of one run share one; with
-    ``avoid_existing`` (the ``rename`` policy) a path taken on disk is skipped too."""
-
-    def __init__(self) -> None:
-        self._taken: set[str] = set()
-
-    def claim(self, folder: str, stem: str, suffix: str, ext: str, *,
-              avoid_existing: bool) -> str:
-        counter = 1
-        while True:
-            path = os.path.normpath(os.path.join(folder, output_name(stem, suffix, ext, counter)))
-            key = os.path.normcase(path)
-            if key not in self._taken and not (avoid_existing and os.path.lexists(path)):
-                self._taken.add(key)
-                return path
-            counter += 1
-
-
 def walk_images(root: str) -> Iterator[str]:
     """Every regular file under ``root``, sorted, skipping dot-files and not following links."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):

@@ -27,22 +27,41 @@ def write(path: str, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def check(path: str, max_age: float = 30.0, now: float | None = None) -> tuple[bool, str]:
+def touch(path: str) -> bool:
+    """Refresh the heartbeat's time without writing it (needs no free space); False when even
+    that failed."""
+    try:
+        os.utime(path)
+    except OSError:
+        return False
+    return True
+
+
+def check(path: str, max_age: float = 30.0, now: float | None = None, *,
+          live_only: bool = False) -> tuple[bool, str]:
+    """(ok, one line). Not ok: no heartbeat, stopped, a loop that stopped ticking, or (unless
+    ``live_only``, the question a liveness probe asks) a daemon that says it is degraded:
+    files waiting to retry, fates it cannot carry out, stuck claims or workers."""
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
+        touched = os.stat(path).st_mtime  # refreshed when a full disk stops the rewrite
     except FileNotFoundError:
         return False, f"no heartbeat at {path}: the daemon is not running (or not yet started)"
     except (OSError, ValueError) as exc:
         return False, f"heartbeat {path} unreadable: {exc}"
     now = time.time() if now is None else now
-    age = now - float(doc.get("time", 0))
+    age = now - max(float(doc.get("time", 0)), touched)
     state = doc.get("state", "?")
     if state == "stopped":
         return False, f"the daemon (pid {doc.get('pid')}) has stopped"
     if age > max_age:
         return False, (f"the supervisor loop last ticked {age:.1f} s ago (max {max_age:g} s): "
                        f"pid {doc.get('pid')} is wedged or gone")
-    return True, (f"ok: pid {doc.get('pid')} {state}, ticked {age:.1f} s ago, "
-                  f"{doc.get('in_flight', 0)} in flight, {doc.get('pending', 0)} waiting, "
-                  f"{doc.get('workers_alive', 0)} workers")
+    line = (f"pid {doc.get('pid')} {state}, ticked {age:.1f} s ago, "
+            f"{doc.get('in_flight', 0)} in flight, {doc.get('retrying', 0)} waiting to retry, "
+            f"{doc.get('pending', 0)} waiting, {doc.get('workers_alive', 0)} workers")
+    problems = [str(p) for p in doc.get("problems", []) or []]
+    if problems and not live_only:
+        return False, f"degraded: {line}; " + "; ".join(problems)
+    return True, f"ok: {line}"

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, RejectedInput
 from .files import (
     HOST,
     NAME_MAX,
@@ -62,8 +62,15 @@ class Claim:
     retry_at: float = 0.0  # monotonic time of the next try after a transient failure
     first_failure_at: float = 0.0  # wall time of the first transient failure (0: none)
     last_error: str = ""  # the last transient failure's reason and error
-    outputs: tuple[str, ...] = ()  # the output paths planned for it (recorded)
+    # failures after which other inputs succeeded: evidence that the fault is this input's
+    isolated_failures: int = 0
+    successes_seen: int = 0  # the daemon's success count at its last failure
+    # (pipeline, path) of the outputs planned for it, recorded: after a crash, re-processing
+    # may replace these and no others
+    outputs: tuple[tuple[str, str], ...] = ()
     token: str = ""  # its name in the work folder ("" for a claim of the old layout)
+    submitted_at: float = 0.0  # monotonic time it was last handed to the engine
+    adopted: bool = False  # taken over from a stale instance: its outputs are not surely ours
 
     @property
     def record(self) -> str:
@@ -90,12 +97,7 @@ class Folders:
         """Refuse folders inside the inbox (an endless loop) and a work folder on another file
         system than the inbox (a claim must be one atomic rename)."""
         named = self.named()
-        for key, path in named.items():
-            if key != "inbox" and _within(path, self.inbox):
-                raise ConfigError(f"watch.{key}", f"{path} is inside the inbox {self.inbox}: "
-                                  "its files would be picked up again; move it out")
-            if key != "inbox" and _within(self.inbox, path):
-                raise ConfigError(f"watch.{key}", f"the inbox {self.inbox} is inside {path}")
+        check_layout(named, self.work_root)
         for key, path in named.items():
             if create:
                 try:
@@ -135,6 +137,45 @@ class Folders:
             raise ConfigError("watch.work", f"cannot move a file from {self.inbox} to "
                               f"{self.work}: {exc.strerror}") from exc
         os.unlink(dest)
+
+
+# What goes wrong when two folders overlap, by pair (either order).
+_OVERLAP = {
+    frozenset(("inbox", "output")): "outputs would be picked up as new inputs, endlessly",
+    frozenset(("inbox", "archive")): "archived files would be picked up again, endlessly",
+    frozenset(("inbox", "quarantine")): "quarantined files would be picked up again",
+    frozenset(("inbox", "work")): "claimed files would be seen as new arrivals",
+    frozenset(("output", "archive")): "an archived original could replace an output of the "
+                                      "same name, or the other way round",
+    frozenset(("output", "work")): "outputs would be taken for claims at the next start",
+    frozenset(("output", "quarantine")): "a quarantined file could take an output's name",
+    frozenset(("archive", "quarantine")): "requeue --all would push archived files back",
+    frozenset(("archive", "work")): "archived files would be taken for claims at the next "
+                                    "start",
+    frozenset(("quarantine", "work")): "quarantined files would be taken for claims at the "
+                                       "next start",
+}
+
+
+def check_layout(named: Mapping[str, str], work_root: str | None = None) -> None:
+    """Refuse a folder layout that loses data: the five folders must be pairwise distinct and
+    none inside another (compared after resolving links). With instances, the folder holding
+    every instance's work folder obeys the same rule towards the other four."""
+    items = list(named.items())
+    if work_root is not None:
+        items.append(("work", work_root))  # the instances' parent: one more "work" folder
+    for i, (k1, p1) in enumerate(items):
+        for k2, p2 in items[i + 1:]:
+            if k1 == k2:
+                continue
+            if _within(p1, p2) or _within(p2, p1):
+                how = "the same folder" if os.path.realpath(p1) == os.path.realpath(p2) else (
+                    f"{p1} is inside the {k2} {p2}" if _within(p1, p2)
+                    else f"{p2} is inside the {k1} {p1}")
+                key = k2 if k1 == "inbox" else k1
+                raise ConfigError(f"watch.{key}", f"watch.{k1} ({p1}) and watch.{k2} ({p2}) "
+                                  f"overlap ({how}): {_OVERLAP[frozenset((k1, k2))]}; give "
+                                  "each its own folder")
 
 
 def _within(path: str, folder: str) -> bool:
@@ -188,7 +229,8 @@ def save_record(c: Claim) -> None:
     if not c.token:
         return  # a claim left by an older version: no record, nothing to update
     doc = {"rel": c.rel, "detected_at": c.detected_at, "claimed_at": c.claimed_at,
-           "outputs": list(c.outputs), "transient_failures": c.transient_failures,
+           "outputs": [list(o) for o in c.outputs],
+           "transient_failures": c.transient_failures,
            "first_failure_at": c.first_failure_at, "last_error": c.last_error}
     atomic_write(c.record, lambda f: f.write(json.dumps(doc).encode()), overwrite=True,
                  sync_dir=False)
@@ -243,7 +285,14 @@ def leftover(folders: Folders, seq: Callable[[], int]) -> Iterator[Claim]:
                     transient_failures=int(doc.get("transient_failures", 0)),
                     first_failure_at=float(doc.get("first_failure_at", 0)),
                     last_error=str(doc.get("last_error", "")),
-                    outputs=tuple(str(o) for o in doc.get("outputs", [])), token=name)
+                    outputs=_pairs(doc.get("outputs")), token=name)
+
+
+def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple((str(v[0]), str(v[1])) for v in value
+                 if isinstance(v, list) and len(v) == 2)
 
 
 def _legacy_claims(folder: str, work: str) -> Iterator[tuple[str, str]]:
@@ -355,18 +404,44 @@ def delete(c: Claim) -> None:
 
 
 def quarantine(folders: Folders, c: Claim, info: Mapping[str, Any]) -> str:
-    """Move the input to the quarantine and write ``<name>.error.json`` beside it."""
+    """Write ``<name>.error.json`` in the quarantine, durably, then move the input beside it.
+
+    In that order: a crash or a full disk between the two leaves the input in the work folder
+    (claimed again at the next start, or retried) and at worst a sidecar without its file,
+    never a quarantined file without its reason. On failure nothing is left in the quarantine
+    and the OSError is raised."""
     rel_dir, name = os.path.split(c.rel)
-    dest = move_no_clobber(c.work_path, os.path.join(folders.quarantine, rel_dir), name)
-    doc = {"input": c.rel, "quarantined_as": os.path.relpath(dest, folders.quarantine),
-           **info, "detected_at": _iso(c.detected_at), "claimed_at": _iso(c.claimed_at),
-           "quarantined_at": _iso(time.time()), "host": socket.gethostname(),
-           "daemon_pid": os.getpid(),
-           "retry": f"move it back into the inbox, or: watcher requeue {dest}"}
-    atomic_write(dest + SIDECAR, lambda f: f.write(json.dumps(doc, indent=2).encode() + b"\n"),
-                 overwrite=True)
-    drop_record(c)
-    return dest
+    folder = os.path.join(folders.quarantine, rel_dir)
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        dest = free_name(folder, name)
+        doc = {"input": c.rel, "quarantined_as": os.path.relpath(dest, folders.quarantine),
+               **info, "detected_at": _iso(c.detected_at), "claimed_at": _iso(c.claimed_at),
+               "quarantined_at": _iso(time.time()), "host": socket.gethostname(),
+               "daemon_pid": os.getpid(),
+               "retry": f"move it back into the inbox, or: watcher requeue {dest}"}
+        try:
+            atomic_write(dest + SIDECAR, lambda f, d=doc: f.write(
+                json.dumps(d, indent=2).encode() + b"\n"), overwrite=False, sync_dir=False)
+        except RejectedInput:
+            continue  # a sidecar of that name appeared meanwhile: the next counter
+        try:
+            _move(c.work_path, dest)
+        except FileExistsError:
+            _unlink_quiet(dest + SIDECAR)
+            continue  # taken between the check and the move: the next counter
+        except BaseException:
+            _unlink_quiet(dest + SIDECAR)
+            raise
+        fsync_dir(folder)
+        fsync_dir(os.path.dirname(c.work_path))
+        drop_record(c)
+        return dest
+
+
+def _unlink_quiet(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def requeue(folders: Folders, paths: list[str] | None = None) -> list[tuple[str, str]]:
@@ -392,15 +467,12 @@ def requeue(folders: Folders, paths: list[str] | None = None) -> list[tuple[str,
     return moved
 
 
-def recover_claims(folders: Folders, max_age: float, only: list[str] | None = None,
-                   now: float | None = None) -> list[tuple[str, str]]:
-    """Move the claims of other daemon instances back into the inbox: those named in ``only``
-    (an operator says they are gone), else those whose heartbeat (or, without one, work folder)
-    is older than ``max_age`` seconds. Never this instance's own. Returns (from, to) pairs."""
+def _stale_instances(folders: Folders, max_age: float, only: list[str] | None,
+                     now: float) -> Iterator[Folders]:
+    """The other instances' folders whose claims may be taken: named in ``only``, else those
+    whose heartbeat (or, without one, work folder) is older than ``max_age`` seconds."""
     if folders.work_root is None or not os.path.isdir(folders.work_root):
-        return []
-    now = time.time() if now is None else now
-    moved = []
+        return
     for entry in sorted(os.scandir(folders.work_root), key=lambda e: e.name):
         if not entry.is_dir(follow_symlinks=False) or entry.path == folders.work:
             continue
@@ -415,7 +487,16 @@ def recover_claims(folders: Folders, max_age: float, only: list[str] | None = No
                 last = entry.stat(follow_symlinks=False).st_mtime
             if now - last < max_age:
                 continue
-        other = Folders({**folders.named(), "work": entry.path})
+        yield Folders({**folders.named(), "work": entry.path})
+
+
+def recover_claims(folders: Folders, max_age: float, only: list[str] | None = None,
+                   now: float | None = None) -> list[tuple[str, str]]:
+    """Move the claims of other daemon instances back into the inbox (see
+    ``_stale_instances``). Never this instance's own. Returns (from, to) pairs."""
+    now = time.time() if now is None else now
+    moved = []
+    for other in _stale_instances(folders, max_age, only, now):
         for c in leftover(other, lambda: 0):
             rel_dir, name = os.path.split(c.rel)
             try:
@@ -426,6 +507,36 @@ def recover_claims(folders: Folders, max_age: float, only: list[str] | None = No
             drop_record(c)
             moved.append((c.work_path, dest))
     return moved
+
+
+def adopt_claims(folders: Folders, max_age: float, seq: Callable[[], int],
+                 now: float | None = None) -> list[tuple[str, Claim]]:
+    """Take the claims of stale instances into this instance's work folder, records and all
+    (their planned outputs too: re-processed, an input publishes the same names again, and an
+    identical output already there counts as written). Returns (from, claim) pairs.
+
+    Order: the record is copied first, then the file renamed, then the old record removed; a
+    crash between leaves a record without its file (dropped at start) or the claim still in
+    the other folder (taken again)."""
+    now = time.time() if now is None else now
+    taken = []
+    for other in _stale_instances(folders, max_age, None, now):
+        for old in leftover(other, lambda: 0):
+            token = old.token or new_token(old.rel)
+            c = Claim(seq(), old.rel, os.path.join(folders.work, token),
+                      detected_at=old.detected_at, claimed_at=old.claimed_at,
+                      outputs=old.outputs, token=token, adopted=True)
+            save_record(c)
+            try:
+                os.rename(old.work_path, c.work_path)
+            except FileNotFoundError:
+                drop_record(c)  # another instance took it first
+                continue
+            drop_record(old)
+            fsync_dir(folders.work)
+            fsync_dir(other.work)
+            taken.append((old.work_path, c))
+    return taken
 
 
 def remove_stale_temps(folders: Folders, max_age: float = STALE_TEMP_AGE) -> list[str]:
@@ -459,4 +570,5 @@ def remove_stale_temps(folders: Folders, max_age: float = STALE_TEMP_AGE) -> lis
 
 
 def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}"
+    """RFC 3339 in UTC with milliseconds: ``2026-12-03T06:12:12.504Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"

@@ -34,8 +34,11 @@ class Metrics:
                                   "Worker time per input (all its pipelines)", registry=r,
                                   buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30,
                                            60, 300))
-        self.in_flight = Gauge("watcher_queue_depth", "Inputs claimed and not yet finished",
+        self.in_flight = Gauge("watcher_queue_depth", "Inputs claimed and not yet finished "
+                               "(running, waiting to retry, or waiting for their move)",
                                registry=r)
+        self.retry_waiting = Gauge("watcher_retry_waiting", "Inputs waiting to retry after a "
+                                   "failure not their own", registry=r)
         self.pending = Gauge("watcher_inbox_pending", "Files seen in the inbox, not yet claimed",
                              registry=r)
         self.workers = Gauge("watcher_workers_alive", "Worker processes alive", registry=r)
