@@ -98,6 +98,42 @@ def no_leftover_processes() -> Any:
         time.sleep(0.05)
 
 
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Any:
+    """Mount a real, small tmpfs: ``tmpfs(name, size="1m")`` returns its folder (root only)."""
+    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
+        pytest.skip("needs root to mount a tmpfs")
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str = "1m") -> Path:
+        folder = tmp_path / name
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                       check=True)
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system holding ``folder`` to the last byte; the filler's path."""
+    filler = folder / "filler.bin"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for chunk in (65536, 4096, 1):
+            try:
+                while os.write(fd, b"\0" * chunk):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
 def make_image(path: Path, *, size: tuple[int, int] = (64, 48), mode: str = "RGB",
                fmt: str | None = None, seed: int = 0, **save: Any) -> Path:
     """Write a real image file: a photo-like picture converted to ``mode``."""

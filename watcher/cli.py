@@ -175,6 +175,11 @@ def _watch_args(p: argparse.ArgumentParser, folders_only: bool = False) -> None:
     p.add_argument("--reconcile-interval", type=_positive_float, metavar="S")
     p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--max-in-flight", type=int, metavar="N")
+    p.add_argument("--retry-max", type=int, metavar="N",
+                   help="tries after failures not the input's fault, then it is quarantined "
+                        "as gave-up (default 10)")
+    p.add_argument("--retry-max-age", type=_positive_float, metavar="S",
+                   help="seconds after the first such failure to keep trying (default 3600)")
     p.add_argument("--pixel-limit", type=_positive_int)
     p.add_argument("--max-file-size", metavar="SIZE")
     p.add_argument("--grace", type=float, metavar="S", help="drain time on SIGTERM")

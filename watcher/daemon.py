@@ -166,19 +166,26 @@ class Daemon:
             self._restore(old)
 
     def _status(self) -> str:
-        text = (f"{len(self.claims)} in flight, {len(self._retry)} waiting to retry, "
+        text = (f"{len(self.claims)} in flight, {len(self._retrying())} waiting to retry, "
                 f"{len(self.tracker)} waiting, {self.counts['processed']} processed, "
                 f"{self.counts['quarantined']} quarantined")
         problems = self._problems()
         return f"{text}; degraded: {problems[0]}" if problems else text
 
+    def _retrying(self) -> list[Claim]:
+        """Claims that failed for reasons not their own: waiting for their back-off, or being
+        tried again now."""
+        return self._retry + [c for c in self.claims.values() if c.transient_failures]
+
     def _problems(self) -> list[str]:
         """What keeps this daemon from being healthy, one line each (none: ok)."""
         out: list[str] = []
-        if self._retry:
-            last = min(self._retry, key=lambda c: c.retry_at)
-            out.append(f"{len(self._retry)} file(s) waiting to retry after failures not their "
-                       f"own (e.g. {last.rel}: {last.last_error})")
+        retrying = self._retrying()
+        if retrying:
+            first = min(retrying, key=lambda c: c.first_failure_at)
+            out.append(f"{len(retrying)} file(s) waiting to retry after failures not their "
+                       f"own (e.g. {first.rel}, {first.transient_failures} failure(s): "
+                       f"{first.last_error})")
         if self._deferred:
             d = self._deferred[0]
             out.append(f"{len(self._deferred)} file(s) whose fate could not be carried out "
@@ -207,7 +214,7 @@ class Daemon:
         alive = self.engine.workers_alive if self.engine else 0
         problems = self._problems()
         self.metrics.in_flight.set(len(self.claims) + len(self._retry) + len(self._deferred))
-        self.metrics.retry_waiting.set(len(self._retry))
+        self.metrics.retry_waiting.set(len(self._retrying()))
         self.metrics.pending.set(len(self.tracker))
         self.metrics.workers.set(alive)
         if self.engine is not None and self.engine.stats.restarts > self._restarts_seen:
@@ -218,7 +225,7 @@ class Daemon:
         try:
             health.write(health.heartbeat_path(self.folders.work), {
                 "state": state, "in_flight": len(self.claims), "pending": len(self.tracker),
-                "retrying": len(self._retry), "deferred": len(self._deferred),
+                "retrying": len(self._retrying()), "deferred": len(self._deferred),
                 "problems": problems, "workers_alive": alive, **self.counts})
             self._beat_failures = 0
         except OSError as exc:

@@ -1,0 +1,208 @@
+"""Every claim ends in exactly one fate, within a bounded time: a real daemon against hostile
+conditions (colliding names, a write that keeps failing, full disks, an unwritable heartbeat)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import fill, make_image, run_cli, wait_until
+from tests.test_watch import Daemon, claimed, drop, files
+from watcher import lifecycle
+
+pytestmark = pytest.mark.integration
+
+WEB = """
+[pipelines.web]
+steps = ["thumbnail(64, 64)"]
+format = "jpeg"
+suffix = "web"
+
+[output]
+pipelines = ["web"]
+"""
+
+
+def sidecar(path: Path) -> dict:
+    return json.loads(Path(str(path) + ".error.json").read_text())
+
+
+def test_two_inputs_one_fixed_format_never_share_an_output(tmp_path: Path) -> None:
+    (tmp_path / "watcher.toml").write_text(WEB)
+    d = Daemon(tmp_path, "--config", str(tmp_path / "watcher.toml"))
+    try:
+        make_image(tmp_path / "src" / "x.png", seed=1)
+        make_image(tmp_path / "src" / "x.jpg", seed=2)
+        os.rename(tmp_path / "src" / "x.png", tmp_path / "inbox" / "x.png")
+        os.rename(tmp_path / "src" / "x.jpg", tmp_path / "inbox" / "x.jpg")
+        done = d.wait_for("file.processed", count=2)
+        outs = sorted(o for e in done for o in e["outputs"])
+        assert [Path(o).name for o in outs] == ["x_web.jpg", "x_web_2.jpg"]
+        first = {Path(o).name: Path(o).read_bytes() for o in outs}
+        assert first["x_web.jpg"] != first["x_web_2.jpg"]  # two results, both kept
+        drop(tmp_path, "x.png", seed=3)  # the same name again, a new picture
+        d.wait_for("file.processed", count=3)
+    finally:
+        assert d.stop() == 0
+    got = files(tmp_path / "processed")
+    assert got == ["x_web.jpg", "x_web_2.jpg", "x_web_3.jpg"]
+    for name, data in first.items():  # nothing replaced
+        assert (tmp_path / "processed" / name).read_bytes() == data
+    assert files(tmp_path / "archive") == ["x.jpg", "x.png", "x_2.png"]
+
+
+def _unprivileged() -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("needs setpriv to drop root's permission override")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+            "-dac_override,-dac_read_search"]
+
+
+def test_a_failure_not_the_inputs_fault_is_retried_a_bounded_number_of_times(
+        tmp_path: Path) -> None:
+    (tmp_path / "processed").mkdir()
+    (tmp_path / "processed").chmod(0o555)
+    d = Daemon(tmp_path, "--retry-max", "3", prefix=_unprivileged(),
+               env={"WATCHER_RETRY_BACKOFF": "0.3", "WATCHER_RETRY_BACKOFF_MAX": "0.6"})
+    try:
+        drop(tmp_path, "x.png")
+        d.wait_for("file.retried", input="x.png")
+        health = wait_until(lambda: (h := run_cli("health", "--work", str(tmp_path / "work")))
+                            .returncode == 1 and h, 10, "health to say degraded")
+        assert "1 file(s) waiting to retry" in health.stdout, health.stdout
+        beat = json.loads((tmp_path / "work" / ".watcher-heartbeat.json").read_text())
+        assert beat["retrying"] == 1 and beat["state"] == "degraded"
+        live = run_cli("health", "--live", "--work", str(tmp_path / "work"))
+        assert live.returncode == 0, live.stdout  # alive: a restart cures no such fault
+        q = d.wait_for("file.quarantined", input="x.png", timeout=60)[0]
+    finally:
+        (tmp_path / "processed").chmod(0o755)
+        assert d.stop() == 0
+    assert q["reason"] == "gave-up" and "write-failed" in q["error"]
+    assert len(d.seen("file.retried", input="x.png")) == 3
+    assert d.fates()["x.png"] == 1
+    doc = sidecar(tmp_path / "quarantine" / "x.png")
+    assert doc["reason"] == "gave-up" and doc["transient_failures"] == 4
+    assert claimed(tmp_path) == [] and files(tmp_path / "processed") == []
+
+
+def test_a_full_quarantine_keeps_the_input_and_never_loses_its_reason(
+        tmp_path: Path, tmpfs) -> None:
+    quarantine = tmpfs("quarantine", "256k")
+    filler = fill(quarantine)
+    d = Daemon(tmp_path, env={"WATCHER_RETRY_BACKOFF": "0.2", "WATCHER_RETRY_BACKOFF_MAX": "0.5"})
+    try:
+        (tmp_path / "inbox" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 100)
+        d.wait_for("file.fate_deferred", input="bad.png")
+        assert claimed(tmp_path) == ["bad.png"]  # still safe in the work folder
+        assert [p.name for p in quarantine.iterdir()] == ["filler.bin"]  # no half fate
+        wait_until(lambda: run_cli("health", "--work", str(tmp_path / "work")).returncode == 1,
+                   10, "health to say degraded")
+        drop(tmp_path, "good.png")  # the line keeps moving meanwhile
+        d.wait_for("file.processed", input="good.png")
+        filler.unlink()
+        q = d.wait_for("file.quarantined", input="bad.png", timeout=30)[0]
+    finally:
+        assert d.stop() == 0
+    assert q["reason"] in ("corrupt", "truncated", "not-an-image")
+    assert sidecar(quarantine / "bad.png")["reason"] == q["reason"]
+    assert d.fates()["bad.png"] == 1 and claimed(tmp_path) == []
+
+
+def test_an_unwritable_heartbeat_does_not_make_a_live_daemon_look_dead(
+        tmp_path: Path, tmpfs) -> None:
+    root = tmpfs("root", "2m")  # inbox and work on one small file system
+    d = Daemon(root, "--max-age" if False else "--settle", "0.3")
+    filler = None
+    try:
+        filler = fill(root / "work")
+        d.wait_for("heartbeat.write_failed", timeout=30)
+        os_time = os.stat(root / "work" / ".watcher-heartbeat.json").st_mtime
+        wait_until(lambda: os.stat(root / "work" / ".watcher-heartbeat.json").st_mtime
+                   > os_time, 10, "the heartbeat's time to be refreshed")
+        live = run_cli("health", "--work", str(root / "work"), "--max-age", "5")
+        assert live.returncode == 0, live.stdout
+    finally:
+        if filler is not None:
+            filler.unlink()
+        assert d.stop() == 0
+
+
+def test_sidecar_times_are_rfc_3339(tmp_path: Path) -> None:
+    d = Daemon(tmp_path)
+    try:
+        (tmp_path / "inbox" / "notes.txt").write_text("not an image\n")
+        d.wait_for("file.quarantined", input="notes.txt")
+    finally:
+        assert d.stop() == 0
+    doc = sidecar(tmp_path / "quarantine" / "notes.txt")
+    for key in ("detected_at", "claimed_at", "quarantined_at"):
+        value = doc[key]
+        assert value.endswith("Z") and "T" in value
+        parsed = datetime.fromisoformat(value)
+        assert parsed.tzinfo is not None and parsed.year >= 2024
+    assert doc["reason"] == "not-an-image"
+
+
+def test_restart_reuses_only_the_outputs_its_claim_recorded(tmp_path: Path) -> None:
+    """A claim a killed daemon left (made here with the daemon's own claim code: the record,
+    then the rename) is re-processed into the very outputs it recorded, replacing what the
+    crashed run had published there; a new input whose name is taken by an unrelated file
+    gets a counter and never replaces it."""
+    for d in ("inbox", "processed", "archive", "quarantine", "work"):
+        (tmp_path / d).mkdir()
+    folders = lifecycle.Folders({k: str(tmp_path / v) for k, v in (
+        ("inbox", "inbox"), ("output", "processed"), ("archive", "archive"),
+        ("quarantine", "quarantine"), ("work", "work"))})
+    make_image(tmp_path / "inbox" / "a.png", seed=4)
+    c = lifecycle.claim(folders, str(tmp_path / "inbox" / "a.png"), 1, 0.0)
+    own = tmp_path / "processed" / "a_thumbnail.png"
+    c.outputs = (("thumbnail", str(own)),)
+    lifecycle.save_record(c)
+    own.write_bytes(b"what the crashed run had published")
+    (tmp_path / "processed" / "b_thumbnail.png").write_bytes(b"someone else's file")
+    d = Daemon(tmp_path)
+    try:
+        drop(tmp_path, "b.png")
+        d.wait_for("file.processed", count=2)
+    finally:
+        assert d.stop() == 0
+    assert (tmp_path / "processed" / "b_thumbnail.png").read_bytes() == b"someone else's file"
+    assert files(tmp_path / "processed") == ["a_thumbnail.png", "b_thumbnail.png",
+                                             "b_thumbnail_2.png"]
+    for name in ("a_thumbnail.png", "b_thumbnail_2.png"):
+        with Image.open(tmp_path / "processed" / name) as im:
+            im.load()
+    assert files(tmp_path / "archive") == ["a.png", "b.png"] and claimed(tmp_path) == []
+
+
+def test_a_write_that_fails_only_for_one_input_while_others_succeed_gives_up_early(
+        tmp_path: Path) -> None:
+    """The evidence rule: the same write works for the others, so after a few failures the
+    fault is taken to be this input's, well before retry_max."""
+    (tmp_path / "processed" / "locked").mkdir(parents=True)
+    (tmp_path / "processed" / "locked").chmod(0o555)
+    d = Daemon(tmp_path, "--retry-max", "50", prefix=_unprivileged(),
+               env={"WATCHER_RETRY_BACKOFF": "0.2", "WATCHER_RETRY_BACKOFF_MAX": "0.3"})
+    try:
+        make_image(tmp_path / "inbox" / "locked" / "x.png")
+        for i in range(60):
+            drop(tmp_path, f"ok{i}.png")
+            d.wait_for("file.processed", input=f"ok{i}.png")
+            if d.seen("file.quarantined", input="locked/x.png"):
+                break
+        q = d.wait_for("file.quarantined", input="locked/x.png", timeout=10)[0]
+    finally:
+        (tmp_path / "processed" / "locked").chmod(0o755)
+        assert d.stop() == 0
+    assert q["reason"] == "gave-up" and "other inputs succeeded" in q["error"]
+    assert len(d.seen("file.retried", input="locked/x.png")) < 10
+    assert (tmp_path / "quarantine" / "locked" / "x.png").is_file()
