@@ -206,3 +206,29 @@ def test_a_write_that_fails_only_for_one_input_while_others_succeed_gives_up_ear
     assert q["reason"] == "gave-up" and "other inputs succeeded" in q["error"]
     assert len(d.seen("file.retried", input="locked/x.png")) < 10
     assert (tmp_path / "quarantine" / "locked" / "x.png").is_file()
+
+
+def test_a_file_written_on_after_its_claim_is_made_again_from_what_is_there(
+        tmp_path: Path) -> None:
+    """Someone else's open and close made the file look complete while its writer still held
+    it: the writer's later bytes land in the claimed file, and the daemon, seeing it changed
+    under the worker, makes it again from the whole file."""
+    d = Daemon(tmp_path, "--workers", "1")
+    try:
+        make_image(tmp_path / "inbox" / "heavy.png", size=(3000, 2000))  # keeps the worker busy
+        d.wait_for("file.queued", input="heavy.png")
+        whole = (make_image(tmp_path / "src" / "x.png", size=(400, 300))).read_bytes()
+        with open(tmp_path / "inbox" / "x.png", "wb", buffering=0) as writer:
+            writer.write(whole[: len(whole) // 2])
+            with open(tmp_path / "inbox" / "x.png", "ab"):
+                pass  # another program's close: a close-write event
+            d.wait_for("file.queued", input="x.png")
+            writer.write(whole[len(whole) // 2:])
+        done = d.wait_for("file.processed", input="x.png", timeout=60)[0]
+    finally:
+        assert d.stop() == 0
+    assert [e["reason"] for e in d.seen("file.retried", input="x.png")] == ["changed"]
+    assert (tmp_path / "archive" / "x.png").read_bytes() == whole
+    with Image.open(done["outputs"][0]) as im:
+        im.load()
+    assert d.fates()["x.png"] == 1

@@ -491,6 +491,7 @@ class Daemon:
                             {"input": c.rel})
             return
         task = Task(c.seq, c.work_path, outputs, overwrite=own, nofollow=True)
+        c.seen = _identity(c.work_path)
         c.submitted_at = time.monotonic()
         self.claims[c.seq] = c
         self.engine.submit(task)
@@ -528,7 +529,12 @@ class Daemon:
             return  # a late duplicate: the fate was decided already
         common = {"input": c.rel, "outputs": list(r.outputs), "worker": r.worker,
                   "duration_ms": round(r.duration * 1000, 1), "attempt": r.attempt}
-        if r.ok:
+        if r.reason not in ("cancelled", "missing") and _identity(c.work_path) != c.seen:
+            # A writer still had it open and changed it after it was claimed: the result (an
+            # output, or "truncated") may be of a version that no longer is. Made again from
+            # what is there now, bounded like any retry.
+            self._transient(c, "changed", "the input changed while it was processed", common)
+        elif r.ok:
             self._successes += 1
             self._carry_out(c, "archive", lambda: self._processed(c, r, common))
         elif r.reason == "cancelled":
@@ -749,6 +755,15 @@ class _Deferred:
     failures: int = 0
     retry_at: float = 0.0
     error: str = ""
+
+
+def _identity(path: str) -> tuple[int, int, int] | None:
+    """(size, mtime, ctime) of a claimed file, to tell whether it changed while processed."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _folders(s: Settings) -> Folders:

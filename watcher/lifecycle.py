@@ -71,6 +71,7 @@ class Claim:
     token: str = ""  # its name in the work folder ("" for a claim of the old layout)
     submitted_at: float = 0.0  # monotonic time it was last handed to the engine
     adopted: bool = False  # taken over from a stale instance: its outputs are not surely ours
+    seen: tuple[int, int, int] | None = None  # (size, mtime, ctime) when last handed over
 
     @property
     def record(self) -> str:
