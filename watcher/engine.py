@@ -642,11 +642,12 @@ def _locked(slot: _Slot) -> Iterator[None]:
 
 def _suspect(slot: _Slot, seq: int, position: int, charged: bool) -> bool:
     """Whether the death of ``slot``'s worker may be the doing of ``seq``, a task it had taken
-    and not finished: its output was being written then, or no task was charged for the death
-    and ``seq`` was in the group being committed (or nothing was being committed)."""
+    and not finished: its output was being written then; or, none being written and no task
+    charged for the death, ``seq`` was in the group being committed (or none was)."""
     sh = slot.shared
-    if int(sh[COMMIT_SEQ]) == seq:
-        return True
+    writing = int(sh[COMMIT_SEQ])
+    if writing >= 0:
+        return writing == seq
     if charged:
         return False
     return sh[COMMIT_STARTED] < 0 or sh[COMMIT_FROM] <= position < sh[COMMIT_TO]

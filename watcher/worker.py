@@ -485,7 +485,8 @@ def _commit_failure(prep: Prepared, exc: BaseException) -> Result:
     else:
         reason = "internal-error"
         error = f"committing its outputs raised {type(exc).__name__}: {exc}"
-        notes.append("".join(traceback.format_exception(exc)[-6:]).strip())
+        tb = traceback.format_exception(exc)
+        notes.append("".join(tb[:1] + tb[1:][-6:]).strip())  # the header, the last frames
     return Result(task.seq, task.path, False, (), reason, error, type(exc).__name__,
                   prep.spent, os.getpid(), task.attempt, prep.bytes_in, 0, tuple(notes))
 
