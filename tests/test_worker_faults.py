@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests import crashers
 from tests.conftest import make_image, run_cli, wait_until
 from tests.test_engine import engine_for, run_all, tasks_for
 from watcher import engine as engine_mod
@@ -21,6 +22,13 @@ from watcher import worker
 from watcher.tasks import Result
 
 pytestmark = pytest.mark.integration
+
+
+def exit_on_poison(im: Any) -> Any:
+    """A transform that ends the worker's main thread (sys.exit) on a poisoned image."""
+    if im.convert("RGB").getpixel((0, 0)) == crashers.POISON:
+        raise SystemExit(0)
+    return im
 
 
 def _inputs(folder: Path, names: list[str]) -> list[Path]:
@@ -210,4 +218,23 @@ def test_a_240_byte_input_name_through_batch_ends_and_reports_it(tmp_path: Path)
         assert (long["status"], long["reason"]) == ("failed", "path-too-long"), long
         assert "File name too long" in long["error"]
         assert proc.returncode == 1
+    assert _no_temps(tmp_path / "out")
+
+
+def test_a_main_thread_that_exits_mid_task_fails_that_task_and_the_others_are_done(
+        tmp_path: Path) -> None:
+    bad = tmp_path / "in" / "exit.png"
+    bad.parent.mkdir(parents=True)
+    crashers.poison_image(str(bad))
+    paths = _inputs(tmp_path / "in", [f"{i}.png" for i in range(6)])
+    e = engine_for([exit_on_poison], workers=1)
+    e.start()
+    try:
+        results = run_all(e, tasks_for([bad, *paths], tmp_path / "out"), timeout=60)
+    finally:
+        e.close()
+    r = results[str(bad)]
+    assert (r.ok, r.reason, r.attempt) == (False, "worker-crashed", 2)
+    assert "exit code 0" in r.error
+    assert all(results[str(p)].ok for p in paths)
     assert _no_temps(tmp_path / "out")

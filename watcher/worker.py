@@ -159,6 +159,13 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
         committer.close()
     except CommitterGoneError as exc:
         end_worker(slot, lock, logger, f"{exc}")
+    except BaseException as exc:
+        # The main thread failed outside a task's own error handling (a transform that calls
+        # sys.exit, a bug here): the process ends; the supervisor charges the task in SEQ as a
+        # crash and gives back the others.
+        logger.error("worker.main_failed", error=f"{type(exc).__name__}: {exc}",  # noqa: TRY400
+                     traceback="".join(traceback.format_exception(exc)))
+        raise
     logger.debug("worker.stopped", tasks=worker.done)
     with contextlib.suppress(OSError):
         results.close()
@@ -363,9 +370,16 @@ class Committer:
             results = self._processor.commit_many([prep for prep, _ in tracked])
         except Exception as exc:  # noqa: BLE001 - reported, then the worker ends
             self._group_failed(tracked, exc)  # raises
+        started = self._slot[COMMIT_STARTED]
         self._mark(IDLE, IDLE, IDLE)  # before the send: a result sent is never timed out
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self._send([replace(r, peak_rss_kb=rss) for r in results])
+        try:
+            self._send([replace(r, peak_rss_kb=rss) for r in results])
+        except Exception:
+            # not sent (the pipe is fine: a result that cannot be sent): the group is shown
+            # again, so that the supervisor counts the death against its tasks
+            self._mark(started, group[0].position, group[-1].position + 1)
+            raise
 
     def _group_failed(self, tracked: list[tuple[Prepared, list[_Tracked]]],
                       exc: Exception) -> NoReturn:
