@@ -43,7 +43,7 @@ def test_a_commit_that_raises_fails_that_task_and_the_next_ten_are_done(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(worker.COMMIT_FAIL_HOOK, "bad_p")
     paths = _inputs(tmp_path / "in", ["bad.png", *(f"{i}.png" for i in range(10))])
-    e = engine_for(["mirror"], workers=1)
+    e = engine_for(["mirror"], workers=1, start_method="fork")
     e.start()
     try:
         first = e.pids[0]
@@ -66,7 +66,7 @@ def test_a_commit_that_stalls_past_the_timeout_is_charged_and_the_others_done(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(worker.COMMIT_STALL_HOOK, "stall_p")
     paths = _inputs(tmp_path / "in", ["stall.png", *(f"{i}.png" for i in range(6))])
-    e = engine_for(["mirror"], workers=2, task_timeout=1.5)
+    e = engine_for(["mirror"], workers=2, task_timeout=1.5, start_method="fork")
     e.start()
     try:
         results = run_all(e, tasks_for(paths, tmp_path / "out"), timeout=60)
@@ -86,7 +86,7 @@ def test_problems_reports_a_stalled_commit_until_it_is_settled(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(worker.COMMIT_STALL_HOOK, "stall_p")
     [path] = _inputs(tmp_path / "in", ["stall.png"])
-    e = engine_for(["mirror"], workers=1, task_timeout=1.0)
+    e = engine_for(["mirror"], workers=1, task_timeout=1.0, start_method="fork")
     e.start()
     try:
         task = tasks_for([path], tmp_path / "out")[0]
@@ -112,7 +112,7 @@ def test_a_stopped_worker_holding_tasks_is_reported_then_killed_and_its_tasks_do
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_mod, "WEDGE_MARGIN", 1.0)
     paths = _inputs(tmp_path / "in", [f"{i}.png" for i in range(4)])
-    e = engine_for(["mirror"], workers=1, task_timeout=1.0)
+    e = engine_for(["mirror"], workers=1, task_timeout=1.0, start_method="fork")
     e.start()
     try:
         victim = e.pids[0]
@@ -148,7 +148,8 @@ def test_a_task_whose_commit_keeps_killing_its_worker_is_not_run_forever(
     # crash in the commit), each time: given back uncharged, it would be run again forever.
     monkeypatch.setenv(worker.COMMIT_STALL_HOOK, "doom_p")
     [path] = _inputs(tmp_path / "in", ["doom.png"])
-    e = engine_for(["mirror"], workers=1, task_timeout=60.0)  # crash_retries: 1
+    e = engine_for(["mirror"], workers=1, task_timeout=60.0,  # crash_retries: 1
+                   start_method="fork")  # the hooks are in this environment
     e.start()
     task = tasks_for([path], tmp_path / "out")[0]
     results: list[Result] = []

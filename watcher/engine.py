@@ -517,10 +517,13 @@ class Engine:
         return out
 
     def _committer_gone(self, slot: _Slot, now: float) -> bool:
-        """A live worker whose committer thread, not committing, has not beaten lately."""
+        """A live worker whose committer thread has not beaten lately, neither committing nor
+        beside a main thread that prepares a task (which may hold the interpreter a while: the
+        timeout governs that)."""
         sh = slot.shared
         beat = sh[COMMITTER_BEAT]
-        return beat > 0 and sh[COMMIT_STARTED] < 0 and now - beat > COMMITTER_STALE
+        return beat > 0 and sh[COMMIT_STARTED] < 0 and sh[SEQ] < 0 and \
+            now - beat > COMMITTER_STALE
 
     def _moved(self, slot: _Slot, now: float) -> None:
         """Note when this worker last changed (took a task, started or finished a commit step,
