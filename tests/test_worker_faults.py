@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -238,4 +239,27 @@ def test_a_main_thread_that_exits_mid_task_fails_that_task_and_the_others_are_do
     assert (r.ok, r.reason, r.attempt) == (False, "worker-crashed", 2)
     assert "exit code 0" in r.error
     assert all(results[str(p)].ok for p in paths)
+    assert _no_temps(tmp_path / "out")
+
+
+def test_a_sync_that_stalls_past_the_timeout_charges_its_commit_group(tmp_path: Path) -> None:
+    # A slow disk: the transform makes this worker's next fsync take 3 s, the one that makes
+    # the task's output durable, a step its commit group shares. Past the 1 s timeout the
+    # group (this task alone) is charged; the replacement worker does the others.
+    first = tmp_path / "in" / "slowdisk.png"
+    first.parent.mkdir(parents=True)
+    crashers.slow_disk_image(str(first))
+    paths = _inputs(tmp_path / "in", [f"{i}.png" for i in range(4)])
+    e = engine_for([crashers.slow_disk_on_marker, "mirror"], workers=1, task_timeout=1.0)
+    e.start()
+    try:
+        stalled = run_all(e, tasks_for([first], tmp_path / "out"), timeout=30)[str(first)]
+        others = run_all(e, [replace(t, seq=t.seq + 1)
+                             for t in tasks_for(paths, tmp_path / "out")], timeout=30)
+    finally:
+        e.close()
+    assert (stalled.ok, stalled.reason) == (False, "timeout")
+    assert "commit group" in stalled.error
+    assert e.stats.timeouts == 1
+    assert all(r.ok for r in others.values()), others
     assert _no_temps(tmp_path / "out")
