@@ -270,3 +270,18 @@ def test_batch_cli_sigterm_drains_running_tasks(executor: str, tmp_path: Path) -
     assert set(statuses) <= {"ok", "cancelled"}
     assert len(list((tmp_path / "out").glob("*.png"))) == statuses.count("ok")
     assert not temps(tmp_path / "out")
+
+
+def test_problems_is_empty_for_a_healthy_run_on_both_executors(
+        executor: str, tmp_path: Path, images: list[Path]) -> None:
+    # The health check's source (Engine.problems / DaskEngine.problems): nothing to report
+    # while healthy workers do their tasks, nor after.
+    e = engine_for(executor, ["mirror"])
+    e.start()
+    try:
+        assert e.problems() == []
+        results = run_all(e, tasks_for(images, tmp_path / "out"))
+        assert e.problems() == []
+    finally:
+        e.close()
+    assert all(r.ok for r in results.values())

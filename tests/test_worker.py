@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,47 @@ def test_a_full_group_is_committed_and_reported_in_one_message(
     assert [r.seq for r in results.recv()] == [worker.GROUP_MAX]
     assert len(list(out.glob("*.png"))) == worker.GROUP_MAX + 1
     assert not list(out.glob(".*"))  # no temp file left
+
+
+def test_a_failing_commit_reports_its_task_ends_the_thread_and_hand_over_does_not_block(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fault hook raises inside the real committer thread. The task gets a failure result,
+    # on_fatal (in a worker: end the process) is called once, and the main thread, handing
+    # over the next task with the queue full, learns that no one will commit it.
+    monkeypatch.setattr(worker, "GROUP_WAIT", 3600.0)
+    monkeypatch.setenv(worker.COMMIT_FAIL_HOOK, "out/0.png")
+    fatal: list[str] = []
+    proc = Processor({"p": config.pipeline_from(["thumbnail(16, 16)"], "p", "p")},
+                     DecodeLimits())
+    out = tmp_path / "out"
+    preps = [proc.prepare(Task(i, str(make_image(tmp_path / "in" / f"{i}.png", seed=i)),
+                               (OutputPlan("p", str(out / f"{i}.png")),))) for i in range(2)]
+    recv, send = multiprocessing.Pipe(duplex=False)
+    slot = multiprocessing.RawArray("d", worker.SLOT_SIZE)
+    c = worker.Committer(proc, send, slot, threading.Lock(), on_fatal=fatal.append)
+    c.hand_over(preps[0])
+    c.flush()
+    assert recv.poll(10), "no failure result was sent"
+    [r] = recv.recv()
+    assert (r.seq, r.ok, r.reason) == (0, False, "internal-error")
+    assert worker.COMMIT_FAIL_HOOK in r.error
+    deadline = time.monotonic() + 10
+    while c.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not c.alive and len(fatal) == 1 and "RuntimeError" in fatal[0]
+    assert slot[worker.COMMIT_STARTED] == worker.IDLE  # its culprit was reported
+    monkeypatch.setattr(worker, "COMMIT_DEPTH", 1)  # the failed group still fills the queue
+    raised: list[BaseException] = []
+
+    def main_thread() -> None:
+        try:
+            c.hand_over(preps[1])
+        except worker.CommitterGoneError as exc:
+            raised.append(exc)
+
+    t = threading.Thread(target=main_thread, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "hand_over blocked on a committer that is gone"
+    assert raised
+    assert not list(out.glob(".*"))  # the failed task's temp file is gone

@@ -195,6 +195,16 @@ class DaskEngine:
     def worker_addresses(self) -> list[str]:
         return sorted(self._client.scheduler_info()["workers"]) if self._client else []
 
+    def problems(self) -> list[str]:
+        """What is wrong at this moment, one line each ([]: nothing), as ``Engine.problems``.
+
+        Timeouts are enforced by ``_kill_stuck`` (Dask restarts the worker), and a task's thread
+        cannot outlive its worker process here, so the one thing to report is a cluster left
+        with no worker while tasks wait. No call to the cluster is made (cached figures)."""
+        if self._client is not None and self._intake and self._tasks and self._workers == 0:
+            return [f"the cluster has no worker; {len(self._tasks)} task(s) wait"]
+        return []
+
     def running(self) -> list[str]:
         """The inputs being processed at this moment, on any worker."""
         try:

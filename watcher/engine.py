@@ -19,6 +19,14 @@ when a worker dies, each task it held is settled exactly: the one it was process
 the death), and the ones it had not started go back to the front of the line. The supervisor
 kills a worker for a timeout only under that lock while the slot still shows the timed-out task.
 Results are accepted once per task: a late duplicate (a task that ran twice) is dropped.
+
+The timeout covers a task's decode and encode (from when the worker took it) and its commit
+group's commit (from when the committer thread started it; the task whose output is being
+written then is charged, or the whole group in a step they share). A worker that holds tasks and
+shows no progress at all for longer than the timeout plus WEDGE_MARGIN (or whose committer
+thread has stopped) is killed as wedged and its tasks given back. A task given back is counted:
+held by dying workers ``crash_retries + 1`` times in all, it is charged ``worker-crashed`` instead
+of run again. ``problems()`` says what is wrong right now (for health checks).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -47,6 +55,12 @@ from .launch import PRELOAD
 from .pipeline import Pipeline
 from .tasks import Result, Task
 from .worker import (
+    COMMIT_FROM,
+    COMMIT_SEQ,
+    COMMIT_STARTED,
+    COMMIT_TO,
+    COMMITTER_BEAT,
+    EXIT_COMMIT_FAILED,
     EXIT_INIT_FAILED,
     GROUP_MAX,
     GROUP_WAIT,
@@ -70,6 +84,9 @@ LOOKAHEAD = 0.1
 MAX_AHEAD = 8
 LONG_TASK = 0.1
 EARLY_DEATHS = 5  # workers dying in a row before reporting anything: they cannot start
+WEDGE_MARGIN = 10.0  # seconds past the timeout a worker may hold tasks without any progress
+COMMITTER_STALE = 5.0  # seconds without a beat from an idle committer thread: it is gone
+LOCK_WAIT = 1.0  # seconds to wait for a worker's slot lock (a worker killed holding it)
 
 
 if TYPE_CHECKING:
@@ -90,12 +107,16 @@ class _Slot:
     shared: Any
     lock: Any
     tasks_conn: Connection  # the supervisor's end of the worker's task pipe
-    killed_for: int = -1  # the task this worker was killed for (timeout/shutdown), if any
+    # Why the supervisor killed it ("timeout": what it was charged for is settled; "wedged",
+    # "committer-gone": nothing was charged), "" if it did not.
+    killed: str = ""
     cleanup: list[str] = field(default_factory=list)  # outputs whose temp files it may leave
     tasks: int = 0  # results received from it
     # Tasks sent to it and not yet settled, with their position in the order it got them.
     held: dict[int, int] = field(default_factory=dict)
     sent: int = 0  # tasks ever sent to it
+    progress: float = field(default_factory=time.monotonic)  # when it last changed (see _moved)
+    mark: tuple[float, ...] = ()  # what its slot showed then
 
     @property
     def seq(self) -> int:
@@ -137,6 +158,7 @@ class Engine:
         self._intake = True
         self._started = False
         self._early_deaths = 0  # consecutive workers that died before sending any result
+        self._given_back: dict[int, int] = {}  # seq -> deaths of workers that had taken it
         self._ready: list[Result] = []
         self._avg: float | None = None  # moving average of a task's duration, seconds
         # One poll set for the whole run: each worker's result pipe and exit sentinel, and the
@@ -157,7 +179,7 @@ class Engine:
 
     def _spawn(self, index: int) -> None:
         shared = self._ctx.RawArray("d", SLOT_SIZE)
-        shared[SEQ] = IDLE
+        shared[SEQ] = shared[COMMIT_STARTED] = shared[COMMIT_SEQ] = IDLE
         lock = self._ctx.Lock()
         recv, send = self._ctx.Pipe(duplex=False)
         task_recv, task_send = self._ctx.Pipe(duplex=False)
@@ -214,7 +236,7 @@ class Engine:
         withdrawn = list(self._pending)
         self._pending.clear()
         for slot in self._slots.values():
-            with slot.lock:
+            with _locked(slot):
                 slot.shared[HALT] = 1.0
                 taken = slot.taken
             for seq, n in list(slot.held.items()):
@@ -325,6 +347,7 @@ class Engine:
             self._log.debug("engine.duplicate_result", path=result.path, seq=result.seq)
             return None
         del self._tasks[result.seq]
+        self._given_back.pop(result.seq, None)
         if result.ok and result.duration > 0:
             self._avg = result.duration if self._avg is None else \
                 0.8 * self._avg + 0.2 * result.duration
@@ -348,7 +371,8 @@ class Engine:
             if code == EXIT_INIT_FAILED:
                 raise EngineError("worker processes cannot start (see the error above); "
                                   "check the installation and the pipelines' imports")
-            if code != 0 and slot.tasks == 0 and slot.killed_for < 0:
+            if code not in (0, EXIT_COMMIT_FAILED) and slot.tasks == 0 and \
+                    slot.killed != "timeout":
                 self._early_deaths += 1
                 if self._early_deaths >= EARLY_DEATHS:
                     raise EngineError(
@@ -362,13 +386,22 @@ class Engine:
 
     def _settle_held(self, slot: _Slot, code: int | None) -> None:
         """Settle every task a dead worker held, exactly once each: the one it was processing is
-        charged with the crash; the one being committed and the ones it had not taken go back
-        to the front of the line (they did not cause the death); their temp files are removed."""
-        seq, taken = slot.seq, slot.taken
+        charged with the crash; the ones it had taken but not finished (being committed) and the
+        ones it had not taken go back to the front of the line (they did not cause the death;
+        their temp files are removed). A worker the supervisor killed was charged already (a
+        timeout) or not at all (wedged): every task it still held goes back. A taken task given
+        back where the death may be its own doing is counted (``_suspect``, ``_give_back``)."""
+        seq = -1 if slot.killed else slot.seq
+        taken = slot.taken
+        # Someone answers for the death: the task it processed, the one(s) it was killed for,
+        # or those a failed commit reported before the worker ended itself (it then shows no
+        # group; a group still shown had no known culprit).
+        charged = slot.killed == "timeout" or seq in self._tasks or (
+            code == EXIT_COMMIT_FAILED and slot.shared[COMMIT_STARTED] < 0)
         back: list[Task] = []
-        for s, n in list(slot.held.items()):
+        for s, n in sorted(slot.held.items(), key=lambda kv: kv[1]):
             task = self._tasks.get(s)
-            if task is None or s == slot.killed_for:
+            if task is None:
                 continue  # settled already (a result, a timeout, a withdrawal)
             if s == seq:
                 self._crashed(slot, s, code)
@@ -377,22 +410,38 @@ class Engine:
                                                 "shutdown before finishing this input"))
             elif n < taken:  # taken, not the one it processed, no result: being committed
                 remove_temps(self._outputs(s), slot.proc.pid)
-                self._log.info("file.requeued", path=task.path, worker=slot.proc.pid,
-                               why="its worker died before committing its outputs")
-                back.append(task)
+                if not _suspect(slot, s, n, charged) or self._give_back(slot, task, code):
+                    self._log.info("file.requeued", path=task.path, worker=slot.proc.pid,
+                                   why="its worker died before committing its outputs")
+                    back.append(task)
             else:
                 back.append(task)  # never started there: handed to the next worker
         slot.held.clear()
         self.stats.requeued += len(back)
         self._pending.extendleft(reversed(back))
 
+    def _give_back(self, slot: _Slot, task: Task, code: int | None) -> bool:
+        """Count one more death of a worker that may have died of ``task``; True if it may run
+        again, False if it was charged ``worker-crashed`` (crash_retries + 1 deaths in all)."""
+        deaths = self._given_back.get(task.seq, 0) + 1
+        self._given_back[task.seq] = deaths
+        total = task.attempt - 1 + deaths
+        if total <= self.settings.crash_retries:
+            return True
+        self.stats.crashes += 1
+        self._ready.append(self._charge(
+            slot, task.seq, "worker-crashed",
+            f"{total} worker(s) died ({_how(code, slot.killed)}) while committing this input or "
+            "holding it; not run again"))
+        return False
+
     def _crashed(self, slot: _Slot, seq: int, code: int | None) -> None:
         task = self._tasks[seq]
         self.stats.crashes += 1
-        how = f"signal {-code} ({signal.Signals(-code).name})" if code and code < 0 \
-            else f"exit code {code}"
+        how = _how(code, slot.killed)
         remove_temps(self._outputs(seq), slot.proc.pid)
-        if task.attempt <= self.settings.crash_retries and self._intake:
+        deaths = task.attempt + self._given_back.get(seq, 0)
+        if deaths <= self.settings.crash_retries and self._intake:
             self._log.warning("file.retried", path=task.path, worker=slot.proc.pid,
                               reason="worker-crashed", how=how, attempt=task.attempt)
             retry = task.retry()
@@ -401,27 +450,116 @@ class Engine:
         else:
             self._ready.append(self._charge(slot, seq, "worker-crashed",
                                             f"the worker died ({how}) processing this input, "
-                                            f"{task.attempt} time(s)"))
+                                            f"{deaths} time(s)"))
 
     def _kill_stuck(self) -> None:
+        """Kill each worker past the timeout (charging ``timeout`` to the task(s) at fault) or
+        wedged (see ``_verdict``); it is reaped, and the rest it held settled, at a later tick."""
         limit = self.settings.task_timeout
         now = time.monotonic()
-        for slot in self._slots.values():
-            seq = slot.seq
-            if seq < 0 or slot.killed_for >= 0 or now - slot.shared[STARTED] <= limit:
+        for slot in list(self._slots.values()):
+            if slot.killed:
                 continue
-            with slot.lock:
-                if slot.seq != seq:  # it finished meanwhile
+            self._moved(slot, now)
+            why, overdue = self._verdict(slot, now, limit)
+            if not why:
+                continue
+            with _locked(slot):
+                why, overdue = self._verdict(slot, now, limit)  # what it shows now, for sure
+                if not why:
                     continue
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.proc.pid, signal.SIGKILL)
-                slot.killed_for = seq
+                slot.killed = why
                 slot.cleanup = [o for s in slot.held for o in self._outputs(s)]
-            self.stats.timeouts += 1
-            if seq in self._tasks:
-                self._ready.append(self._charge(slot, seq, "timeout",
-                                                f"still running after {limit:g} s; worker "
-                                                "killed"))
+            if why == "timeout":
+                self.stats.timeouts += 1
+            else:
+                self._log.warning("worker.killed", worker=slot.proc.pid, why=why,
+                                  held=len(slot.held), still_for=round(now - slot.progress, 1))
+            for seq, error in overdue:
+                if seq in self._tasks:
+                    self._ready.append(self._charge(slot, seq, "timeout", error))
+
+    def _verdict(self, slot: _Slot, now: float,
+                 limit: float) -> tuple[str, list[tuple[int, str]]]:
+        """Whether to kill this worker: ("timeout", the tasks to charge and why), ("wedged",
+        []) or ("committer-gone", []); ("", []) to leave it."""
+        overdue = self._overdue(slot, now, limit)
+        if overdue:
+            return "timeout", overdue
+        if slot.held and now - slot.progress > limit + WEDGE_MARGIN:
+            return "wedged", []
+        if slot.held and self._committer_gone(slot, now):
+            return "committer-gone", []
+        return "", []
+
+    def _overdue(self, slot: _Slot, now: float, limit: float) -> list[tuple[int, str]]:
+        """The tasks of this worker past the timeout, with the error to charge each: the one
+        it prepares, and in the group being committed the one being written (else all of
+        them: a step they share, such as syncing, is stuck)."""
+        sh = slot.shared
+        out: list[tuple[int, str]] = []
+        seq = int(sh[SEQ])
+        if seq >= 0 and now - sh[STARTED] > limit:
+            out.append((seq, f"still running after {limit:g} s; worker killed"))
+        started = sh[COMMIT_STARTED]
+        if started >= 0 and now - started > limit:
+            writing = int(sh[COMMIT_SEQ])
+            if writing >= 0:
+                out.append((writing, f"writing its outputs took longer than {limit:g} s; "
+                                     "worker killed"))
+            else:
+                lo, hi = sh[COMMIT_FROM], sh[COMMIT_TO]
+                out += [(s, f"its commit group (syncing its outputs together) took longer than "
+                            f"{limit:g} s; worker killed")
+                        for s, n in slot.held.items() if lo <= n < hi]
+        return out
+
+    def _committer_gone(self, slot: _Slot, now: float) -> bool:
+        """A live worker whose committer thread has not beaten lately, neither committing nor
+        beside a main thread that prepares a task (which may hold the interpreter a while: the
+        timeout governs that)."""
+        sh = slot.shared
+        beat = sh[COMMITTER_BEAT]
+        return beat > 0 and sh[COMMIT_STARTED] < 0 and sh[SEQ] < 0 and \
+            now - beat > COMMITTER_STALE
+
+    def _moved(self, slot: _Slot, now: float) -> None:
+        """Note when this worker last changed (took a task, started or finished a commit step,
+        sent a result), or held nothing."""
+        sh = slot.shared
+        mark = (sh[TAKEN], sh[SEQ], sh[COMMIT_STARTED], sh[COMMIT_SEQ], float(slot.tasks))
+        if mark != slot.mark or not slot.held:
+            slot.mark, slot.progress = mark, now
+
+    def problems(self) -> list[str]:
+        """What is wrong with the workers at this moment, one line each ([]: nothing).
+
+        A worker whose task or commit is past the timeout and not killed yet (the next tick
+        kills it), one wedged (holding tasks without any progress for longer than the
+        timeout), one whose committer thread has stopped, and one killed but not yet gone.
+        For health checks: the daemon's heartbeat reports them."""
+        limit = self.settings.task_timeout
+        now = time.monotonic()
+        out: list[str] = []
+        for slot in self._slots.values():
+            pid = slot.proc.pid
+            if slot.killed:
+                out.append(f"worker {pid} was killed ({slot.killed}) and has not exited yet")
+                continue
+            self._moved(slot, now)
+            for seq, _ in self._overdue(slot, now, limit):
+                task = self._tasks.get(seq)
+                out.append(f"worker {pid} is past the {limit:g} s timeout on "
+                           f"{task.path if task else seq}")
+            if slot.held and now - slot.progress > limit:
+                out.append(f"worker {pid} holds {len(slot.held)} task(s) and has made no "
+                           f"progress for {now - slot.progress:.0f} s (timeout {limit:g} s)")
+            if self._committer_gone(slot, now):
+                out.append(f"worker {pid}'s committer thread has not run for "
+                           f"{now - slot.shared[COMMITTER_BEAT]:.0f} s")
+        return out
 
     def capacity(self) -> int:
         """Tasks one worker may hold now (see LOOKAHEAD)."""
@@ -441,7 +579,7 @@ class Engine:
         batch = max(1, cap // 2)  # send a few at a time: one message, one wake-up
         while self._pending:
             live = [s for s in self._slots.values()
-                    if s.killed_for < 0 and cap - len(s.held) > 0]
+                    if not s.killed and cap - len(s.held) > 0]
             if not live:
                 return
             slot = min(live, key=lambda s: (len(s.held), s.index))
@@ -473,6 +611,7 @@ class Engine:
     def _charge(self, slot: _Slot, seq: int, reason: str, error: str) -> Result:
         task = self._tasks.pop(seq)
         slot.held.pop(seq, None)
+        self._given_back.pop(seq, None)
         return _failure(task, reason, error, worker=slot.proc.pid)
 
     def _retire(self, slot: _Slot) -> None:
@@ -490,6 +629,42 @@ class Engine:
                 self._log.info("worker.temp_removed", worker=slot.proc.pid, files=removed)
         with contextlib.suppress(ValueError):
             slot.proc.close()
+
+
+@contextlib.contextmanager
+def _locked(slot: _Slot) -> Iterator[None]:
+    """Hold a worker's slot lock, waiting at most LOCK_WAIT: a worker killed (from outside)
+    while it held the lock never releases it, and its slot is not changing any more."""
+    got = slot.lock.acquire(timeout=LOCK_WAIT)
+    try:
+        yield
+    finally:
+        if got:
+            slot.lock.release()
+
+
+def _suspect(slot: _Slot, seq: int, position: int, charged: bool) -> bool:
+    """Whether the death of ``slot``'s worker may be the doing of ``seq``, a task it had taken
+    and not finished: its output was being written then; or, none being written and no task
+    charged for the death, ``seq`` was in the group being committed (or none was)."""
+    sh = slot.shared
+    writing = int(sh[COMMIT_SEQ])
+    if writing >= 0:
+        return writing == seq
+    if charged:
+        return False
+    return sh[COMMIT_STARTED] < 0 or sh[COMMIT_FROM] <= position < sh[COMMIT_TO]
+
+
+def _how(code: int | None, killed: str = "") -> str:
+    """How a worker ended, for an error message."""
+    if killed:
+        return f"killed: {killed}"
+    if code and code < 0:
+        return f"signal {-code} ({signal.Signals(-code).name})"
+    if code == EXIT_COMMIT_FAILED:
+        return "a worker thread failed"
+    return f"exit code {code}"
 
 
 def _failure(task: Task, reason: str, error: str, worker: int = 0) -> Result:
