@@ -120,14 +120,15 @@ def test_a_full_quarantine_keeps_the_input_and_never_loses_its_reason(
 def test_an_unwritable_heartbeat_does_not_make_a_live_daemon_look_dead(
         tmp_path: Path, tmpfs) -> None:
     root = tmpfs("root", "2m")  # inbox and work on one small file system
-    d = Daemon(root, "--max-age" if False else "--settle", "0.3")
+    d = Daemon(root)
     filler = None
     try:
         filler = fill(root / "work")
         d.wait_for("heartbeat.write_failed", timeout=30)
-        os_time = os.stat(root / "work" / ".watcher-heartbeat.json").st_mtime
-        wait_until(lambda: os.stat(root / "work" / ".watcher-heartbeat.json").st_mtime
-                   > os_time, 10, "the heartbeat's time to be refreshed")
+        beat = root / "work" / ".watcher-heartbeat.json"
+        before = beat.stat().st_mtime
+        wait_until(lambda: beat.stat().st_mtime > before, 10,
+                   "the heartbeat's time to be refreshed")
         live = run_cli("health", "--work", str(root / "work"), "--max-age", "5")
         assert live.returncode == 0, live.stdout
     finally:
@@ -232,3 +233,46 @@ def test_a_file_written_on_after_its_claim_is_made_again_from_what_is_there(
     with Image.open(done["outputs"][0]) as im:
         im.load()
     assert d.fates()["x.png"] == 1
+
+
+def test_a_full_output_disk_is_retried_and_the_input_kept_until_there_is_room(
+        tmp_path: Path, tmpfs) -> None:
+    out = tmpfs("processed", "256k")
+    filler = fill(out)
+    d = Daemon(tmp_path, env={"WATCHER_RETRY_BACKOFF": "0.2", "WATCHER_RETRY_BACKOFF_MAX": "0.4"})
+    try:
+        drop(tmp_path, "x.png", size=(300, 200))
+        r = d.wait_for("file.retried", input="x.png")[0]
+        assert r["reason"] == "write-failed" and "No space left" in r["error"]
+        assert claimed(tmp_path) == ["x.png"]
+        assert [p.name for p in out.iterdir()] == ["filler.bin"]  # no partial, no temp
+        filler.unlink()
+        done = d.wait_for("file.processed", input="x.png", timeout=30)[0]
+    finally:
+        assert d.stop() == 0
+    with Image.open(done["outputs"][0]) as im:
+        im.load()
+    assert d.fates()["x.png"] == 1 and files(tmp_path / "quarantine") == []
+
+
+def test_a_full_work_disk_leaves_the_input_in_the_inbox_until_it_can_be_claimed(
+        tmp_path: Path, tmpfs) -> None:
+    root = tmpfs("root", "1m")
+    for name in ("inbox", "processed", "archive", "quarantine", "work"):
+        (root / name).mkdir()
+    d = Daemon(root, env={"WATCHER_RETRY_BACKOFF": "0.2"})
+    filler = None
+    try:
+        make_image(root / "src.png", size=(200, 150))
+        filler = fill(root)
+        os.rename(root / "src.png", root / "inbox" / "x.png")  # a rename needs no room
+        d.wait_for("file.claim_failed", input="x.png", timeout=30)
+        assert (root / "inbox" / "x.png").is_file() and claimed(root) == []
+        filler.unlink()
+        filler = None
+        d.wait_for("file.processed", input="x.png", timeout=60)
+    finally:
+        if filler is not None:
+            filler.unlink()
+        assert d.stop() == 0
+    assert d.fates()["x.png"] == 1 and files(root / "archive") == ["x.png"]
