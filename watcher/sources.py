@@ -39,7 +39,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
-from . import log
+from . import log, safefs
 
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs", "ceph", "glusterfs",
               "lustre", "afs", "sshfs", "davfs", "vboxsf", "vmhgfs", "prl_fs")
@@ -58,31 +58,52 @@ def ignored(rel: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(parts[-1], pat) for pat in patterns)
 
 
-def scan(root: str, *, recursive: bool, patterns: Sequence[str],
-         exclude: Sequence[str] = ()) -> Iterator[str]:
-    """Paths of the entries below ``root`` that are not directories (links, FIFOs included: they
-    are quarantined, not read), never descending into links, dot-folders or ``exclude``."""
-    stack = [root]
+def scan(root: str | int, *, recursive: bool, patterns: Sequence[str],
+         exclude: Sequence[str] = (), under: str = "") -> Iterator[str]:
+    """Names (relative to ``root``, a folder or its descriptor) of the entries below ``under``
+    that are not directories (links, FIFOs included: they are quarantined, not read), never
+    descending into links, dot-folders or ``exclude`` (relative names).
+
+    Walked with directory descriptors (``safefs.walk``): a folder swapped for a link is not
+    entered, and any depth works. Never raises: a folder that vanished, cannot be read, became
+    a link or cannot be opened is skipped and logged once for this scan."""
     excluded = {os.path.normpath(e) for e in exclude}
-    while stack:
-        folder = stack.pop()
+    if isinstance(root, str):
+        excluded = {os.path.relpath(e, root) if os.path.isabs(e) else e for e in excluded}
         try:
-            entries = list(os.scandir(folder))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        for e in sorted(entries, key=lambda x: x.name):
-            if e.name.startswith("."):
-                continue
-            try:
-                is_dir = e.is_dir(follow_symlinks=False)
-            except OSError:
-                continue
-            if is_dir:
-                if recursive and os.path.normpath(e.path) not in excluded:
-                    stack.append(e.path)
-                continue
-            if not ignored(os.path.relpath(e.path, root), patterns):
-                yield e.path
+            fd = safefs.root(root)
+        except OSError as exc:
+            _skipped(str(root), exc)
+            return
+    else:
+        fd = root
+
+    def skip(rel: str) -> bool:
+        return rel.rsplit("/", 1)[-1].startswith(".") or rel in excluded
+
+    try:
+        for e in safefs.walk(fd, under, recursive=recursive, skip=skip, on_error=_skipped):
+            if not e.is_dir and not ignored(e.rel, patterns):
+                yield e.rel
+    except (OSError, ValueError) as exc:  # safefs.walk itself does not raise; belt and braces
+        _skipped(under or ".", exc)
+
+
+def _skipped(rel: str, exc: BaseException) -> None:
+    """A folder a scan could not enter: logged (once per folder per scan: walk reports each
+    folder once); a vanished one is routine, the rest are worth a warning."""
+    err = getattr(exc, "errno", None)
+    why = {errno.ELOOP: "became a symbolic link; not followed",
+           errno.ENOTDIR: "replaced by something that is not a folder",
+           errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+           errno.EMFILE: "out of file descriptors (a very deep tree?)",
+           errno.ENFILE: "out of file descriptors"}.get(err or 0, str(exc))
+    logger = log.get("watcher.sources")
+    if err in (errno.ENOENT, errno.ENOTDIR):
+        logger.debug("scan.folder_skipped", folder=rel, why="vanished" if err == errno.ENOENT
+                     else why)
+    else:
+        logger.warning("scan.folder_skipped", folder=rel, why=why, error=str(exc))
 
 
 # --- file system type ----------------------------------------------------------------------------
@@ -139,6 +160,11 @@ class Stability:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def use_stat(self, stat_fn: Callable[[str], os.stat_result]) -> None:
+        """Look at paths with ``stat_fn`` from now on (the daemon's: relative to the inbox's
+        descriptor, never through a link, any depth)."""
+        self._stat = stat_fn
 
     def __contains__(self, path: str) -> bool:
         return path in self._entries
