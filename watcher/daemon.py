@@ -405,9 +405,12 @@ class Daemon:
                              "belong to a file elsewhere; it was not opened (hard_links = "
                              "\"process\" takes such files)", "", [])
             return
-        too_long = self._too_long(c)
-        if too_long:
+        too_long, flat = self._too_long(c)
+        if flat:
             self._quarantine_flat(c, too_long)
+            return
+        if too_long:
+            self._quarantine(c, "path-too-long", too_long, "", [])
             return
         self._submit(c)
 
@@ -434,23 +437,28 @@ class Daemon:
         self._log.warning("file.not_claimed", input=c.rel, why="it is a folder (it replaced "
                           "a file); put back, its files are taken one by one")
 
-    def _too_long(self, c: Claim) -> str:
+    def _too_long(self, c: Claim) -> tuple[str, bool]:
         """Why the input's outputs, archive or quarantine path would be too long for the file
-        system ("" when they fit): such an input is quarantined flat (``_quarantine_flat``)."""
-        lengths = [os.path.join(self.folders.archive, c.rel),
-                   os.path.join(self.folders.quarantine, c.rel + lifecycle.SIDECAR)]
-        if not any(len(os.fsencode(p)) >= files.PATH_MAX for p in lengths):
-            lengths += [o.path for o in self._plan(c.work_path, c.rel)]
-        for p in lengths:
-            size = len(os.fsencode(p))
-            if size >= files.PATH_MAX:
-                return f"{c.rel}: a path made from it would be {size} bytes, more than the " \
-                       f"{files.PATH_MAX - 1} the system allows"
-            name = len(os.fsencode(os.path.basename(p)))
+        system ("" when they fit), and whether its quarantine path is: then it is quarantined
+        flat (``_quarantine_flat``). Archive and quarantine names are shortened to fit; the
+        output names are planned whole."""
+        limit = files.PATH_MAX
+        mirrored = [os.path.join(self.folders.archive, c.rel),
+                    os.path.join(self.folders.quarantine, c.rel + lifecycle.SIDECAR)]
+        for p in mirrored:
+            size = len(os.fsencode(os.path.dirname(p))) + files.NAME_MAX + 1
+            if size >= limit:
+                return (f"{c.rel}: its archive or quarantine path would be up to {size} bytes, "
+                        f"more than the {limit - 1} the system allows", True)
+        for o in self._plan(c.work_path, c.rel):
+            size, name = len(os.fsencode(o.path)), len(os.fsencode(os.path.basename(o.path)))
+            if size >= limit:
+                return (f"{c.rel}: its output {o.path} would be {size} bytes, more than the "
+                        f"{limit - 1} the system allows", False)
             if name > files.NAME_MAX:
-                return f"{c.rel}: a name made from it ({os.path.basename(p)}) would be " \
-                       f"{name} bytes, more than the {files.NAME_MAX} the file system allows"
-        return ""
+                return (f"{c.rel}: its output's name ({os.path.basename(o.path)}) would be "
+                        f"{name} bytes, more than the {files.NAME_MAX} a name may have", False)
+        return "", False
 
     def _quarantine_flat(self, c: Claim, error: str) -> None:
         """Quarantine at the quarantine's top under a short name; the sidecar's error holds

@@ -291,6 +291,8 @@ class InboxObserver:
             from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415
 
             _shorten_move_pairing()
+            _watch_without_links()
+            safefs.root(self.inbox)  # registered: the observer's walks stay below it
 
             # full events: a file renamed in from outside is a move (complete), not a creation
             obs = InotifyObserver(generate_full_events=True)
@@ -340,6 +342,67 @@ def _shorten_move_pairing() -> None:
     except ImportError:  # another watchdog version: keep its default
         return
     InotifyMoveEventGrouper.delay = 0.01
+
+
+def _walk_no_links(top: bytes | str) -> Iterator[tuple[Any, list[Any], list[Any]]]:
+    """``os.walk(top)``'s triples, walked by descriptor below the registered root holding
+    ``top`` (``safefs``): ``top`` itself or a folder below it swapped for a link is not
+    entered (os.walk follows a linked ``top``). Nothing outside a registered root."""
+    found = safefs.locate(os.fsdecode(top))
+    if found is None:
+        return
+    fd, rel = found
+    base = "" if rel == "." else rel
+    groups: dict[str, tuple[list[str], list[str]]] = {"": ([], [])}
+    for e in safefs.walk(fd, base):
+        sub = e.rel[len(base) + 1:] if base else e.rel
+        folder = groups.setdefault(sub.rpartition("/")[0], ([], []))
+        (folder[0] if e.is_dir else folder[1]).append(e.name)
+    cast = os.fsencode if isinstance(top, bytes) else os.fsdecode
+    for sub, (dirs, names) in groups.items():
+        yield (cast(os.path.join(os.fsdecode(top), sub)) if sub else top,
+               [cast(d) for d in dirs], [cast(n) for n in names])
+
+
+def _watch_without_links() -> None:
+    """watchdog adds watches for (and simulates events of) a new folder with ``os.walk``,
+    which follows the folder itself when it has just been swapped for a link: it would list,
+    and watch, a folder outside the inbox. Walk by descriptor instead (``_walk_no_links``)."""
+    try:
+        from watchdog.observers import inotify as wd_inotify  # noqa: PLC0415
+        from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent  # noqa: PLC0415
+    except ImportError:
+        return
+    group = getattr(wd_inotify, "InotifyWatchGroup", None)
+    if group is None or getattr(group, "_watcher_no_links", False):
+        return
+    if not all(hasattr(group, n) for n in ("_add_all_callbacks", "_recursive_simulate",
+                                            "_add_callback")):
+        return  # another watchdog version: keep its own
+
+    def add_all(self: Any, path: bytes) -> None:
+        self._add_callback(path)
+        if self.is_recursive:
+            for root, dirnames, _ in _walk_no_links(path):
+                for dirname in dirnames:
+                    self._add_callback(os.path.join(root, dirname))
+
+    def simulate(self: Any, src_path: bytes) -> list[Any]:
+        events = []
+        for root, dirnames, filenames in _walk_no_links(src_path):
+            wd_root = self._active_callbacks_by_path.get(root)
+            if wd_root is None:
+                continue
+            for dirname in dirnames:
+                mask = InotifyConstants.IN_CREATE | InotifyConstants.IN_ISDIR
+                events.append(InotifyEvent(wd_root, mask, 0, dirname))
+            for filename in filenames:
+                events.append(InotifyEvent(wd_root, InotifyConstants.IN_CREATE, 0, filename))
+        return events
+
+    group._add_all_callbacks = add_all
+    group._recursive_simulate = simulate
+    group._watcher_no_links = True
 
 
 def _inotify_advice(exc: OSError) -> str:
