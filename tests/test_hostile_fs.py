@@ -449,7 +449,8 @@ def stop_traced(d: Daemon) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_strace_sees_nothing_outside_the_five_folders(tmp_path: Path) -> None:
+@pytest.mark.parametrize("observer", ["inotify", "polling"])
+def test_strace_sees_nothing_outside_the_five_folders(tmp_path: Path, observer: str) -> None:
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("strace is not installed (scripts/test installs it: apt-get install strace)")
@@ -460,7 +461,8 @@ def test_strace_sees_nothing_outside_the_five_folders(tmp_path: Path) -> None:
     os.chmod(outside, 0o600)
     trace = root / "trace" / "t"
     trace.parent.mkdir()
-    d = Daemon(root, prefix=[strace, "-ff", "-yy", "-s", "65535", "-e", f"trace={TRACED}",
+    d = Daemon(root, "--observer", observer, "--poll-interval", "0.2", "--settle", "0",
+               prefix=[strace, "-ff", "-yy", "-s", "65535", "-e", f"trace={TRACED}",
                              "-o", str(trace)])
     try:
         swap_attack(root, private, 12, seed=1)

@@ -284,9 +284,11 @@ class InboxObserver:
 
     def _start(self, kind: str) -> None:
         if kind == "polling":
-            from watchdog.observers.polling import PollingObserver  # noqa: PLC0415
+            from watchdog.observers.polling import PollingObserverVFS  # noqa: PLC0415
 
-            obs: Any = PollingObserver(timeout=self.poll_interval)
+            safefs.root(self.inbox)  # registered: the snapshots stay below it
+            obs: Any = PollingObserverVFS(_lstat_below, _listdir_below,
+                                          polling_interval=self.poll_interval)
         else:
             from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415
 
@@ -342,6 +344,37 @@ def _shorten_move_pairing() -> None:
     except ImportError:  # another watchdog version: keep its default
         return
     InotifyMoveEventGrouper.delay = 0.01
+
+
+def _below(path: str) -> tuple[int, str]:
+    found = safefs.locate(os.fsdecode(path))
+    if found is None:
+        raise OSError(errno.ENOENT, "not below the inbox", path)
+    return found
+
+
+def _lstat_below(path: str) -> os.stat_result:
+    """The polling observer's stat: an lstat by descriptor below the inbox (a link is not a
+    folder to walk into; any depth works)."""
+    fd, rel = _below(path)
+    return os.fstat(fd) if rel == "." else safefs.lstat(fd, rel)
+
+
+def _listdir_below(path: str | None) -> list[os.DirEntry[str]]:
+    """The polling observer's listdir: the folder opened by descriptor, never through a link
+    (one swapped for a link reads as 'not a folder', which the snapshot skips)."""
+    fd, rel = _below(path or ".")
+    try:
+        dfd = safefs.open_dir(fd, "" if rel == "." else rel)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotADirectoryError(errno.ENOTDIR, "a symbolic link", path) from exc
+        raise
+    try:
+        with os.scandir(dfd) as it:
+            return list(it)
+    finally:
+        os.close(dfd)
 
 
 def _walk_no_links(top: bytes | str) -> Iterator[tuple[Any, list[Any], list[Any]]]:
