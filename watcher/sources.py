@@ -387,10 +387,13 @@ def _walk_no_links(top: bytes | str) -> Iterator[tuple[Any, list[Any], list[Any]
     fd, rel = found
     base = "" if rel == "." else rel
     groups: dict[str, tuple[list[str], list[str]]] = {"": ([], [])}
-    for e in safefs.walk(fd, base):
+    failed: list[str] = []
+    for e in safefs.walk(fd, base, on_error=lambda rel, exc: failed.append(rel)):
         sub = e.rel[len(base) + 1:] if base else e.rel
         folder = groups.setdefault(sub.rpartition("/")[0], ([], []))
         (folder[0] if e.is_dir else folder[1]).append(e.name)
+    if base in failed or (not base and "" in failed):
+        return  # not a folder (any more), or a link: nothing to walk
     cast = os.fsencode if isinstance(top, bytes) else os.fsdecode
     for sub, (dirs, names) in groups.items():
         yield (cast(os.path.join(os.fsdecode(top), sub)) if sub else top,
