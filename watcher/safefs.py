@@ -173,18 +173,29 @@ def rename(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
 # --- roots ---------------------------------------------------------------------------------------
 
 _roots: dict[str, int] = {}
+_stale: list[int] = []  # descriptors of roots made again since: kept open, never reused
 _roots_lock = threading.Lock()
 
 
 def root(path: str) -> int:
     """The descriptor of a root folder, opened (following its configured path) once per
-    process and kept: below it nothing is followed. Raises OSError if it is not a folder."""
+    process and kept: below it nothing is followed. Raises OSError if it is not a folder.
+
+    A root that an operator removed and made again is opened again (the old descriptor stays
+    open: a caller may still hold its number); one that is just gone keeps its descriptor."""
     key = os.path.abspath(path)
     with _roots_lock:
         fd = _roots.get(key)
-        if fd is None:
-            fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            _roots[key] = fd
+        if fd is not None:
+            try:
+                now, held = os.stat(key), os.fstat(fd)
+            except OSError:
+                return fd
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+            _stale.append(fd)
+        fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        _roots[key] = fd
         return fd
 
 
