@@ -14,13 +14,14 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, make_image
+from tests.conftest import ROOT, make_image, wait_until
 from tests.test_watch import Daemon, assert_no_temps, files
 from watcher import lifecycle, safefs, sources
 from watcher.files import NAME_MAX, PATH_MAX
@@ -391,9 +392,10 @@ def test_an_image_with_a_255_byte_name_is_processed(tmp_path: Path) -> None:
     d = Daemon(root)
     try:
         drop(root, name)
-        d.wait_for("file.processed", input=name, timeout=60)
+        wait_until(lambda: d.fates().get(name), 30, f"a fate for {name}")
     finally:
         d.stop()
+    assert d.seen("file.processed", input=name), d.seen("file.quarantined")
     # archived under its readable start and a hash: the name and a sidecar fit NAME_MAX
     (archived,) = files(root / "archive")
     assert archived.startswith("m" * 200) and len(archived) + len(lifecycle.SIDECAR) <= NAME_MAX
@@ -438,22 +440,52 @@ _ARG = re.compile(r'(?:(AT_FDCWD|\d+)<(.*?)>,\s*)?"((?:[^"\\]|\\.)*)"')
 
 
 def traced_paths(prefix: Path) -> Iterator[tuple[str, str]]:
-    """(syscall, absolute path) for every path the traced processes named or opened."""
+    """(syscall, absolute path) for every path the traced processes named or opened.
+
+    A name relative to a directory descriptor is judged by where that folder was when it was
+    opened (strace -yy prints where it is now: a folder the attacker moves out of the inbox
+    while the daemon holds it would otherwise show the daemon "renaming outside", when every
+    lookup it made was inside)."""
     for log_file in prefix.parent.glob(prefix.name + ".*"):
+        opened_at: dict[str, str] = {}  # fd -> its path when this thread opened it
         for line in log_file.read_text(errors="replace").splitlines():
             m = _CALL.match(line)
             if not m:
                 continue
             call, args, ret, opened = m.groups()
-            if opened and int(ret) >= 0:
-                yield call, opened
-            for _, dirpath, raw in _ARG.findall(args):
+            named = []
+            for dirfd, dirpath, raw in _ARG.findall(args):
                 name = raw.encode().decode("unicode_escape").encode("latin-1").decode(
                     "utf-8", "replace")
                 if name.startswith("/") or not dirpath:
-                    yield call, name
+                    named.append((name, name))
                 else:
-                    yield call, os.path.normpath(dirpath + "/" + name)
+                    named.append((name, os.path.normpath(opened_at.get(dirfd, dirpath) + "/"
+                                                         + name)))
+            for _, path in named:
+                yield call, path
+            if opened and int(ret) >= 0:
+                # an open that can follow no link opened exactly the name it looked up (what
+                # strace prints is where that is now); any other: what it really opened
+                exact = named and "O_NOFOLLOW" in args and (
+                    "RESOLVE_NO_SYMLINKS" in args or "/" not in named[0][0])
+                opened_at[ret] = named[0][1] if exact else opened
+                yield call, opened_at[ret]
+
+
+def _interpreters_own(path: str) -> bool:
+    """What Python, its libraries and multiprocessing open outside the daemon's folders."""
+    if not path.startswith("/"):
+        return True  # pipe:[...], socket:[...], anon_inode:...
+    if path in ("/etc/shadow", "/etc/gshadow", "/etc/sudoers"):
+        return False
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(ROOT), tempfile.gettempdir(),
+                "/usr", "/lib", "/lib64", "/etc", "/proc", "/dev", "/sys", "/run", "/opt"}
+    prefixes |= {p for p in sys.path if p.startswith("/")}  # the venv's .pth entries too
+    prefixes |= {os.path.dirname(sys.prefix)}  # the venv looks for pyvenv.cfg beside it
+    prefixes |= {os.path.realpath(p) for p in list(prefixes)}
+    prefixes |= {os.path.dirname(os.path.realpath(sys.executable))}
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
 
 
 def stop_traced(d: Daemon) -> None:
@@ -502,6 +534,8 @@ def test_strace_sees_nothing_outside_the_five_folders(tmp_path: Path, observer: 
                                         for a in allowed_in_root):
                 continue
             bad.append((call, path))  # private/, outside.jpg, elsewhere/: never
+        elif not _interpreters_own(path):
+            bad.append((call, path))
     assert bad == []
     # the hard link's data was never opened, under any of its names
     quarantined_as = Path(d.seen("file.quarantined", input="h.jpg")[0]["quarantined_as"])
