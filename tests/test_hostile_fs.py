@@ -357,6 +357,18 @@ def test_a_hard_link_to_a_file_elsewhere_is_quarantined_unread(tmp_path: Path) -
     assert not any(p.name.startswith("h_") for p in (root / "processed").rglob("*"))
 
 
+def test_hard_links_can_be_processed_when_asked(tmp_path: Path) -> None:
+    root = tmp_path
+    outside = make_image(root / "mine.jpg", seed=4)
+    d = Daemon(root, env={"WATCHER_HARD_LINKS": "process"})
+    try:
+        os.link(outside, root / "inbox" / "h.jpg")
+        d.wait_for("file.processed", input="h.jpg")
+    finally:
+        d.stop()
+    assert files(root / "archive") == ["h.jpg"] and outside.stat().st_nlink == 2
+
+
 def drop(root: Path, name: str, seed: int = 0) -> Path:
     return make_image(root / "inbox" / name, seed=seed)
 

@@ -467,3 +467,17 @@ def test_counter_names_fit_with_their_sidecar_and_moves_cross_file_systems(
         assert not [p for p in across.rglob("*") if p.name.endswith(files.TEMP_SUFFIX)]
     finally:
         shutil.rmtree(across)
+
+
+def test_a_tracked_file_whose_folder_became_a_link_is_forgotten(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "sw").mkdir(parents=True)
+    (inbox / "sw" / "a.jpg").write_bytes(b"a")
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "a.jpg").write_bytes(b"p")
+    fd = safefs.root(str(inbox))
+    t = sources.Stability(0.0, stat_fn=lambda p: safefs.lstat(fd, os.path.relpath(p, inbox)))
+    t.hint(str(inbox / "sw" / "a.jpg"), sources.CLOSED)
+    (inbox / "sw").rename(tmp_path / "aside")
+    os.symlink(tmp_path / "private", inbox / "sw")
+    assert t.due() == [] and len(t) == 0

@@ -198,10 +198,12 @@ class Stability:
         for path, e in list(self._entries.items()):
             try:
                 st = self._stat(path)
-            except FileNotFoundError:
-                del self._entries[path]
-                continue
-            except OSError:
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError | NotADirectoryError) or \
+                        exc.errno == errno.ELOOP:
+                    # gone, or a folder on its way was replaced (by a file, a link): a scan
+                    # of what is there now finds it again if it is still in the inbox
+                    del self._entries[path]
                 continue
             if not stat.S_ISREG(st.st_mode):
                 ready.append((e.first, path))  # links and special files: nothing to wait for
