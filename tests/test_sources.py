@@ -464,6 +464,12 @@ def test_counter_names_fit_with_their_sidecar_and_moves_cross_file_systems(
         assert stat.S_IMODE(os.stat(dest).st_mode) == 0o640
         dest = lifecycle.move_no_clobber(str(link), str(across), "l")
         assert os.readlink(dest) == "/nowhere" and not os.path.lexists(link)
+        hard = tmp_path / "hard"
+        hard.write_bytes(b"someone else's")
+        os.link(hard, tmp_path / "other-name")
+        with pytest.raises(OSError, match="hard links"):
+            lifecycle.move_no_clobber(str(hard), str(across), "h")
+        assert hard.exists() and not (across / "h").exists()
         assert not [p for p in across.rglob("*") if p.name.endswith(files.TEMP_SUFFIX)]
     finally:
         shutil.rmtree(across)

@@ -381,6 +381,10 @@ def _copy_across(sfd: int, sname: str, dfd: int, dname: str) -> None:
         elif not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, f"{sname}: cannot copy a special file across file "
                                         "systems")
+        elif st.st_nlink > 1:  # its data may be a file elsewhere (/etc/shadow): never read
+            raise OSError(errno.EXDEV, f"{sname} has {st.st_nlink} hard links: its data is not "
+                                       "copied across file systems; only a rename on one "
+                                       "file system moves it")
         else:
             fin = os.open(sname, safefs.O_PROBE, dir_fd=sfd)
             try:
