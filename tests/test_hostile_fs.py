@@ -24,6 +24,8 @@ import pytest
 from tests.conftest import ROOT, make_image, wait_until
 from tests.test_watch import Daemon, assert_no_temps, files
 from watcher import lifecycle, safefs, sources
+from watcher.codec import open_regular
+from watcher.errors import RejectedInput
 from watcher.files import NAME_MAX, PATH_MAX
 
 FOLDERS = ("inbox", "processed", "archive", "quarantine", "work")
@@ -554,3 +556,28 @@ def test_strace_sees_nothing_outside_the_five_folders(tmp_path: Path, observer: 
     token_opens = [p for c, p in seen if c.startswith("open") and
                    (p.endswith(("-h.jpg", "/h.jpg")) or p == str(quarantined_as))]
     assert token_opens == []
+
+
+def test_open_regular_judges_the_open_file(tmp_path: Path) -> None:
+    f = tmp_path / "f.jpg"
+    f.write_bytes(b"data")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    os.symlink(f, tmp_path / "link")
+    os.symlink(fifo, tmp_path / "to-fifo")
+    fp, n = open_regular(str(f), nofollow=True, max_links=1)
+    fp.close()
+    assert n == 4
+    os.link(f, tmp_path / "second")
+    for path, kw, reason in ((f, {"max_links": 1}, "hard-link"),
+                             (tmp_path / "link", {}, "symlink"),
+                             (fifo, {}, "not-a-file"),
+                             (tmp_path / "missing", {}, "missing")):
+        with pytest.raises(RejectedInput) as info:
+            open_regular(str(path), nofollow=True, **kw)  # type: ignore[arg-type]
+        assert info.value.reason == reason, path
+    with pytest.raises(RejectedInput) as info:  # followed (batch), a FIFO is still refused
+        open_regular(str(tmp_path / "to-fifo"), nofollow=False)
+    assert info.value.reason == "not-a-file"
+    fp, _ = open_regular(str(f), nofollow=True)  # max_links 0: no check
+    fp.close()

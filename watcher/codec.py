@@ -92,6 +92,11 @@ def open_regular(path: str, *, nofollow: bool, max_size: int = 0,
         raise RejectedInput("missing", f"{path}: no such file") from exc
     except OSError:
         pre = None  # (ENAMETOOLONG, EACCES...) the open below says what it is
+    if pre is not None and stat.S_ISLNK(pre.st_mode) and not nofollow:
+        try:
+            pre = os.stat(path)
+        except OSError:
+            pre = None  # dangling, or worse: the open below says what it is
     if pre is not None and not stat.S_ISREG(pre.st_mode) and not stat.S_ISLNK(pre.st_mode):
         # a device or FIFO is never opened: opening some devices acts (a tape rewinds)
         raise RejectedInput("not-a-file", f"{path} is not a regular file ({_kind(pre.st_mode)})")
