@@ -285,7 +285,7 @@ def swap_attack(root: Path, private: Path, rounds: int, seed: int = 0) -> None:
     aside.mkdir(exist_ok=True)
     for i in range(rounds):
         sw = root / "inbox" / f"sw{i}"
-        make_image(sw / "a.jpg", seed=i)
+        make_image(sw / ("a.jpg" if i % 2 == 0 else "in/a.jpg"), seed=i)
         pause = rnd.choice([0, 0, 0.001, 0.005, 0.02, 0.05, 0.2, 0.4])
         if pause:  # varies the race only: nothing waits on it
             time.sleep(pause)
@@ -327,8 +327,8 @@ def test_a_folder_swapped_for_a_link_never_leads_outside(tmp_path: Path, settle:
     # each dropped file was either moved away before its claim (and is still there), or
     # claimed first (processed, or left claimed in the work folder by the stop)
     for i in range(rounds):
-        rel = f"sw{i}/a.jpg"
-        left = (root / "elsewhere" / f"sw{i}" / "a.jpg").exists()
+        rel = f"sw{i}/a.jpg" if i % 2 == 0 else f"sw{i}/in/a.jpg"
+        left = (root / "elsewhere" / rel).exists()
         taken = d.seen("file.processed", input=rel) + d.seen("file.left", input=rel)
         assert left != bool(taken), i
 
@@ -369,6 +369,48 @@ def test_hard_links_can_be_processed_when_asked(tmp_path: Path) -> None:
     finally:
         d.stop()
     assert files(root / "archive") == ["h.jpg"] and outside.stat().st_nlink == 2
+
+
+@pytest.mark.timeout(120)
+def test_folders_churning_vanishing_and_turning_into_files_do_not_stop_intake(
+        tmp_path: Path) -> None:
+    root = tmp_path
+    d = Daemon(root)
+    try:
+        for i in range(30):
+            top = root / "inbox" / f"churn{i}"
+            make_image(top / "x" / "y.jpg", seed=i)
+            if i % 3 == 0:
+                shutil.rmtree(top)  # vanished, maybe mid-scan
+            elif i % 3 == 1:
+                shutil.rmtree(top)
+                top.write_bytes(b"a file where a folder was")  # folder replaced by a file
+            else:
+                (top / "x").rename(root / f"gone{i}")  # a sub-folder leaves the inbox
+                (top / "x").write_bytes(b"")
+        drop(root, "after.jpg")
+        d.wait_for("file.processed", input="after.jpg")
+        assert d.proc.poll() is None
+    finally:
+        assert d.stop() == 0
+    assert d.seen("watcher.internal_error") == []
+    assert files(root / "work") == []
+
+
+def test_an_inbox_configured_through_a_link_works(tmp_path: Path) -> None:
+    """The inbox's own path may be a link (the operator's choice): it is followed, once."""
+    real = tmp_path / "real-inbox"
+    real.mkdir()
+    os.symlink(real, tmp_path / "inbox")
+    d = Daemon(tmp_path)
+    try:
+        drop(tmp_path, "a.jpg")
+        make_image(real / "sub" / "b.jpg")
+        d.wait_for("file.processed", input="a.jpg")
+        d.wait_for("file.processed", input="sub/b.jpg")
+    finally:
+        d.stop()
+    assert files(tmp_path / "archive") == ["a.jpg", "sub/b.jpg"]
 
 
 def drop(root: Path, name: str, seed: int = 0) -> Path:
