@@ -11,7 +11,9 @@ file is complete happens in one place, the ``Stability`` tracker:
   complete when its size and mtime have not changed for the settle time.
 
 Events are hints, not the truth: a backlog scan at start and a periodic reconcile scan catch what
-the events missed. The observer thread is supervised: if it dies it is restarted (the caller then
+the events missed. Scans, the tracker's looks and the observers' own walks go through directory
+descriptors (``safefs``): a folder swapped for a link is never entered, any depth works, and a
+scan never raises. The observer thread is supervised: if it dies it is restarted (the caller then
 rescans); where inotify cannot be used (a network or virtual file system, or no inotify watches
 or instances left) the polling observer is used instead, with an actionable message.
 """
