@@ -337,3 +337,29 @@ def test_unwritten_bytes_reads_the_page_cache_figures() -> None:
     expected = sum(int(fields[k].split()[0]) * 1024 for k in ("Dirty", "Writeback"))
     # both are read at about the same moment; the kernel's figures move a little meanwhile
     assert abs(files.unwritten_bytes() - expected) <= 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "i" * 226 + ".jpg", "t" * 251 + ".jpg",
+                                  "é" * 125 + ".png", "x" * 255])
+def test_temp_names_fit_name_max_and_keep_host_and_pid(tmp_path: Path, name: str) -> None:
+    final = str(tmp_path / name)
+    tmp = os.path.basename(files.temp_name(final, 4194304))
+    assert len(os.fsencode(tmp)) <= files.NAME_MAX
+    assert tmp.startswith(".") and tmp.endswith(files.TEMP_SUFFIX)
+    assert files.temp_owner(tmp) == (files.HOST, 4194304)
+    assert files.temp_owner(os.path.basename(files.temp_name(final, 7, "other-host"))) == \
+        ("other-host", 7)
+    if len(os.fsencode(name)) < 200:
+        assert tmp == f".{name}.{files.HOST}.4194304{files.TEMP_SUFFIX}"  # unchanged
+    # a real file under that name, and distinct long names keep distinct temp names
+    Path(tmp_path / tmp).write_bytes(b"")
+    other = os.path.basename(files.temp_name(final[:-5] + "Z" + final[-4:], 4194304))
+    assert other != tmp
+
+
+def test_a_long_name_is_written_atomically_and_no_temp_is_left(tmp_path: Path) -> None:
+    final = tmp_path / ("o" * 251 + ".bin")
+    files.atomic_write(str(final), lambda f: f.write(b"data"), overwrite=False)
+    assert final.read_bytes() == b"data"
+    assert [p.name for p in tmp_path.iterdir()] == [final.name]
+    assert files.remove_temps([str(final)], os.getpid()) == []

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_image
-from watcher import config, files, lifecycle, sources
+from watcher import config, files, lifecycle, safefs, sources
 from watcher.errors import ConfigError
 
 
@@ -377,3 +379,111 @@ def test_no_inotify_left_falls_back_to_polling_with_the_sysctl_to_raise(tmp_path
     logged = [e for e in json_lines(proc.stderr) if e["event"] == "observer.inotify_unavailable"]
     assert logged and "max_user_instances" in logged[0]["fix"]
     assert logged[0]["fallback"] == "polling"
+
+
+# --- hostile trees: scans by descriptor, moves that fit ------------------------------------------
+
+def test_scan_yields_inbox_relative_names_at_any_depth(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "a" / "b").mkdir(parents=True)
+    (inbox / "top.jpg").write_bytes(b"t")
+    (inbox / "a" / "b" / "low.jpg").write_bytes(b"l")
+    (inbox / "a" / ".dot.jpg").write_bytes(b"d")
+    (inbox / "a" / "x.tmp").write_bytes(b"x")
+    deep = "/".join(["n" * 200] * 22)  # a 4,400-byte path below the inbox
+    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with safefs.parent(fd, deep + "/deep.jpg", create=True) as (pfd, name):
+            out = os.open(name, os.O_WRONLY | os.O_CREAT, dir_fd=pfd)
+            os.write(out, b"deep")
+            os.close(out)
+    finally:
+        os.close(fd)
+    got = list(sources.scan(str(inbox), recursive=True, patterns=("*.tmp",)))
+    assert sorted(got) == sorted(["top.jpg", "a/b/low.jpg", deep + "/deep.jpg"])
+    assert list(sources.scan(str(inbox), recursive=False, patterns=())) == ["top.jpg"]
+    assert sorted(sources.scan(str(inbox), recursive=True, patterns=(), under="a")) == \
+        ["a/b/low.jpg", "a/x.tmp"]
+    assert sorted(sources.scan(str(inbox), recursive=True, patterns=(), exclude=["a"])) == \
+        sorted([deep + "/deep.jpg", "top.jpg"])
+    # a tracker looking through the inbox descriptor sees the deep file
+    root = safefs.root(str(inbox))
+    t = sources.Stability(0.0)
+    t.use_stat(lambda p: safefs.lstat(root, os.path.relpath(p, inbox)))
+    t.hint(str(inbox / deep / "deep.jpg"), sources.SCAN)
+    assert t.due() == []  # first look: size and mtime noted
+    assert t.due() == [str(inbox / deep / "deep.jpg")]  # unchanged since: settled
+
+
+def test_the_observer_walks_never_follow_a_folder_swapped_for_a_link(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "real" / "sub").mkdir(parents=True)
+    (inbox / "real" / "sub" / "f.jpg").write_bytes(b"f")
+    (tmp_path / "private" / "inner").mkdir(parents=True)
+    (tmp_path / "private" / "secret.jpg").write_bytes(b"s")
+    os.symlink(tmp_path / "private", inbox / "sw")
+    safefs.root(str(inbox))
+    real = [(r, sorted(d), sorted(f)) for r, d, f in os.walk(inbox / "real")]
+    ours = [(r, sorted(d), sorted(f)) for r, d, f in sources._walk_no_links(str(inbox / "real"))]
+    assert ours == [(str(r), d, f) for r, d, f in real]
+    assert list(sources._walk_no_links(os.fsencode(inbox / "sw"))) == []
+    assert list(os.walk(inbox / "sw"))  # what watchdog's own walk would have listed
+    assert stat.S_ISLNK(sources._lstat_below(str(inbox / "sw")).st_mode)
+    with pytest.raises(NotADirectoryError):
+        sources._listdir_below(str(inbox / "sw"))
+    assert [e.name for e in sources._listdir_below(str(inbox / "real"))] == ["sub"]
+
+
+def test_counter_names_fit_with_their_sidecar_and_moves_cross_file_systems(
+        tmp_path: Path) -> None:
+    long = "q" * 251 + ".jpg"
+    q = tmp_path / "q"
+    q.mkdir()
+    (q / long).write_bytes(b"taken")
+    names = set()
+    for i in range(3):
+        src = tmp_path / f"src{i}"
+        src.write_bytes(b"%d" % i)
+        dest = lifecycle.move_no_clobber(str(src), str(q), long)
+        base = os.path.basename(dest)
+        assert len(os.fsencode(base + lifecycle.SIDECAR)) <= files.NAME_MAX
+        names.add(base)
+    assert len(names) == 3 and (q / long).read_bytes() == b"taken"
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system to move across")
+    across = Path(tempfile.mkdtemp(dir=other))
+    try:
+        src = tmp_path / "photo"
+        src.write_bytes(b"bytes")
+        os.chmod(src, 0o640)
+        link = tmp_path / "link"
+        os.symlink("/nowhere", link)
+        dest = lifecycle.move_no_clobber(str(src), str(across / "a" / "b"), "x" * 250 + ".jpg")
+        assert Path(dest).read_bytes() == b"bytes" and not src.exists()
+        assert stat.S_IMODE(os.stat(dest).st_mode) == 0o640
+        dest = lifecycle.move_no_clobber(str(link), str(across), "l")
+        assert os.readlink(dest) == "/nowhere" and not os.path.lexists(link)
+        hard = tmp_path / "hard"
+        hard.write_bytes(b"someone else's")
+        os.link(hard, tmp_path / "other-name")
+        with pytest.raises(OSError, match="hard links"):
+            lifecycle.move_no_clobber(str(hard), str(across), "h")
+        assert hard.exists() and not (across / "h").exists()
+        assert not [p for p in across.rglob("*") if p.name.endswith(files.TEMP_SUFFIX)]
+    finally:
+        shutil.rmtree(across)
+
+
+def test_a_tracked_file_whose_folder_became_a_link_is_forgotten(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "sw").mkdir(parents=True)
+    (inbox / "sw" / "a.jpg").write_bytes(b"a")
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "a.jpg").write_bytes(b"p")
+    fd = safefs.root(str(inbox))
+    t = sources.Stability(0.0, stat_fn=lambda p: safefs.lstat(fd, os.path.relpath(p, inbox)))
+    t.hint(str(inbox / "sw" / "a.jpg"), sources.CLOSED)
+    (inbox / "sw").rename(tmp_path / "aside")
+    os.symlink(tmp_path / "private", inbox / "sw")
+    assert t.due() == [] and len(t) == 0

@@ -80,42 +80,59 @@ class Source:
 
 # --- opening ------------------------------------------------------------------------------------
 
-def open_regular(path: str, *, nofollow: bool, max_size: int = 0) -> tuple[IO[bytes], int]:
-    """Open ``path`` for reading only if it is a regular file; never block on a FIFO."""
+def open_regular(path: str, *, nofollow: bool, max_size: int = 0,
+                 max_links: int = 0) -> tuple[IO[bytes], int]:
+    """Open ``path`` for reading only if it is a regular file: opened first (``O_NONBLOCK``:
+    never block on a FIFO; ``O_NOFOLLOW`` with ``nofollow``), then judged by ``fstat`` of the
+    descriptor, so what is checked is what is read. ``max_links`` (0: no check) refuses a file
+    with more hard links than that (its data may belong to a file elsewhere)."""
     try:
-        st = os.lstat(path)
+        pre = os.lstat(path)
     except FileNotFoundError as exc:
         raise RejectedInput("missing", f"{path}: no such file") from exc
-    except PermissionError as exc:
-        raise RejectedInput("permission-denied", f"{path}: {exc.strerror}") from exc
-    if stat.S_ISLNK(st.st_mode):
-        if nofollow:
-            raise RejectedInput("symlink", f"{path} is a symbolic link; links are not followed")
+    except OSError:
+        pre = None  # (ENAMETOOLONG, EACCES...) the open below says what it is
+    if pre is not None and stat.S_ISLNK(pre.st_mode) and not nofollow:
         try:
-            st = os.stat(path)
-        except FileNotFoundError as exc:
-            raise RejectedInput("missing", f"{path}: dangling symbolic link") from exc
-    if not stat.S_ISREG(st.st_mode):
-        raise RejectedInput("not-a-file", f"{path} is not a regular file ({_kind(st.st_mode)})")
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
+            pre = os.stat(path)
+        except OSError:
+            pre = None  # dangling, or worse: the open below says what it is
+    if pre is not None and not stat.S_ISREG(pre.st_mode) and not stat.S_ISLNK(pre.st_mode):
+        # a device or FIFO is never opened: opening some devices acts (a tape rewinds)
+        raise RejectedInput("not-a-file", f"{path} is not a regular file ({_kind(pre.st_mode)})")
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | \
+        (os.O_NOFOLLOW if nofollow else 0)
     try:
         fd = os.open(path, flags)
     except FileNotFoundError as exc:
+        if os.path.lexists(path):
+            raise RejectedInput("missing", f"{path}: dangling symbolic link") from exc
         raise RejectedInput("missing", f"{path}: no such file") from exc
     except PermissionError as exc:
         raise RejectedInput("permission-denied", f"{path}: {exc.strerror}") from exc
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise RejectedInput("symlink", f"{path} became a symbolic link") from exc
+        if exc.errno == errno.ELOOP and nofollow:
+            raise RejectedInput("symlink",
+                                f"{path} is a symbolic link; links are not followed") from exc
+        if exc.errno == errno.ENAMETOOLONG:
+            raise RejectedInput("path-too-long", f"{path}: {exc.strerror}") from exc
+        if exc.errno in (errno.ENXIO, errno.ENODEV):  # a socket, a device without a driver
+            raise RejectedInput("not-a-file", f"{path} is not a regular file") from exc
         raise RejectedInput("permission-denied", f"{path}: {exc.strerror}") from exc
     st = os.fstat(fd)  # the file we opened, not the name we looked at
+    problem = None
     if not stat.S_ISREG(st.st_mode):
+        problem = RejectedInput("not-a-file",
+                                f"{path} is not a regular file ({_kind(st.st_mode)})")
+    elif max_links and st.st_nlink > max_links:
+        problem = RejectedInput("hard-link", f"{path} has {st.st_nlink} hard links; its data "
+                                             "may belong to a file elsewhere")
+    elif max_size and st.st_size > max_size:
+        problem = RejectedInput("too-large", f"{path} is {st.st_size} bytes; max_file_size is "
+                                             f"{max_size}")
+    if problem is not None:
         os.close(fd)
-        raise RejectedInput("not-a-file", f"{path} is not a regular file ({_kind(st.st_mode)})")
-    if max_size and st.st_size > max_size:
-        os.close(fd)
-        raise RejectedInput("too-large", f"{path} is {st.st_size} bytes; max_file_size is "
-                                         f"{max_size}")
+        raise problem
     return os.fdopen(fd, "rb"), st.st_size
 
 

@@ -92,6 +92,8 @@ class WatchSettings:
     instance: str = ""
     # Claims of another instance whose heartbeat is older than this go back to the inbox.
     stale_claims_after: float = 600.0
+    # An input with other hard links (its data may be a file elsewhere): quarantine | process
+    hard_links: str = "quarantine"
 
     @property
     def instance_name(self) -> str:
@@ -119,6 +121,7 @@ WATCH_KEYS: dict[str, tuple[type, float | None, float | None, tuple[str, ...] | 
     "retry_max": (int, 0, 1000, None), "retry_max_age": (float, 1.0, 30 * 86400, None),
     "metrics_port": (int, 0, 65535, None), "metrics_host": (str, None, None, None),
     "instance": (str, None, None, None), "stale_claims_after": (float, 1.0, 30 * 86400, None),
+    "hard_links": (str, None, None, ("quarantine", "process")),
 }
 
 

@@ -16,6 +16,7 @@ a new engine takes over the queued files while the old one drains.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import random
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import batch, health, lifecycle, log, naming, sources
+from . import batch, files, health, lifecycle, log, naming, safefs, sources
 from .config import Settings
 from .engine import create_engine
 from .errors import TRANSIENT_REASONS, ConfigError
@@ -327,13 +328,14 @@ class Daemon:
         if sources.ignored(rel, self.settings.watch.ignore):
             return
         if kind == sources.DIR:
-            if self.settings.watch.recursive:
-                for p in sources.scan(path, recursive=True, patterns=self.settings.watch.ignore):
-                    self._hint(sources.SCAN, p)
+            if self.settings.watch.recursive:  # walked by descriptor: a link is not entered
+                for r in sources.scan(self._intake_fd(), recursive=True,
+                                      patterns=self.settings.watch.ignore, under=rel):
+                    self._hint(sources.SCAN, os.path.join(inbox, r))
             return
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+            st = safefs.lstat(self._intake_fd(), rel)
+        except OSError:  # gone, or a folder on its way is a link now (or not a folder)
             self.tracker.forget(path)
             return
         if stat.S_ISDIR(st.st_mode):
@@ -363,19 +365,21 @@ class Daemon:
             self._dispatch(c)
 
     def _reconcile(self, count: bool = True) -> int:
-        """Scan the inbox for files no event told about; returns how many were new."""
+        """Scan the inbox for files no event told about; returns how many were new. Never
+        raises: a folder it cannot walk is skipped (and logged by the scan)."""
         ws = self.settings.watch
         found = 0
-        for path in sources.scan(self.folders.inbox, recursive=ws.recursive,
-                                 patterns=ws.ignore):
-            if path in self.tracker:
-                continue
-            rel = os.path.relpath(path, self.folders.inbox)
-            if rel in self._rels:
-                continue
-            before = len(self.tracker)
-            self._hint(sources.SCAN, path)
-            found += len(self.tracker) - before
+        try:
+            fd = self._intake_fd()
+            for rel in sources.scan(fd, recursive=ws.recursive, patterns=ws.ignore):
+                path = os.path.join(self.folders.inbox, rel)
+                if path in self.tracker or rel in self._rels:
+                    continue
+                before = len(self.tracker)
+                self._hint(sources.SCAN, path)
+                found += len(self.tracker) - before
+        except OSError as exc:
+            self._log.error("reconcile.failed", inbox=self.folders.inbox, error=str(exc))
         if count and found:
             self.counts["reconcile_found"] += found
             self.metrics.reconcile_found.inc(found)
@@ -402,9 +406,13 @@ class Daemon:
             try:
                 c = lifecycle.claim(self.folders, path, self._next_seq(), time.time())
             except NotClaimed as exc:
-                if not os.path.lexists(path):
-                    self.tracker.forget(path)
-                self._log.debug("file.not_claimed", input=rel, why=str(exc))
+                if not safefs.exists(self._intake_fd(), rel):
+                    self.tracker.forget(path)  # gone, or only reachable through a link now
+                cause = getattr(exc.__cause__, "errno", None)
+                if cause in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
+                    self._log.warning("file.not_claimed", input=rel, why=str(exc))
+                else:
+                    self._log.debug("file.not_claimed", input=rel, why=str(exc))
                 continue
             except OSError as exc:
                 failures = self._claim_wait.get(path, (0.0, 0))[1] + 1
@@ -433,7 +441,8 @@ class Daemon:
         return False
 
     def _dispatch(self, c: Claim) -> None:
-        """Quarantine what must never be read; queue the rest."""
+        """Quarantine what must never be read (judged by lstat of the claimed name in the work
+        folder: nothing is opened); queue the rest."""
         try:
             st = os.lstat(c.work_path)
         except FileNotFoundError:
@@ -443,11 +452,78 @@ class Daemon:
         if stat.S_ISLNK(st.st_mode):
             self._quarantine(c, "symlink", "a symbolic link; its target was not read", "", [])
             return
+        if stat.S_ISDIR(st.st_mode):
+            self._put_back(c)
+            return
         if not stat.S_ISREG(st.st_mode):
             self._quarantine(c, "not-a-file", "not a regular file (FIFO, socket or device); "
                              "it was not opened", "", [])
             return
+        if st.st_nlink > 1 and self.settings.watch.hard_links == "quarantine":
+            self._quarantine(c, "hard-link", f"it has {st.st_nlink} hard links: its data may "
+                             "belong to a file elsewhere; it was not opened (hard_links = "
+                             "\"process\" takes such files)", "", [])
+            return
+        too_long, flat = self._too_long(c)
+        if flat:
+            self._quarantine_flat(c, too_long)
+            return
+        if too_long:
+            self._quarantine(c, "path-too-long", too_long, "", [])
+            return
         self._submit(c)
+
+    def _intake_fd(self) -> int:
+        """The inbox's descriptor (opened once: below it no link is followed); the tracker
+        looks at files through it too, so that any depth works."""
+        fd = safefs.root(self.folders.inbox)
+        if getattr(self, "_intake_bound", None) != fd:
+            inbox = self.folders.inbox
+            self.tracker.use_stat(lambda p: safefs.lstat(fd, os.path.relpath(p, inbox)))
+            self._intake_bound = fd
+        return fd
+
+    def _put_back(self, c: Claim) -> None:
+        """A name that became a folder between the look and the claim: back into the inbox,
+        where its files are scanned and taken one by one."""
+        try:
+            lifecycle.keep(self.folders, c)
+        except OSError as exc:
+            self._quarantine(c, "not-a-file", f"a folder, claimed in a race, that could not "
+                             f"be put back: {exc}", "", [])
+            return
+        self._forget(c)
+        self._log.warning("file.not_claimed", input=c.rel, why="it is a folder (it replaced "
+                          "a file); put back, its files are taken one by one")
+
+    def _too_long(self, c: Claim) -> tuple[str, bool]:
+        """Why the input's outputs, archive or quarantine path would be too long for the file
+        system ("" when they fit), and whether its quarantine path is: then it is quarantined
+        flat (``_quarantine_flat``). Archive and quarantine names are shortened to fit; the
+        output names are planned whole."""
+        limit = files.PATH_MAX
+        mirrored = [os.path.join(self.folders.archive, c.rel),
+                    os.path.join(self.folders.quarantine, c.rel + lifecycle.SIDECAR)]
+        for p in mirrored:
+            size = len(os.fsencode(os.path.dirname(p))) + files.NAME_MAX + 1
+            if size >= limit:
+                return (f"{c.rel}: its archive or quarantine path would be up to {size} bytes, "
+                        f"more than the {limit - 1} the system allows", True)
+        for o in self._natural_outputs(c.rel, c.work_path):
+            # names are shortened to fit NAME_MAX (naming); the folders mirror the inbox's
+            size = len(os.fsencode(os.path.dirname(o))) + files.NAME_MAX + 1
+            if size >= limit:
+                return (f"{c.rel}: its output {o} would be up to {size} bytes, more than the "
+                        f"{limit - 1} the system allows", False)
+        return "", False
+
+    def _quarantine_flat(self, c: Claim, error: str) -> None:
+        """Quarantine at the quarantine's top under a short name; the sidecar's error holds
+        the whole original path below the inbox."""
+        flat = replace(c, rel=files.short_name(os.path.basename(c.rel), files.NAME_MAX - 16))
+        self._log.warning("file.path_too_long", input=c.rel, quarantined_as=flat.rel)
+        self._quarantine(flat, "path-too-long", error, "", [])
+        self._rels.discard(c.rel)
 
     def _plan(self, c: Claim) -> tuple[tuple[OutputPlan, ...], bool]:
         """The outputs ``c`` writes, and whether they may replace files of those names.

@@ -55,9 +55,12 @@ HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "ho
 
 def temp_name(final: str, pid: int, host: str = HOST) -> str:
     """The temp file process ``pid`` of ``host`` writes before publishing ``final``:
-    ``.{name}.{host}.{pid}.watcher-tmp``."""
+    ``.{name}.{host}.{pid}.watcher-tmp``, within NAME_MAX: a long ``name`` is shortened
+    (``short_name``), the host and pid are always kept whole (``temp_owner`` reads them)."""
     head, tail = os.path.split(final)
-    return os.path.join(head, f".{tail}.{host}.{pid}{TEMP_SUFFIX}")
+    owner = f".{host}.{pid}{TEMP_SUFFIX}"
+    tail = short_name(tail, max(16, NAME_MAX - 1 - len(os.fsencode(owner))))
+    return os.path.join(head, f".{tail}{owner}")
 
 
 def temp_owner(name: str) -> tuple[str, int] | None:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import safefs
 from .errors import ConfigError, RejectedInput
 from .files import (
     HOST,
@@ -31,7 +32,6 @@ from .files import (
     atomic_write,
     fsync_dir,
     pid_alive,
-    publish,
     short_name,
     temp_name,
     temp_owner,
@@ -205,22 +205,49 @@ def claim(folders: Folders, path: str, seq: int, detected_at: float) -> Claim:
     """Rename ``path`` (below the inbox) into the work folder under a token name (links and
     special files included: rename never follows or opens them). Its record is written, and
     made durable, before the rename: a crash leaves either the input in the inbox (and a
-    stale record, removed at the next start) or the claim with its record."""
+    stale record, removed at the next start) or the claim with its record.
+
+    The rename is relative to directory descriptors (``safefs``): every folder on the way from
+    the inbox is opened with O_NOFOLLOW, so a folder swapped for a link (its contents are
+    outside the inbox) is NotClaimed, never touched; any path length works."""
     rel = os.path.relpath(path, folders.inbox) if os.path.isabs(path) else path
+    for folder in folders.named().values():
+        safefs.root(folder)  # registered: moves below these roots never follow a link
+    inbox_fd, work_fd = safefs.root(folders.inbox), safefs.root(folders.work)
     token = new_token(rel)
     c = Claim(seq, rel, os.path.join(folders.work, token), detected_at=detected_at,
               token=token)
-    save_record(c)
     try:
-        os.rename(os.path.join(folders.inbox, rel), c.work_path)
+        parent = safefs.open_dir(inbox_fd, os.path.dirname(rel))
     except FileNotFoundError as exc:
-        drop_record(c)
-        raise NotClaimed(f"{rel} is gone (claimed elsewhere)") from exc
-    except BaseException:
-        drop_record(c)
+        raise NotClaimed(f"{rel}: its folder is gone") from exc
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
+            raise NotClaimed(f"{rel}: a folder on its path is now a symbolic link or not a "
+                             "folder; what it leads to is outside the inbox and was not "
+                             "touched") from exc
         raise
-    fsync_dir(folders.work)
-    fsync_dir(os.path.dirname(os.path.join(folders.inbox, rel)))
+    try:
+        name = os.path.basename(rel)
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError as exc:
+            raise NotClaimed(f"{rel} is gone (claimed elsewhere)") from exc
+        if stat.S_ISDIR(st.st_mode):  # a file replaced by a folder: scans walk into it
+            raise NotClaimed(f"{rel} is now a folder; its files are taken one by one")
+        save_record(c)
+        try:
+            os.rename(name, token, src_dir_fd=parent, dst_dir_fd=work_fd)
+        except FileNotFoundError as exc:
+            drop_record(c)
+            raise NotClaimed(f"{rel} is gone (claimed elsewhere)") from exc
+        except BaseException:
+            drop_record(c)
+            raise
+        os.fsync(work_fd)
+        os.fsync(parent)
+    finally:
+        os.close(parent)
     return c
 
 
@@ -316,71 +343,118 @@ def leftover_claims(folders: Folders) -> Iterator[tuple[str, str]]:
 # --- moving out -----------------------------------------------------------------------------
 
 def free_name(folder: str, name: str) -> str:
+    """``folder/name``, or ``folder/name_N`` for the first N not taken (nor its sidecar); the
+    name shortened (``short_name``) so that it and its sidecar fit in NAME_MAX."""
+    try:
+        with safefs.parent_of(os.path.join(folder, "x")) as (fd, _):
+            return os.path.join(folder, _free_at(fd, name))
+    except FileNotFoundError:  # no such folder yet: every name is free
+        return os.path.join(folder, short_name(name, NAME_MAX - len(SIDECAR)))
+
+
+def _free_at(fd: int, name: str) -> str:
+    limit = NAME_MAX - len(SIDECAR)
     stem, ext = os.path.splitext(name)
-    n = 1
-    while True:
-        candidate = os.path.join(folder, name if n == 1 else f"{stem}_{n}{ext}")
-        if not os.path.lexists(candidate) and not os.path.lexists(candidate + SIDECAR):
+    for n in itertools.count(1):
+        candidate = short_name(name if n == 1 else f"{stem}_{n}{ext}", limit)
+        if not _lexists_at(fd, candidate) and not _lexists_at(fd, candidate + SIDECAR):
             return candidate
-        n += 1
+    raise AssertionError("unreachable")
+
+
+def _lexists_at(fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def move_no_clobber(src: str, folder: str, name: str, *, rename: bool = False) -> str:
-    """Move ``src`` into ``folder`` as ``name`` (or ``name_N``), never replacing a file.
+    """Move ``src`` into ``folder`` as ``name`` (or ``name_N``), never replacing a file; the
+    name shortened to fit NAME_MAX with its sidecar.
 
     ``rename``: one rename(2) (same file system), for moves into a watched inbox: the observer
     then sees a move, complete at once, where a link would look like a file being created.
+
+    Relative to directory descriptors (``safefs.parent_of``): below the daemon's folders no
+    link is followed (a folder of the inbox swapped for a link is not written through), and
+    paths longer than PATH_MAX work.
     """
-    os.makedirs(folder, exist_ok=True)
-    while True:
-        dest = free_name(folder, name)
-        try:
-            if rename:
-                os.rename(src, dest)
-            else:
-                _move(src, dest)
-        except FileExistsError:
-            continue  # taken between the check and the move: next counter
-        fsync_dir(folder)
-        fsync_dir(os.path.dirname(src))
-        return dest
+    with safefs.parent_of(src) as (sfd, sname), \
+            safefs.parent_of(os.path.join(folder, "x"), create=True) as (dfd, _):
+        while True:
+            dname = _free_at(dfd, name)
+            try:
+                if rename:
+                    _rename_no_replace(sfd, sname, dfd, dname)
+                else:
+                    _move(sfd, sname, dfd, dname)
+            except FileExistsError:
+                continue  # taken between the check and the move: next counter
+            os.fsync(dfd)
+            os.fsync(sfd)
+            return os.path.join(folder, dname)
 
 
-def _move(src: str, dest: str) -> None:
+def _rename_no_replace(sfd: int, sname: str, dfd: int, dname: str) -> None:
+    if _lexists_at(dfd, dname):
+        raise FileExistsError(errno.EEXIST, "taken", dname)
+    os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+
+
+def _move(sfd: int, sname: str, dfd: int, dname: str) -> None:
+    """Link then unlink (never replaces); across file systems, copy then unlink."""
     try:
-        os.link(src, dest, follow_symlinks=False)
+        os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
     except FileExistsError:
         raise
     except OSError as exc:
         if exc.errno == errno.EXDEV:
-            _copy_across(src, dest)
+            _copy_across(sfd, sname, dfd, dname)
         elif exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-            if os.path.lexists(dest):
-                raise FileExistsError(dest) from exc
-            os.rename(src, dest)
+            _rename_no_replace(sfd, sname, dfd, dname)
             return
         else:
             raise
-    os.unlink(src)
+    os.unlink(sname, dir_fd=sfd)
 
 
-def _copy_across(src: str, dest: str) -> None:
-    tmp = temp_name(dest, os.getpid())
+def _copy_across(sfd: int, sname: str, dfd: int, dname: str) -> None:
+    """Copy ``sname`` to ``dname`` on another file system: a temp name, fsync, publish
+    without replacing. A link is copied as a link; a special file is refused."""
+    tmp = os.path.basename(temp_name(dname, os.getpid()))
+    st = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
     try:
-        if os.path.islink(src):
-            os.symlink(os.readlink(src), tmp)
-        elif not os.path.isfile(src):
-            raise OSError(errno.EINVAL, f"{src}: cannot copy a special file across file systems")
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(sname, dir_fd=sfd), tmp, dir_fd=dfd)
+        elif not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{sname}: cannot copy a special file across file "
+                                        "systems")
+        elif st.st_nlink > 1:  # its data may be a file elsewhere (/etc/shadow): never read
+            raise OSError(errno.EXDEV, f"{sname} has {st.st_nlink} hard links: its data is not "
+                                       "copied across file systems; only a rename on one "
+                                       "file system moves it")
         else:
-            with open(src, "rb") as fin, open(tmp, "xb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-                fout.flush()
-                os.fsync(fout.fileno())
-            shutil.copystat(src, tmp)
-        publish(tmp, dest, overwrite=False)
+            fin = os.open(sname, safefs.O_PROBE, dir_fd=sfd)
+            try:
+                fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                               os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                try:
+                    with os.fdopen(fin, "rb", closefd=False) as r, \
+                            os.fdopen(fout, "wb", closefd=False) as w:
+                        shutil.copyfileobj(r, w, 1 << 20)
+                    os.fchmod(fout, stat.S_IMODE(st.st_mode))
+                    os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
+                    os.fsync(fout)
+                finally:
+                    os.close(fout)
+            finally:
+                os.close(fin)
+        os.link(tmp, dname, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dfd)
 
 
 def archive(folders: Folders, c: Claim) -> str:

@@ -11,7 +11,9 @@ file is complete happens in one place, the ``Stability`` tracker:
   complete when its size and mtime have not changed for the settle time.
 
 Events are hints, not the truth: a backlog scan at start and a periodic reconcile scan catch what
-the events missed. The observer thread is supervised: if it dies it is restarted (the caller then
+the events missed. Scans, the tracker's looks and the observers' own walks go through directory
+descriptors (``safefs``): a folder swapped for a link is never entered, any depth works, and a
+scan never raises. The observer thread is supervised: if it dies it is restarted (the caller then
 rescans); where inotify cannot be used (a network or virtual file system, or no inotify watches
 or instances left) the polling observer is used instead, with an actionable message.
 """
@@ -39,7 +41,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
-from . import log
+from . import log, safefs
 
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs", "ceph", "glusterfs",
               "lustre", "afs", "sshfs", "davfs", "vboxsf", "vmhgfs", "prl_fs")
@@ -58,31 +60,52 @@ def ignored(rel: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(parts[-1], pat) for pat in patterns)
 
 
-def scan(root: str, *, recursive: bool, patterns: Sequence[str],
-         exclude: Sequence[str] = ()) -> Iterator[str]:
-    """Paths of the entries below ``root`` that are not directories (links, FIFOs included: they
-    are quarantined, not read), never descending into links, dot-folders or ``exclude``."""
-    stack = [root]
+def scan(root: str | int, *, recursive: bool, patterns: Sequence[str],
+         exclude: Sequence[str] = (), under: str = "") -> Iterator[str]:
+    """Names (relative to ``root``, a folder or its descriptor) of the entries below ``under``
+    that are not directories (links, FIFOs included: they are quarantined, not read), never
+    descending into links, dot-folders or ``exclude`` (relative names).
+
+    Walked with directory descriptors (``safefs.walk``): a folder swapped for a link is not
+    entered, and any depth works. Never raises: a folder that vanished, cannot be read, became
+    a link or cannot be opened is skipped and logged once for this scan."""
     excluded = {os.path.normpath(e) for e in exclude}
-    while stack:
-        folder = stack.pop()
+    if isinstance(root, str):
+        excluded = {os.path.relpath(e, root) if os.path.isabs(e) else e for e in excluded}
         try:
-            entries = list(os.scandir(folder))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        for e in sorted(entries, key=lambda x: x.name):
-            if e.name.startswith("."):
-                continue
-            try:
-                is_dir = e.is_dir(follow_symlinks=False)
-            except OSError:
-                continue
-            if is_dir:
-                if recursive and os.path.normpath(e.path) not in excluded:
-                    stack.append(e.path)
-                continue
-            if not ignored(os.path.relpath(e.path, root), patterns):
-                yield e.path
+            fd = safefs.root(root)
+        except OSError as exc:
+            _skipped(str(root), exc)
+            return
+    else:
+        fd = root
+
+    def skip(rel: str) -> bool:
+        return rel.rsplit("/", 1)[-1].startswith(".") or rel in excluded
+
+    try:
+        for e in safefs.walk(fd, under, recursive=recursive, skip=skip, on_error=_skipped):
+            if not e.is_dir and not ignored(e.rel, patterns):
+                yield e.rel
+    except (OSError, ValueError) as exc:  # safefs.walk itself does not raise; belt and braces
+        _skipped(under or ".", exc)
+
+
+def _skipped(rel: str, exc: BaseException) -> None:
+    """A folder a scan could not enter: logged (once per folder per scan: walk reports each
+    folder once); a vanished one is routine, the rest are worth a warning."""
+    err = getattr(exc, "errno", None)
+    why = {errno.ELOOP: "became a symbolic link; not followed",
+           errno.ENOTDIR: "replaced by something that is not a folder",
+           errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+           errno.EMFILE: "out of file descriptors (a very deep tree?)",
+           errno.ENFILE: "out of file descriptors"}.get(err or 0, str(exc))
+    logger = log.get("watcher.sources")
+    if err in (errno.ENOENT, errno.ENOTDIR):
+        logger.debug("scan.folder_skipped", folder=rel, why="vanished" if err == errno.ENOENT
+                     else why)
+    else:
+        logger.warning("scan.folder_skipped", folder=rel, why=why, error=str(exc))
 
 
 # --- file system type ----------------------------------------------------------------------------
@@ -140,6 +163,11 @@ class Stability:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def use_stat(self, stat_fn: Callable[[str], os.stat_result]) -> None:
+        """Look at paths with ``stat_fn`` from now on (the daemon's: relative to the inbox's
+        descriptor, never through a link, any depth)."""
+        self._stat = stat_fn
+
     def __contains__(self, path: str) -> bool:
         return path in self._entries
 
@@ -172,10 +200,12 @@ class Stability:
         for path, e in list(self._entries.items()):
             try:
                 st = self._stat(path)
-            except FileNotFoundError:
-                del self._entries[path]
-                continue
-            except OSError:
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError | NotADirectoryError) or \
+                        exc.errno == errno.ELOOP:
+                    # gone, or a folder on its way was replaced (by a file, a link): a scan
+                    # of what is there now finds it again if it is still in the inbox
+                    del self._entries[path]
                 continue
             if not stat.S_ISREG(st.st_mode):
                 ready.append((e.first, path))  # links and special files: nothing to wait for
@@ -258,13 +288,17 @@ class InboxObserver:
 
     def _start(self, kind: str) -> None:
         if kind == "polling":
-            from watchdog.observers.polling import PollingObserver  # noqa: PLC0415
+            from watchdog.observers.polling import PollingObserverVFS  # noqa: PLC0415
 
-            obs: Any = PollingObserver(timeout=self.poll_interval)
+            safefs.root(self.inbox)  # registered: the snapshots stay below it
+            obs: Any = PollingObserverVFS(_lstat_below, _listdir_below,
+                                          polling_interval=self.poll_interval)
         else:
             from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415
 
             _shorten_move_pairing()
+            _watch_without_links()
+            safefs.root(self.inbox)  # registered: the observer's walks stay below it
 
             # full events: a file renamed in from outside is a move (complete), not a creation
             obs = InotifyObserver(generate_full_events=True)
@@ -314,6 +348,101 @@ def _shorten_move_pairing() -> None:
     except ImportError:  # another watchdog version: keep its default
         return
     InotifyMoveEventGrouper.delay = 0.01
+
+
+def _below(path: str) -> tuple[int, str]:
+    found = safefs.locate(os.fsdecode(path))
+    if found is None:
+        raise OSError(errno.ENOENT, "not below the inbox", path)
+    return found
+
+
+def _lstat_below(path: str) -> os.stat_result:
+    """The polling observer's stat: an lstat by descriptor below the inbox (a link is not a
+    folder to walk into; any depth works)."""
+    fd, rel = _below(path)
+    return os.fstat(fd) if rel == "." else safefs.lstat(fd, rel)
+
+
+def _listdir_below(path: str | None) -> list[os.DirEntry[str]]:
+    """The polling observer's listdir: the folder opened by descriptor, never through a link
+    (one swapped for a link reads as 'not a folder', which the snapshot skips)."""
+    fd, rel = _below(path or ".")
+    try:
+        dfd = safefs.open_dir(fd, "" if rel == "." else rel)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotADirectoryError(errno.ENOTDIR, "a symbolic link", path) from exc
+        raise
+    try:
+        with os.scandir(dfd) as it:
+            return list(it)
+    finally:
+        os.close(dfd)
+
+
+def _walk_no_links(top: bytes | str) -> Iterator[tuple[Any, list[Any], list[Any]]]:
+    """``os.walk(top)``'s triples, walked by descriptor below the registered root holding
+    ``top`` (``safefs``): ``top`` itself or a folder below it swapped for a link is not
+    entered (os.walk follows a linked ``top``). Nothing outside a registered root."""
+    found = safefs.locate(os.fsdecode(top))
+    if found is None:
+        return
+    fd, rel = found
+    base = "" if rel == "." else rel
+    groups: dict[str, tuple[list[str], list[str]]] = {"": ([], [])}
+    failed: list[str] = []
+    for e in safefs.walk(fd, base, on_error=lambda rel, exc: failed.append(rel)):
+        sub = e.rel[len(base) + 1:] if base else e.rel
+        folder = groups.setdefault(sub.rpartition("/")[0], ([], []))
+        (folder[0] if e.is_dir else folder[1]).append(e.name)
+    if base in failed or (not base and "" in failed):
+        return  # not a folder (any more), or a link: nothing to walk
+    cast = os.fsencode if isinstance(top, bytes) else os.fsdecode
+    for sub, (dirs, names) in groups.items():
+        yield (cast(os.path.join(os.fsdecode(top), sub)) if sub else top,
+               [cast(d) for d in dirs], [cast(n) for n in names])
+
+
+def _watch_without_links() -> None:
+    """watchdog adds watches for (and simulates events of) a new folder with ``os.walk``,
+    which follows the folder itself when it has just been swapped for a link: it would list,
+    and watch, a folder outside the inbox. Walk by descriptor instead (``_walk_no_links``)."""
+    try:
+        from watchdog.observers import inotify as wd_inotify  # noqa: PLC0415
+        from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent  # noqa: PLC0415
+    except ImportError:
+        return
+    group = getattr(wd_inotify, "InotifyWatchGroup", None)
+    if group is None or getattr(group, "_watcher_no_links", False):
+        return
+    if not all(hasattr(group, n) for n in ("_add_all_callbacks", "_recursive_simulate",
+                                            "_add_callback")):
+        return  # another watchdog version: keep its own
+
+    def add_all(self: Any, path: bytes) -> None:
+        self._add_callback(path)
+        if self.is_recursive:
+            for root, dirnames, _ in _walk_no_links(path):
+                for dirname in dirnames:
+                    self._add_callback(os.path.join(root, dirname))
+
+    def simulate(self: Any, src_path: bytes) -> list[Any]:
+        events = []
+        for root, dirnames, filenames in _walk_no_links(src_path):
+            wd_root = self._active_callbacks_by_path.get(root)
+            if wd_root is None:
+                continue
+            for dirname in dirnames:
+                mask = InotifyConstants.IN_CREATE | InotifyConstants.IN_ISDIR
+                events.append(InotifyEvent(wd_root, mask, 0, dirname))
+            for filename in filenames:
+                events.append(InotifyEvent(wd_root, InotifyConstants.IN_CREATE, 0, filename))
+        return events
+
+    group._add_all_callbacks = add_all
+    group._recursive_simulate = simulate
+    group._watcher_no_links = True
 
 
 def _inotify_advice(exc: OSError) -> str:
