@@ -602,12 +602,29 @@ def save(images: list[tuple[Image.Image, int]], fp: IO[bytes], fmt: str, opts: O
             else src.xmp
     first.info = {}  # nothing rides along that the policy did not choose
     if len(images) > 1:
-        rest = [fit_mode(im, fmt, opts.background) for im, _ in images[1:]]
+        rest = [_frame_size(fit_mode(im, fmt, opts.background), first.size, fmt, notes)
+                for im, _ in images[1:]]
         for im in rest:
             im.info = {}
         params.update(save_all=True, append_images=rest,
                       duration=[d for _, d in images], loop=0)
     first.save(fp, format=fmt, **params)
+
+
+# Animated formats whose frames must all have the first frame's size (the WebP and AVIF
+# encoders refuse others; APNG would grow its canvas). GIF and TIFF store each as it is.
+_ONE_FRAME_SIZE = {"WEBP", "AVIF", "PNG"}
+
+
+def _frame_size(im: Image.Image, size: tuple[int, int], fmt: str,
+                notes: list[str]) -> Image.Image:
+    """A later frame at the first frame's ``size`` where ``fmt`` needs it: pages of a TIFF or
+    the images of an MPO may differ in size (an animation's frames never do)."""
+    if im.size == size or fmt not in _ONE_FRAME_SIZE:
+        return im
+    notes.append(f"a frame of {im.width}x{im.height} was resized to the first frame's "
+                 f"{size[0]}x{size[1]} ({fmt} animations have one size)")
+    return im.resize(size, Image.Resampling.LANCZOS)
 
 
 def _output_icc(im: Image.Image, icc: bytes | None, colour: str) -> bytes | None:
