@@ -16,10 +16,11 @@ Whose fault is a failure (decided by evidence, never by an exception's type or e
   operating system's read, seek or tell of the input raised. A failure is ``io-error`` (not the
   input's fault: retried) only when such a read failure was recorded while decoding it.
 - Anything else Pillow raises while parsing the bytes (``[Errno 22]`` from a seek to an offset
-  the data gave, ``SyntaxError``, ``TypeError``, an encoder's ``RuntimeError``...) is the data's
+  the data gave, ``SyntaxError``, ``TypeError``, ``DecompressionBombError``...) is the data's
   fault: ``truncated``, ``corrupt``, ``decompression-bomb`` or ``not-an-image`` (quarantined).
 - Writing mirrors it: an ``OSError`` the output file itself raised is ``write-failed``; every
-  other error of an encoder is ``encode-failed`` (see ``pipeline._encode``).
+  other error of an encoder (``encoder error -2``, libwebp's ``RuntimeError``, an errno of its
+  own) is ``encode-failed`` (see ``pipeline._encode``).
 - ``internal-error`` is left for errors raised by watcher's own code outside these regions.
 """
 
@@ -110,7 +111,7 @@ class InputFile:
         self._raw = raw
         self.failure: OSError | None = None
         self._beyond: int | None = None  # a position past the end of the file
-        self._known = self._size()  # a size the file had: positions up to it exist
+        self._known = 0  # a size the file had: positions up to it exist (fstat when past it)
 
     def _system(self, call: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -248,15 +249,16 @@ def _classify(path: str, exc: BaseException, failure: OSError | None) -> Rejecte
     if isinstance(exc, MemoryError):
         return RejectedInput("decompression-bomb", f"{path}: out of memory decoding")
     text = str(exc)
-    if "truncated" in text or isinstance(exc, EOFError):
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
         return RejectedInput("truncated", f"{path}: {text or type(exc).__name__}")
     return RejectedInput("corrupt", f"{path}: {type(exc).__name__}: {text}")
 
 
 @contextlib.contextmanager
 def _parsing(f: InputFile, path: str) -> Iterator[None]:
-    """Pillow is parsing ``path``'s bytes here: any error is classified (``_classify``); only
-    Pillow's code (and ``InputFile``) runs inside, so none of it is a bug of watcher."""
+    """Pillow is parsing ``path``'s bytes here: any error is classified (``_classify``). Only
+    Pillow's code runs inside (and watcher's few lines that read what it parsed, written not to
+    raise), so an error here is the data's, not a bug of watcher."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
