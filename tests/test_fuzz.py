@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import io
 import json
 import os
@@ -500,6 +501,23 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
     raise _Hang
 
 
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise ``_Hang`` in this block after ``seconds``; a timer already set (pytest-timeout's)
+    is put back with what it had left."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    left, interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if left:
+            signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - t0), 1e-3),
+                             interval)
+
+
 def plan_task(seq: int, path: str, pipes: dict[str, Pipeline], out_dir: str,
               limits: DecodeLimits) -> Task:
     """The task the batch planner would make (output names from ``batch.output_ext``)."""
@@ -527,16 +545,13 @@ def run_case(proc: Processor, case: Case, in_dir: Path, out_dir: Path) -> Outcom
     """Write ``case`` as a file, process it, check its fate; outputs are removed after."""
     path = in_dir / case.name
     path.write_bytes(case.data)
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(DEADLINE)
     try:
-        task = plan_task(case.index, str(path), proc.pipelines, str(out_dir), proc.limits)
-        r = proc.run(task)
+        with _deadline(DEADLINE):
+            task = plan_task(case.index, str(path), proc.pipelines, str(out_dir), proc.limits)
+            r = proc.run(task)
     except _Hang:
+        path.unlink()
         return Outcome(case, "hang", f"took more than {DEADLINE} s")
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     try:
         if r.ok:
             wrong = check_outputs(r.outputs)
@@ -631,7 +646,7 @@ def test_the_cases_are_deterministic() -> None:
 def test_every_mutated_input_gets_a_documented_fate(fuzz_dir: Path) -> None:
     outcomes = fuzz(CASES, SEED, fuzz_dir / "inproc")
     bad = [o for o in outcomes if o.bad]
-    assert not bad, _report(outcomes, ROOT / "fuzz-failures")
+    assert not bad, _report(outcomes, Path(tempfile.gettempdir()) / "watcher-fuzz-failures")
     reasons = {o.reason for o in outcomes}
     # the run meets the failures it is made for, and still succeeds on some inputs
     assert {"ok", "corrupt", "decompression-bomb", "not-an-image", "truncated"} <= reasons

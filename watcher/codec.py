@@ -394,12 +394,12 @@ def frames(src: Source, path: str, limit: int) -> Iterator[tuple[Image.Image, in
             im.seek(i)
             im.load()
             frame = im.copy()
-            duration = _duration(im.info.get("duration"), 100)
+            duration = frame_duration(im.info.get("duration"), 100)
         yield frame, duration
 
 
-def _duration(value: Any, default: int) -> int:
-    """A frame's duration in ms from what the file says (anything not a sane number: default)."""
+def frame_duration(value: Any, default: int) -> int:
+    """A frame's duration in ms from what the file says (anything but 1 ms to 1 hour: default)."""
     try:
         ms = int(value or default)
     except (TypeError, ValueError, OverflowError):

@@ -375,7 +375,7 @@ class Processor:
                 im = _working(src, p.output.colour, path, [], frame)
                 out.append((apply(p, im, shrink), duration))
             return out
-        duration = int(src.image.info.get("duration", 0) or 0)
+        duration = codec.frame_duration(src.image.info.get("duration"), 0)
         return [(apply(p, base, shrink), duration)]
 
 
