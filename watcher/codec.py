@@ -9,18 +9,30 @@ Encoding never fails for a mode mismatch: the image is brought to a mode the for
 alpha is flattened onto a background where the format has none, 16-bit and float images are
 *scaled* to 8 bits, CMYK goes through its ICC profile, and the colour and metadata policies decide
 which ICC profile, EXIF and XMP the output carries.
+
+Whose fault is a failure (decided by evidence, never by an exception's type or errno):
+
+- The decoder reads the input only through ``InputFile``, which keeps every ``OSError`` that the
+  operating system's read, seek or tell of the input raised. A failure is ``io-error`` (not the
+  input's fault: retried) only when such a read failure was recorded while decoding it.
+- Anything else Pillow raises while parsing the bytes (``[Errno 22]`` from a seek to an offset
+  the data gave, ``SyntaxError``, ``TypeError``, ``DecompressionBombError``...) is the data's
+  fault: ``truncated``, ``corrupt``, ``decompression-bomb`` or ``not-an-image`` (quarantined).
+- Writing mirrors it: an ``OSError`` the output file itself raised is ``write-failed``; every
+  other error of an encoder (``encoder error -2``, libwebp's ``RuntimeError``, an errno of its
+  own) is ``encode-failed`` (see ``pipeline._encode``).
+- ``internal-error`` is left for errors raised by watcher's own code outside these regions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import re
 import stat
-import struct
 import warnings
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -71,11 +83,108 @@ class Source:
     icc: bytes | None
     exif: bytes | None
     xmp: bytes | None
-    file: IO[bytes] | None = None  # kept open while later frames may be read
+    file: InputFile | None = None  # kept open while later frames may be read
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+# A read larger than this is clamped to what the file holds (a size from the data must not
+# make the reader allocate it).
+_BIG_READ = 1 << 24
+
+
+class InputFile:
+    """The input file as the decoder sees it: the evidence of whose fault a failure is.
+
+    Every ``OSError`` raised by the operating system's read, seek or tell of the file is kept in
+    ``failure`` (and re-raised). A position the data asks for never reaches the system unless
+    the file has it: a negative one is refused (``ValueError``, as ``io.BytesIO`` does), one
+    past the end is kept here and reads nothing, as a file would (``lseek`` refuses offsets
+    past the file system's largest file with ``EINVAL``, which is then the data's doing, not
+    the disk's). ``fileno`` is withheld: a decoder (libtiff) that would read the descriptor
+    itself reads through here instead.
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.failure: OSError | None = None
+        self._beyond: int | None = None  # a position past the end of the file
+        self._known = 0  # a size the file had: positions up to it exist (fstat when past it)
+
+    def _system(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except OSError as exc:
+            if self.failure is None:
+                self.failure = exc
+            raise
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self._beyond is not None:
+            return b""
+        n = -1 if n is None else n
+        if n > _BIG_READ:
+            n = min(n, max(self._size() - self.tell(), 0))
+        return self._system(self._raw.read, n)  # type: ignore[no-any-return]
+
+    def readinto(self, buffer: Any) -> int:
+        if self._beyond is not None:
+            return 0
+        return self._system(self._raw.readinto, buffer)  # type: ignore[attr-defined,no-any-return]
+
+    def readline(self, limit: int | None = -1) -> bytes:
+        if self._beyond is not None:
+            return b""
+        return self._system(self._raw.readline, -1 if limit is None else limit)  # type: ignore[no-any-return]
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            target = offset
+        elif whence == os.SEEK_CUR:
+            target = self.tell() + offset
+        elif whence == os.SEEK_END:
+            target = self._size() + offset
+        else:
+            raise ValueError(f"invalid whence {whence!r}")
+        if target < 0:
+            raise ValueError(f"negative seek position {target}")
+        if target > self._known:
+            self._known = self._size()
+        if target > self._known:
+            self._system(self._raw.seek, self._known)
+            self._beyond = target
+            return target
+        self._beyond = None
+        return self._system(self._raw.seek, target)  # type: ignore[no-any-return]
+
+    def tell(self) -> int:
+        if self._beyond is not None:
+            return self._beyond
+        return self._system(self._raw.tell)  # type: ignore[no-any-return]
+
+    def _size(self) -> int:
+        return self._system(os.fstat, self._raw.fileno()).st_size  # type: ignore[no-any-return]
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno: the input is read through watcher.codec")
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self._raw.closed
+
+    def close(self) -> None:
+        self._raw.close()
 
 
 # --- opening ------------------------------------------------------------------------------------
@@ -145,22 +254,44 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
-                  IndexError, KeyError, TypeError, AttributeError, MemoryError)
-
-
-def _classify(path: str, exc: BaseException) -> RejectedInput:
+def _classify(path: str, exc: BaseException, failure: OSError | None) -> RejectedInput:
+    """The reason for ``exc``, raised while Pillow read ``path``; ``failure`` is the evidence
+    (``InputFile.failure``): the system's read of the input failed."""
+    if isinstance(exc, RejectedInput):
+        return exc
+    if failure is not None:
+        return RejectedInput("io-error", f"{path}: reading failed: {failure}")
     if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
         return RejectedInput("decompression-bomb", f"{path}: {exc}")
-    if isinstance(exc, OSError) and exc.errno is not None:
-        # the system failed to read (EIO, ESTALE on NFS...); Pillow's own errors have no errno
-        return RejectedInput("io-error", f"{path}: {exc}")
-    text = str(exc)
-    if "truncated" in text or isinstance(exc, EOFError):
-        return RejectedInput("truncated", f"{path}: {text or type(exc).__name__}")
     if isinstance(exc, MemoryError):
         return RejectedInput("decompression-bomb", f"{path}: out of memory decoding")
+    text = str(exc)
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
+        return RejectedInput("truncated", f"{path}: {text or type(exc).__name__}")
     return RejectedInput("corrupt", f"{path}: {type(exc).__name__}: {text}")
+
+
+@contextlib.contextmanager
+def _parsing(f: InputFile, path: str) -> Iterator[None]:
+    """Pillow is parsing ``path``'s bytes here: any error is classified (``_classify``). Only
+    Pillow's code runs inside (and watcher's few lines that read what it parsed, written not to
+    raise), so an error here is the data's, not a bug of watcher."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield
+        except RejectedInput:
+            raise
+        except Exception as exc:
+            raise _classify(path, exc, f.failure) from exc
+    _trusted(f, path)
+
+
+def _trusted(f: InputFile, path: str) -> None:
+    """Refuse what was decoded if a read of the input failed on the way (a decoder that
+    swallowed the error may hold data that is not the file's)."""
+    if f.failure is not None:
+        raise _classify(path, f.failure, f.failure) from f.failure
 
 
 def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
@@ -168,54 +299,60 @@ def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
            ) -> Source:
     """Open and fully decode the first frame of ``path``.
 
-    ``plan(image)`` is called once the header is read (size, mode, EXIF known, no pixels yet);
-    it may return (mode, size) to ask a JPEG for a reduced-scale decode no smaller than ``size``
-    (libjpeg DCT scaling): a thumbnail of a 48 MP photo then never holds the full image.
+    ``plan(image)`` is called once the header of a single-frame JPEG is read (size, mode, EXIF
+    known, no pixels yet); it may return (mode, size) to ask for a reduced-scale decode no
+    smaller than ``size`` (libjpeg DCT scaling): a thumbnail of a 48 MP photo then never holds
+    the full image. Other images are always decoded at full size.
     """
-    f, nbytes = open_regular(path, nofollow=nofollow, max_size=limits.max_file_size)
-    load_plugins()
-    ensure_formats(limits.formats)
-    Image.MAX_IMAGE_PIXELS = limits.pixel_limit
+    raw, nbytes = open_regular(path, nofollow=nofollow, max_size=limits.max_file_size)
+    f = InputFile(raw)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                im = Image.open(f, formats=limits.formats)
-            except UnidentifiedImageError as exc:
-                raise _unidentified(f, path, limits) from exc
-            except _DECODE_ERRORS as exc:
-                raise _classify(path, exc) from exc
-            except Image.DecompressionBombWarning as exc:
-                raise _classify(path, exc) from exc
-            stored = im.size
-            fmt = im.format or "?"
-            n_frames = getattr(im, "n_frames", 1)
-            icc, exif, xmp = _metadata(im)
-            draft = plan(im) if plan is not None else None
-            try:
-                if draft is not None and fmt in ("JPEG", "MPO"):
-                    mode, size = draft
-                    if im.mode != "RGB":
-                        mode = im.mode  # only YCbCr colour JPEGs have a luma-only shortcut
-                    im.draft(mode, size)
-                im.load()
-            except _DECODE_ERRORS as exc:
-                raise _classify(path, exc) from exc
-            except Image.DecompressionBombWarning as exc:
-                raise _classify(path, exc) from exc
+        load_plugins()
+        ensure_formats(limits.formats)
+        Image.MAX_IMAGE_PIXELS = limits.pixel_limit
+        im, fmt, n_frames, meta = _header(f, path, limits)
+        stored = im.size
+        draft = plan(im) if plan is not None and fmt in ("JPEG", "MPO") and n_frames == 1 \
+            else None
+        with _parsing(f, path):
+            if draft is not None:
+                mode, size = draft
+                if im.mode != "RGB":
+                    mode = im.mode  # only YCbCr colour JPEGs have a luma-only shortcut
+                im.draft(mode, size)
+            im.load()
         if n_frames == 1:
             f.close()  # keep the file only where more frames may be read
-        return Source(im, fmt, stored, n_frames, nbytes, icc, exif, xmp,
-                      f if n_frames > 1 else None)
+        return Source(im, fmt, stored, n_frames, nbytes, *meta, f if n_frames > 1 else None)
     except BaseException:
         f.close()
         raise
 
 
+def _header(f: InputFile, path: str, limits: DecodeLimits,
+            ) -> tuple[Image.Image, str, int, tuple[bytes | None, bytes | None, bytes | None]]:
+    """Open ``f`` with the allowed decoders and read what the header tells: the image (no
+    pixels yet), its format, frame count and metadata."""
+    with _parsing(f, path):
+        try:
+            im = Image.open(f, formats=limits.formats)
+        except UnidentifiedImageError as exc:
+            raise _unidentified(f, path, limits) from exc
+        if im.width <= 0 or im.height <= 0:
+            raise ValueError(f"the image has no pixels ({im.width}x{im.height})")
+        n_frames = int(getattr(im, "n_frames", 1))
+        if n_frames < 1:
+            raise ValueError(f"the image has {n_frames} frames")
+        if n_frames > 1:
+            im.seek(0)  # counting the frames may have moved it
+        return im, im.format or "?", n_frames, _metadata(im)
+
+
 # Signatures of the formats watcher opens by default: a file that starts like one of them but
 # that no decoder accepts has a damaged header ("corrupt"), not "not-an-image".
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"),
-          (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+          (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"),
+          (b"MM\x00+", "TIFF"))
 
 
 def _sniff(head: bytes) -> str | None:
@@ -229,7 +366,9 @@ def _sniff(head: bytes) -> str | None:
     return None
 
 
-def _unidentified(f: IO[bytes], path: str, limits: DecodeLimits) -> RejectedInput:
+def _unidentified(f: InputFile, path: str, limits: DecodeLimits) -> RejectedInput:
+    if f.failure is not None:
+        return _classify(path, f.failure, f.failure)
     f.seek(0)
     head = f.read(16)
     f.seek(0)
@@ -238,35 +377,51 @@ def _unidentified(f: IO[bytes], path: str, limits: DecodeLimits) -> RejectedInpu
         with Image.open(f) as other:
             fmt = other.format
     except Exception:  # noqa: BLE001 - any failure here means: not an image we know
+        fmt = None
+    if f.failure is not None:
+        return _classify(path, f.failure, f.failure)
+    if fmt is None:
         sniffed = _sniff(head)
         if sniffed and sniffed in limits.formats:
             return RejectedInput("corrupt", f"{path}: looks like {sniffed} but its header "
-                                            "cannot be read")
+                                 "cannot be read")
         return RejectedInput("not-an-image", f"{path}: not a recognised image "
-                                             f"(allowed: {', '.join(limits.formats)})")
+                             f"(allowed: {', '.join(limits.formats)})")
     return RejectedInput("format-not-allowed", f"{path}: {fmt} is not in the allowed formats "
                                                f"({', '.join(limits.formats)})")
 
 
 def _metadata(im: Image.Image) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """ICC profile, EXIF and XMP as bytes; a value of any other type (a damaged header can
+    give one) is left out."""
     icc = im.info.get("icc_profile") or None
     exif = im.info.get("exif") or None
     xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp") or None
     if isinstance(xmp, str):
-        xmp = xmp.encode()
-    return icc, (exif if isinstance(exif, bytes) else None), xmp
+        xmp = xmp.encode("utf-8", "replace")
+    return tuple(v if isinstance(v, bytes) else None for v in (icc, exif, xmp))  # type: ignore[return-value]
 
 
 def frames(src: Source, path: str, limit: int) -> Iterator[tuple[Image.Image, int]]:
     """Yield (frame, duration ms) for the first ``limit`` frames of an animated source."""
     im = src.image
+    evidence = src.file if src.file is not None else InputFile(io.BytesIO())
     for i in range(min(src.n_frames, limit)):
-        try:
+        with _parsing(evidence, path):
             im.seek(i)
             im.load()
-        except _DECODE_ERRORS as exc:
-            raise _classify(path, exc) from exc
-        yield im.copy(), int(im.info.get("duration", 100) or 100)
+            frame = im.copy()
+            duration = frame_duration(im.info.get("duration"), 100)
+        yield frame, duration
+
+
+def frame_duration(value: Any, default: int) -> int:
+    """A frame's duration in ms from what the file says (anything but 1 ms to 1 hour: default)."""
+    try:
+        ms = int(value or default)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return ms if 0 < ms <= 3_600_000 else default
 
 
 # --- bringing pixels to a working form ----------------------------------------------------------
@@ -466,12 +621,29 @@ def save(images: list[tuple[Image.Image, int]], fp: IO[bytes], fmt: str, opts: O
             else src.xmp
     first.info = {}  # nothing rides along that the policy did not choose
     if len(images) > 1:
-        rest = [fit_mode(im, fmt, opts.background) for im, _ in images[1:]]
+        rest = [_frame_size(fit_mode(im, fmt, opts.background), first.size, fmt, notes)
+                for im, _ in images[1:]]
         for im in rest:
             im.info = {}
         params.update(save_all=True, append_images=rest,
                       duration=[d for _, d in images], loop=0)
     first.save(fp, format=fmt, **params)
+
+
+# Animated formats whose frames must all have the first frame's size (the WebP and AVIF
+# encoders refuse others; APNG would grow its canvas). GIF and TIFF store each as it is.
+_ONE_FRAME_SIZE = {"WEBP", "AVIF", "PNG"}
+
+
+def _frame_size(im: Image.Image, size: tuple[int, int], fmt: str,
+                notes: list[str]) -> Image.Image:
+    """A later frame at the first frame's ``size`` where ``fmt`` needs it: pages of a TIFF or
+    the images of an MPO may differ in size (an animation's frames never do)."""
+    if im.size == size or fmt not in _ONE_FRAME_SIZE:
+        return im
+    notes.append(f"a frame of {im.width}x{im.height} was resized to the first frame's "
+                 f"{size[0]}x{size[1]} ({fmt} animations have one size)")
+    return im.resize(size, Image.Resampling.LANCZOS)
 
 
 def _output_icc(im: Image.Image, icc: bytes | None, colour: str) -> bytes | None:

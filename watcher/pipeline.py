@@ -10,6 +10,7 @@ would have produced from the full image.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import time
@@ -116,12 +117,26 @@ _OUTPUT_EXT = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG",
                ".gif": "GIF"}
 
 
-def output_format(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
-    fmt = _OUTPUT_EXT.get(ext)
+def output_format(path: str) -> str | None:
+    """The encoder an output path's extension names, or None when none does."""
+    return _OUTPUT_EXT.get(os.path.splitext(path)[1].lower())
+
+
+def _encoder_for(path: str, input_path: str) -> str:
+    """The encoder of a planned output; an extension with no encoder is this input's failure.
+
+    The planner names outputs (format "same" on an unusual extension asks the header), so an
+    extension with no encoder only reaches here for an image the planner could not read but
+    the worker could (it changed in between). It fails as ``encode-failed``: never transient
+    (a retry would meet the same name), and no bytes are written under a name that says
+    another format, nor under a name the planner did not choose.
+    """
+    fmt = output_format(path)
     if fmt is None:
-        raise RejectedInput("write-failed", f"{path}: no encoder for extension {ext!r}")
-    return "JPEG" if fmt == "MPO" else fmt
+        ext = os.path.splitext(path)[1]
+        raise RejectedInput("encode-failed", f"{input_path}: no encoder for the planned "
+                            f"output {path} (extension {ext!r})")
+    return fmt
 
 
 @dataclass(frozen=True)
@@ -310,30 +325,32 @@ class Processor:
                       _since(t0), os.getpid(), task.attempt, bytes_in, 0, tuple(notes))
 
     def _run(self, task: Task, notes: list[str], staged: list[Staged]) -> int:
-        pipes = []
+        chosen = []
         for out in task.outputs:
             p = self.pipelines.get(out.pipeline)
             if p is None:
                 raise RejectedInput("transform-failed", f"unknown pipeline {out.pipeline!r}")
-            pipes.append((p, out.path, output_format(out.path)))
+            chosen.append((p, out.path))
 
         plans: list[_Shrink | None] = []
 
         def draft(im: Image.Image) -> tuple[str, Size] | None:
             orientation = _orientation(im)
-            plans.extend(plan_shrink(p, im.size, orientation) for p, _, _ in pipes)
-            if not plans or any(s is None for s in plans) or getattr(im, "n_frames", 1) > 1:
+            plans.extend(plan_shrink(p, im.size, orientation) for p, _ in chosen)
+            if not plans or any(s is None for s in plans):
                 return None
             need = (max(s.need[0] for s in plans if s), max(s.need[1] for s in plans if s))
             return ("L" if all(s and s.luma for s in plans) else "RGB", need)
 
+        # Decode first: what the input is decides its fate before what its outputs are named.
         src = codec.decode(task.path, limits=self.limits, nofollow=task.nofollow, plan=draft)
         if src.image.size == src.size:
             # No reduced-scale decode happened: run every step as written on the real image.
-            plans = [None] * len(pipes)
+            plans = [None] * len(chosen)
         try:
+            pipes = [(p, path, _encoder_for(path, task.path)) for p, path in chosen]
             colour = "srgb" if any(p.output.colour == "srgb" for p, _, _ in pipes) else "keep"
-            base = codec.to_working(src.image, src.icc, colour, notes)
+            base = _working(src, colour, task.path, notes)
             if src.n_frames > 1 and base is src.image:
                 base = base.copy()  # seeking for later frames must not change it
             for (p, path, fmt), shrink in zip(pipes, plans, strict=True):
@@ -355,22 +372,88 @@ class Processor:
                              f"{p.output.max_frames} (max_frames)")
             out = []
             for frame, duration in codec.frames(src, path, p.output.max_frames):
-                im = codec.to_working(frame, src.icc, p.output.colour, [])
+                im = _working(src, p.output.colour, path, [], frame)
                 out.append((apply(p, im, shrink), duration))
             return out
-        duration = int(src.image.info.get("duration", 0) or 0)
+        duration = codec.frame_duration(src.image.info.get("duration"), 0)
         return [(apply(p, base, shrink), duration)]
+
+
+def _working(src: Source, colour: str, path: str, notes: list[str],
+             frame: Image.Image | None = None) -> Image.Image:
+    """``frame`` (default: the decoded image) in a working mode (``codec.to_working``).
+
+    The decoder may give a mode (or a palette, or a profile) that cannot be converted; that is
+    this input's data, not a bug: ``corrupt``, naming the mode.
+    """
+    im = src.image if frame is None else frame
+    try:
+        return codec.to_working(im, src.icc, colour, notes)
+    except (ValueError, OSError, TypeError, KeyError, IndexError) as exc:
+        raise RejectedInput("corrupt", f"{path}: pixels in mode {im.mode!r} cannot be "
+                            f"converted: {type(exc).__name__}: {exc}") from exc
+
+
+class _Output:
+    """The output file as an encoder sees it: keeps every ``OSError`` the file itself raised
+    (``failure``), the evidence that a failed encode is the file system's fault."""
+
+    def __init__(self, fp: Any) -> None:
+        self._fp = fp
+        self.failure: OSError | None = None
+
+    def _system(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except OSError as exc:
+            if self.failure is None and not isinstance(exc, io.UnsupportedOperation):
+                self.failure = exc
+            raise
+
+    def write(self, data: Any) -> int:
+        return self._system(self._fp.write, data)  # type: ignore[no-any-return]
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._system(self._fp.seek, offset, whence)  # type: ignore[no-any-return]
+
+    def tell(self) -> int:
+        return self._system(self._fp.tell)  # type: ignore[no-any-return]
+
+    def read(self, n: int = -1) -> bytes:
+        return self._system(self._fp.read, n)  # type: ignore[no-any-return]
+
+    def flush(self) -> None:
+        self._system(self._fp.flush)
+
+    def fileno(self) -> int:
+        return self._system(self._fp.fileno)  # type: ignore[no-any-return]
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
 
 
 def _encode(images: list[tuple[Image.Image, int]], f: Any, fmt: str, opts: OutputOptions,
             src: Source, oriented: bool, notes: list[str], path: str) -> None:
+    """Encode to ``f``. An ``OSError`` that ``f`` raised (disk full, EIO) propagates: the
+    output could not be written (``write-failed``). Anything else the encoder raises (Pillow's
+    "encoder error -2", the animated WebP encoder's RuntimeError, a ValueError for a mode) is
+    ``encode-failed``: this image cannot be written in ``fmt``."""
+    out = _Output(f)
     try:
-        codec.save(images, f, fmt, opts, src, oriented=oriented, notes=notes)
-    except OSError as exc:
-        if exc.errno is not None:
-            raise  # the file system: disk full, EIO...
-        raise _EncodeError(path) from exc  # Pillow's encoder errors carry no errno
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        codec.save(images, out, fmt, opts, src, oriented=oriented, notes=notes)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        if out.failure is exc:
+            raise
+        if out.failure is not None:  # the encoder wrapped the file's error in its own
+            raise out.failure from exc
         raise _EncodeError(path) from exc
 
 

@@ -51,6 +51,24 @@ def _colour_only(im: Image.Image, fn: Callable[[Image.Image], Image.Image]) -> I
     return fn(im)
 
 
+class TooManyPixelsError(ValueError):
+    """A transform would make an image with more pixels than the pixel limit allows."""
+
+
+def check_pixels(size: Size, what: str) -> None:
+    """Refuse to make an image of ``size`` when it has more pixels than the pixel limit.
+
+    The limit is the run's ``pixel_limit`` (``codec.decode`` sets Pillow's MAX_IMAGE_PIXELS to
+    it): an upscale or a rotation must not turn an image that passed it into one that would
+    not (a 30-degree turn of a 65500x48 strip is 56750x32790 pixels, 5.6 GB as RGB).
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = size[0] * size[1]
+    if limit and pixels > limit:
+        raise TooManyPixelsError(f"{what} would make {size[0]}x{size[1]} = {pixels} pixels, more "
+                            f"than the pixel limit ({limit})")
+
+
 def fit_size(size: Size, box: Size, *, upscale: bool = False) -> Size:
     """The largest size with ``size``'s aspect ratio inside ``box`` (each side at least 1)."""
     w, h = size
@@ -63,6 +81,7 @@ def fit_size(size: Size, box: Size, *, upscale: bool = False) -> Size:
 def _resize_to(im: Image.Image, size: Size) -> Image.Image:
     if im.size == size:
         return im
+    check_pixels(size, "resizing")
     if im.mode.startswith("I;16"):
         im = _working(im)  # Pillow cannot reduce() raw 16-bit modes
     # reducing_gap: box pre-shrink by whole factors, then LANCZOS over the last 2x (Pillow's own
@@ -153,6 +172,8 @@ def rotate(im: Image.Image, degrees: float, expand: bool = True,
         return im.copy()
     if d in exact:
         return im.transpose(exact[int(d)])
+    if expand:
+        check_pixels(rotated_size(im.size, d), f"rotating by {degrees} degrees")
     im = _working(im)
     colour = ImageColor.getcolor(fill, "RGBA")
     if im.mode in ("L", "LA"):
@@ -160,6 +181,14 @@ def rotate(im: Image.Image, degrees: float, expand: bool = True,
     elif im.mode == "RGB":
         colour = colour[:3]
     return im.rotate(d, resample=Image.Resampling.BICUBIC, expand=expand, fillcolor=colour)
+
+
+def rotated_size(size: Size, degrees: float) -> Size:
+    """The size of ``size`` turned by ``degrees`` with ``expand`` (its bounding box)."""
+    a = math.radians(degrees)
+    c, s = abs(math.cos(a)), abs(math.sin(a))
+    w, h = size
+    return math.ceil(w * c + h * s), math.ceil(w * s + h * c)
 
 
 def flip(im: Image.Image) -> Image.Image:
