@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests import crashers
 from tests.conftest import fill, make_image, run_cli, wait_until
-from tests.test_watch import Daemon, claimed, drop, files
+from tests.test_watch import SLOW_TOML, Daemon, claimed, drop, files
 from watcher import lifecycle
 
 pytestmark = pytest.mark.integration
@@ -217,10 +218,11 @@ def test_a_file_written_on_after_its_claim_is_made_again_from_what_is_there(
     """Someone else's open and close made the file look complete while its writer still held
     it: the writer's later bytes land in the claimed file, and the daemon, seeing it changed
     under the worker, makes it again from the whole file."""
-    d = Daemon(tmp_path, "--workers", "1")
+    (tmp_path / "watcher.toml").write_text(SLOW_TOML)
+    d = Daemon(tmp_path, "--workers", "1", "--config", str(tmp_path / "watcher.toml"))
     try:
-        make_image(tmp_path / "inbox" / "heavy.png", size=(3000, 2000))  # keeps the worker busy
-        d.wait_for("file.queued", input="heavy.png")
+        crashers.slow_image(str(tmp_path / "inbox" / "slow.png"), 3.0)  # the worker is busy
+        d.wait_for("file.queued", input="slow.png")
         whole = (make_image(tmp_path / "src" / "x.png", size=(400, 300))).read_bytes()
         with open(tmp_path / "inbox" / "x.png", "wb", buffering=0) as writer:
             writer.write(whole[: len(whole) // 2])

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import safefs
-from .errors import ConfigError, RejectedInput
+from .errors import ConfigError
 from .files import (
     HOST,
     NAME_MAX,
@@ -487,36 +487,57 @@ def quarantine(folders: Folders, c: Claim, info: Mapping[str, Any]) -> str:
     and the OSError is raised."""
     rel_dir, name = os.path.split(c.rel)
     folder = os.path.join(folders.quarantine, rel_dir)
-    os.makedirs(folder, exist_ok=True)
-    while True:
-        dest = free_name(folder, name)
-        doc = {"input": c.rel, "quarantined_as": os.path.relpath(dest, folders.quarantine),
-               **info, "detected_at": _iso(c.detected_at), "claimed_at": _iso(c.claimed_at),
-               "quarantined_at": _iso(time.time()), "host": socket.gethostname(),
-               "daemon_pid": os.getpid(),
-               "retry": f"move it back into the inbox, or: watcher requeue {dest}"}
-        try:
-            atomic_write(dest + SIDECAR, lambda f, d=doc: f.write(
-                json.dumps(d, indent=2).encode() + b"\n"), overwrite=False, sync_dir=False)
-        except RejectedInput:
-            continue  # a sidecar of that name appeared meanwhile: the next counter
-        try:
-            _move(c.work_path, dest)
-        except FileExistsError:
-            _unlink_quiet(dest + SIDECAR)
-            continue  # taken between the check and the move: the next counter
-        except BaseException:
-            _unlink_quiet(dest + SIDECAR)
-            raise
-        fsync_dir(folder)
-        fsync_dir(os.path.dirname(c.work_path))
-        drop_record(c)
-        return dest
+    with safefs.parent_of(c.work_path) as (sfd, sname), \
+            safefs.parent_of(os.path.join(folder, "x"), create=True) as (dfd, _):
+        while True:
+            dname = _free_at(dfd, name)
+            dest = os.path.join(folder, dname)
+            doc = {"input": c.rel, "quarantined_as": os.path.relpath(dest, folders.quarantine),
+                   **info, "detected_at": _iso(c.detected_at),
+                   "claimed_at": _iso(c.claimed_at), "quarantined_at": _iso(time.time()),
+                   "host": socket.gethostname(), "daemon_pid": os.getpid(),
+                   "retry": f"move it back into the inbox, or: watcher requeue {dest}"}
+            data = json.dumps(doc, indent=2).encode() + b"\n"
+            try:
+                _write_new_at(dfd, dname + SIDECAR, data)
+            except FileExistsError:
+                continue  # a sidecar of that name appeared meanwhile: the next counter
+            try:
+                _move(sfd, sname, dfd, dname)
+            except FileExistsError:
+                _unlink_at(dfd, dname + SIDECAR)
+                continue  # taken between the check and the move: the next counter
+            except BaseException:
+                _unlink_at(dfd, dname + SIDECAR)
+                raise
+            os.fsync(dfd)
+            os.fsync(sfd)
+            drop_record(c)
+            return dest
 
 
-def _unlink_quiet(path: str) -> None:
+def _write_new_at(dfd: int, name: str, data: bytes) -> None:
+    """Create ``name`` in the folder ``dfd`` with ``data``, durably and atomically (a temp
+    name, fsync, then a link that never replaces: FileExistsError if the name is taken)."""
+    tmp = os.path.basename(temp_name(name, os.getpid()))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644, dir_fd=dfd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+    finally:
+        _unlink_at(dfd, tmp)
+
+
+def _unlink_at(dfd: int, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        os.unlink(name, dir_fd=dfd)
 
 
 def requeue(folders: Folders, paths: list[str] | None = None) -> list[tuple[str, str]]:
