@@ -281,3 +281,20 @@ def test_a_full_work_disk_leaves_the_input_in_the_inbox_until_it_can_be_claimed(
             filler.unlink()
         assert d.stop() == 0
     assert d.fates()["x.png"] == 1 and files(root / "archive") == ["x.png"]
+
+
+def test_an_empty_file_refilled_after_its_close_gets_one_fate(tmp_path: Path) -> None:
+    d = Daemon(tmp_path)
+    try:
+        data = make_image(tmp_path / "src" / "e.png").read_bytes()
+        (tmp_path / "inbox" / "e.png").write_bytes(b"")  # created and closed empty
+        time.sleep(0.3)  # the writer comes back, as the defect's did
+        with open(tmp_path / "inbox" / "e.png", "ab") as f:
+            f.write(data)
+        d.wait_for("file.processed", input="e.png")
+        drop(tmp_path, "after.png")  # a later file: the empty one had no second fate meanwhile
+        d.wait_for("file.processed", input="after.png")
+    finally:
+        assert d.stop() == 0
+    assert d.fates()["e.png"] == 1 and d.seen("file.quarantined") == []
+    assert files(tmp_path / "archive") == ["after.png", "e.png"]

@@ -126,6 +126,24 @@ def test_empty_scanned_file_waits_long(fs: FakeFS) -> None:
     assert t.due() == []
 
 
+def test_an_empty_file_closed_still_waits_long_and_its_refill_is_taken(fs: FakeFS) -> None:
+    t = tracker(fs, settle=1.0)
+    fs.write("/in/e.jpg", 0)
+    t.hint("/in/e.jpg", sources.CLOSED)  # closed empty: a writer may come back to append
+    assert t.due() == []
+    fs.now += 0.3
+    fs.write("/in/e.jpg", 500)
+    t.hint("/in/e.jpg", sources.MODIFIED)
+    t.hint("/in/e.jpg", sources.CLOSED)
+    assert t.due() == ["/in/e.jpg"]  # filled and closed: taken at once
+    t.forget("/in/e.jpg")
+    fs.write("/in/f.jpg", 0)
+    t.hint("/in/f.jpg", sources.CLOSED)
+    t.due()
+    fs.now += t.stale + 0.1
+    assert t.due() == ["/in/f.jpg"]  # left empty: taken (and quarantined) after the long wait
+
+
 def test_vanished_file_is_forgotten_and_special_files_are_ready(fs: FakeFS) -> None:
     t = tracker(fs)
     t.hint("/in/gone.jpg", sources.SCAN)

@@ -5,7 +5,8 @@ file is complete happens in one place, the ``Stability`` tracker:
 - closed after writing (inotify close-write) or moved into the inbox: complete at once;
 - being written (inotify reported a write, no close yet): wait for the close, however long the
   writer pauses; only a file left unchanged for a long time (``stale``) is taken without one;
-- an empty file (a writer may have opened it and not written yet): also ``stale``;
+- an empty file (a writer may have opened it and not written yet, or closed it and will come
+  back to append): also ``stale``, even after a close;
 - anything else (created in place without a write seen, e.g. a hard link or a file made before
   its folder was watched; seen by a scan; or by the polling observer, which has no close events):
   complete when its size and mtime have not changed for the settle time.
@@ -216,9 +217,11 @@ class Stability:
                     e.changed = now
                     continue
             quiet = now - e.changed
-            # an empty file may have just been opened by a writer that has not written yet
-            slow = e.writing or st.st_size == 0
-            if e.complete or quiet >= (self.stale if slow else self.settle):
+            # An empty file may have just been opened by a writer that has not written yet, or
+            # closed by one that comes back to append: even closed, it waits the long time.
+            empty = st.st_size == 0
+            slow = e.writing or empty
+            if (e.complete and not empty) or quiet >= (self.stale if slow else self.settle):
                 ready.append((e.first, path))
         return [p for _, p in sorted(ready)]
 
