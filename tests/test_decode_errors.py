@@ -217,3 +217,21 @@ def test_an_encoder_error_is_encode_failed_even_with_an_errno(
     monkeypatch.setattr(codec, "save", save)
     with pytest.raises(pipeline._EncodeError):
         pipeline._encode(images, io.BytesIO(), "PNG", OutputOptions(), src, False, [], "x.png")
+
+
+def test_the_worker_refuses_a_hard_linked_input_on_its_open_descriptor(tmp_path: Path) -> None:
+    src = make_image(tmp_path / "a.png")
+    os.link(src, tmp_path / "other-name.png")  # two links: its data may be a file elsewhere
+    proc = Processor({"p": config.pipeline_from(["grayscale"], "p", "p")}, DecodeLimits())
+    out = OutputPlan("p", str(tmp_path / "out" / "a_p.png"))
+    r = proc.run(Task(1, str(src), (out,), nofollow=True, max_links=1))
+    assert (r.ok, r.reason) == (False, "hard-link") and not Path(out.path).exists()
+    ok = proc.run(Task(2, str(src), (out,), nofollow=True))  # batch mode: no link limit
+    assert ok.ok, ok
+
+
+def test_a_header_above_the_default_pixel_limit_still_names_its_output(tmp_path: Path) -> None:
+    path = tmp_path / "big.data"
+    path.write_bytes(grey_png_bomb(13380))
+    assert batch.output_ext(OutputOptions(), str(path), ("PNG",)) == ".png"
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # restored

@@ -150,11 +150,15 @@ def output_ext(opts: OutputOptions, path: str, allowed: Sequence[str]) -> str:
     ext = os.path.splitext(path)[1]
     if ext.lower() in _KEEP_EXT:
         return ext
-    try:  # an unusual or missing extension: ask the header (no pixels are decoded)
+    limit = Image.MAX_IMAGE_PIXELS
+    try:  # an unusual or missing extension: ask the header (no pixels are decoded, so no
+        Image.MAX_IMAGE_PIXELS = None  # pixel limit: the worker applies the run's own)
         with Image.open(path, formats=allowed) as im:
             return codec.EXTENSIONS.get(im.format or "", ".png")
     except Exception:  # noqa: BLE001 - the worker will report what is wrong with it
         return ext or ".png"
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 @dataclass

@@ -296,7 +296,7 @@ def _trusted(f: InputFile, path: str) -> None:
 
 def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
            plan: Callable[[Image.Image], tuple[str, tuple[int, int]] | None] | None = None,
-           ) -> Source:
+           max_links: int = 0) -> Source:
     """Open and fully decode the first frame of ``path``.
 
     ``plan(image)`` is called once the header of a single-frame JPEG is read (size, mode, EXIF
@@ -304,7 +304,8 @@ def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
     smaller than ``size`` (libjpeg DCT scaling): a thumbnail of a 48 MP photo then never holds
     the full image. Other images are always decoded at full size.
     """
-    raw, nbytes = open_regular(path, nofollow=nofollow, max_size=limits.max_file_size)
+    raw, nbytes = open_regular(path, nofollow=nofollow, max_size=limits.max_file_size,
+                               max_links=max_links)
     f = InputFile(raw)
     try:
         load_plugins()

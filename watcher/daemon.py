@@ -566,7 +566,8 @@ class Daemon:
             self._transient(c, "write-failed", f"cannot record the claim: {exc}",
                             {"input": c.rel})
             return
-        task = Task(c.seq, c.work_path, outputs, overwrite=own, nofollow=True)
+        task = Task(c.seq, c.work_path, outputs, overwrite=own, nofollow=True,
+                    max_links=1 if self.settings.watch.hard_links == "quarantine" else 0)
         c.seen = _identity(c.work_path)
         c.submitted_at = time.monotonic()
         self.claims[c.seq] = c

@@ -343,7 +343,8 @@ class Processor:
             return ("L" if all(s and s.luma for s in plans) else "RGB", need)
 
         # Decode first: what the input is decides its fate before what its outputs are named.
-        src = codec.decode(task.path, limits=self.limits, nofollow=task.nofollow, plan=draft)
+        src = codec.decode(task.path, limits=self.limits, nofollow=task.nofollow, plan=draft,
+                           max_links=task.max_links)
         if src.image.size == src.size:
             # No reduced-scale decode happened: run every step as written on the real image.
             plans = [None] * len(chosen)

@@ -32,10 +32,13 @@ class Task:
     # fsync the output folder after each rename (watch mode: the input is archived next);
     # a batch fsyncs each output folder once at its end instead.
     sync_dir: bool = True
+    # Refuse an input with more hard links than this, judged on the open descriptor
+    # ("hard-link"); 0: no limit (watch mode sets 1 unless hard_links = "process").
+    max_links: int = 0
 
     def retry(self) -> Task:
         return Task(self.seq, self.path, self.outputs, self.attempt + 1, self.overwrite,
-                    self.nofollow, self.sync_dir)
+                    self.nofollow, self.sync_dir, self.max_links)
 
 
 @dataclass(frozen=True, slots=True)
