@@ -632,16 +632,22 @@ def adopt_claims(folders: Folders, max_age: float, seq: Callable[[], int],
             fsync_dir(folders.work)
             fsync_dir(other.work)
             taken.append((old.work_path, c))
+        # what its dead processes left half-written there (a claim record, say)
+        remove_stale_temps(other, roots=(other.work,))
     return taken
 
 
-def remove_stale_temps(folders: Folders, max_age: float = STALE_TEMP_AGE) -> list[str]:
+def remove_stale_temps(folders: Folders, max_age: float = STALE_TEMP_AGE,
+                       roots: tuple[str, ...] | None = None) -> list[str]:
     """Temp files nobody will finish: written by a process of this host that no longer runs (a
     killed daemon's workers), or, from any host (another daemon or a cluster worker on a shared
-    folder), untouched for ``max_age`` seconds."""
+    folder), untouched for ``max_age`` seconds. ``roots``: where to look (default: the output,
+    archive, quarantine and work folders)."""
     removed = []
     now = time.time()
-    for root in (folders.output, folders.archive, folders.quarantine, folders.work):
+    if roots is None:
+        roots = (folders.output, folders.archive, folders.quarantine, folders.work)
+    for root in roots:
         for dirpath, _, names in os.walk(root):
             for name in names:
                 owner = temp_owner(name)
