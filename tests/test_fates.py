@@ -96,11 +96,18 @@ def test_a_failure_not_the_inputs_fault_is_retried_a_bounded_number_of_times(
     assert claimed(tmp_path) == [] and files(tmp_path / "processed") == []
 
 
+def _full_folder_daemon(root: Path, tmpfs, name: str) -> tuple[Path, Path, Daemon]:
+    """A daemon whose ``name`` folder is a real tmpfs filled to the last byte: (the folder, the
+    filler to remove for room, the daemon), retrying every fraction of a second."""
+    folder = tmpfs(name, "256k")
+    filler = fill(folder)
+    d = Daemon(root, env={"WATCHER_RETRY_BACKOFF": "0.2", "WATCHER_RETRY_BACKOFF_MAX": "0.5"})
+    return folder, filler, d
+
+
 def test_a_full_quarantine_keeps_the_input_and_never_loses_its_reason(
         tmp_path: Path, tmpfs) -> None:
-    quarantine = tmpfs("quarantine", "256k")
-    filler = fill(quarantine)
-    d = Daemon(tmp_path, env={"WATCHER_RETRY_BACKOFF": "0.2", "WATCHER_RETRY_BACKOFF_MAX": "0.5"})
+    quarantine, filler, d = _full_folder_daemon(tmp_path, tmpfs, "quarantine")
     try:
         (tmp_path / "inbox" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 100)
         d.wait_for("file.fate_deferred", input="bad.png")
@@ -242,9 +249,7 @@ def test_a_file_written_on_after_its_claim_is_made_again_from_what_is_there(
 
 def test_a_full_output_disk_is_retried_and_the_input_kept_until_there_is_room(
         tmp_path: Path, tmpfs) -> None:
-    out = tmpfs("processed", "256k")
-    filler = fill(out)
-    d = Daemon(tmp_path, env={"WATCHER_RETRY_BACKOFF": "0.2", "WATCHER_RETRY_BACKOFF_MAX": "0.4"})
+    out, filler, d = _full_folder_daemon(tmp_path, tmpfs, "processed")
     try:
         drop(tmp_path, "x.png", size=(300, 200))
         r = d.wait_for("file.retried", input="x.png")[0]

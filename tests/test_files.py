@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,17 +147,9 @@ def _noise_task(tmp_path: Path, out_dir: Path) -> tuple[Any, Any]:
 
 
 @pytest.fixture
-def small(tmp_path: Path) -> Iterator[Path]:
+def small(tmpfs) -> Path:
     """A real 64 kB file system (tmpfs) that fills up."""
-    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
-        pytest.skip("needs root to mount a small tmpfs")
-    folder = tmp_path / "small"
-    folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], check=True)
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
+    return tmpfs("small", "64k")
 
 
 def test_disk_full_fails_the_task_and_leaves_nothing(tmp_path: Path, small: Path) -> None:

@@ -154,7 +154,7 @@ class Daemon:
                            pipelines=[p.name for p in self._pipelines], backlog=backlog,
                            recovered=recovered, on_success=ws.on_success)
             self._beat(force=True)
-            self.notifier.ready(self._status())
+            self.notifier.ready(self._status(len(self._retrying()), self._problems()))
             next_scan = time.monotonic() + ws.reconcile_interval
             while not self._stopping:
                 self._tick()
@@ -166,11 +166,10 @@ class Daemon:
         finally:
             self._restore(old)
 
-    def _status(self) -> str:
-        text = (f"{len(self.claims)} in flight, {len(self._retrying())} waiting to retry, "
+    def _status(self, retrying: int, problems: list[str]) -> str:
+        text = (f"{len(self.claims)} in flight, {retrying} waiting to retry, "
                 f"{len(self.tracker)} waiting, {self.counts['processed']} processed, "
                 f"{self.counts['quarantined']} quarantined")
-        problems = self._problems()
         return f"{text}; degraded: {problems[0]}" if problems else text
 
     def _retrying(self) -> list[Claim]:
@@ -214,8 +213,9 @@ class Daemon:
         self._next_beat = now + BEAT
         alive = self.engine.workers_alive if self.engine else 0
         problems = self._problems()
+        retrying = len(self._retrying())
         self.metrics.in_flight.set(len(self.claims) + len(self._retry) + len(self._deferred))
-        self.metrics.retry_waiting.set(len(self._retrying()))
+        self.metrics.retry_waiting.set(retrying)
         self.metrics.pending.set(len(self.tracker))
         self.metrics.workers.set(alive)
         if self.engine is not None and self.engine.stats.restarts > self._restarts_seen:
@@ -226,7 +226,7 @@ class Daemon:
         try:
             health.write(health.heartbeat_path(self.folders.work), {
                 "state": state, "in_flight": len(self.claims), "pending": len(self.tracker),
-                "retrying": len(self._retrying()), "deferred": len(self._deferred),
+                "retrying": retrying, "deferred": len(self._deferred),
                 "problems": problems, "workers_alive": alive, **self.counts})
             self._beat_failures = 0
         except OSError as exc:
@@ -237,7 +237,7 @@ class Daemon:
             if self._beat_failures == 1 or self._beat_failures % 60 == 0:
                 self._log.warning("heartbeat.write_failed", error=str(exc),
                                   failures=self._beat_failures, touched=touched)
-        self.notifier.status(self._status())
+        self.notifier.status(self._status(retrying, problems))
         if os.getpid() == 1:
             self._reap_orphans()
 

@@ -84,11 +84,21 @@ def _openat2(dirfd: int, rel: str, flags: int) -> int | None:
     return None
 
 
-def _walk_open(dirfd: int, names: list[str]) -> int:
+def _walk_open(dirfd: int, names: list[str], *, create: bool = False,
+               mode: int = 0o777) -> int:
+    """Open each of ``names`` in turn below ``dirfd`` (none may be a link), creating missing
+    folders when asked; a new descriptor of the last."""
     fd = os.open(".", O_DIR, dir_fd=dirfd)
     try:
         for name in names:
-            nfd = os.open(name, O_DIR, dir_fd=fd)
+            try:
+                nfd = os.open(name, O_DIR, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, mode, dir_fd=fd)
+                nfd = os.open(name, O_DIR, dir_fd=fd)
             os.close(fd)
             fd = nfd
     except BaseException:
@@ -109,21 +119,7 @@ def open_dir(dirfd: int, rel: str) -> int:
 
 def makedirs(dirfd: int, rel: str, mode: int = 0o777) -> int:
     """Like ``open_dir``, creating missing folders (``mkdirat``); a new descriptor."""
-    fd = os.open(".", O_DIR, dir_fd=dirfd)
-    try:
-        for name in parts(rel):
-            try:
-                nfd = os.open(name, O_DIR, dir_fd=fd)
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, mode, dir_fd=fd)
-                nfd = os.open(name, O_DIR, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _walk_open(dirfd, parts(rel), create=True, mode=mode)
 
 
 @contextlib.contextmanager
