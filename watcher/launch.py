@@ -12,9 +12,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-# What the worker forkserver imports before forking workers: the worker loop, Pillow and its
-# default plugins. The engine asks for the same list (a forkserver serves one preload).
-PRELOAD = ["watcher.worker", "watcher.preload"]
+# What the worker forkserver imports before forking workers: first ``watcher.preload`` (it
+# makes the forkserver ignore SIGTERM/SIGINT sent to the process group, and loads Pillow and its
+# default plugins), then the worker loop. The engine asks for the same list (a forkserver serves
+# one preload).
+PRELOAD = ["watcher.preload", "watcher.worker"]
 
 
 def start_forkserver() -> None:
