@@ -19,12 +19,26 @@ from collections.abc import Sequence
 PRELOAD = ["watcher.preload", "watcher.worker"]
 
 
+# A warnings filter for the helper interpreters multiprocessing starts (the resource tracker,
+# the forkserver), which take this process's -W options: after a kill -9 of this process, the
+# resource tracker cleans up the semaphores it left and says so with a plain-text warning on the
+# stderr it shares with the JSON log lines. The cleanup is what matters; the line is dropped.
+QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
+def quiet_helpers() -> None:
+    """Give the helper interpreters started from now on QUIET_TRACKER (see above)."""
+    if QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(QUIET_TRACKER)
+
+
 def start_forkserver() -> None:
     """Start the forkserver that engines of this process fork their workers from, if not yet."""
     import contextlib  # noqa: PLC0415
     import multiprocessing  # noqa: PLC0415
     from multiprocessing import forkserver  # noqa: PLC0415
 
+    quiet_helpers()
     with contextlib.suppress(Exception):
         multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
         forkserver.ensure_running()
