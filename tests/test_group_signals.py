@@ -271,3 +271,60 @@ def test_a_group_signal_stops_a_batch_as_documented(tmp_path: Path, sig: int, co
     assert not [e for e in events if e.get("event") == "worker.died"], events
     assert [e for e in events if e.get("event") == "batch.interrupted"]
     wait_until(lambda: not tagged_processes(b.tag), 10, "no process of the run to be left")
+
+
+def test_a_group_sighup_reloads_and_kills_no_worker(tmp_path: Path) -> None:
+    # A terminal that closes sends SIGHUP to its foreground process group: the daemon reloads;
+    # the forkserver and the workers must not die of it.
+    root = tmp_path
+    (root / "watcher.toml").write_text(SLOW_TOML)
+    d = watch(root, "--config", str(root / "watcher.toml"), "--workers", "2")
+    try:
+        crashers.slow_image(str(root / "inbox" / "a.png"), 1.0)  # running at the SIGHUP
+        d.wait_for("file.queued", input="a.png")
+        d.killpg(signal.SIGHUP)
+        d.wait_for("config.reloaded")
+        crashers.slow_image(str(root / "inbox" / "b.png"), 0.1)
+        d.wait_for("file.processed", input="a.png")
+        d.wait_for("file.processed", input="b.png")
+        d.killpg(signal.SIGTERM)
+        assert d.wait(60) == 0
+    finally:
+        d.ensure_dead()
+    events = d.events()
+    assert not [e for e in events if e.get("event") in ("worker.died", "file.retried")], events
+    assert fates(events) == Counter({"a.png": 1, "b.png": 1})
+    assert temps(root) == []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_the_resource_tracker_dying_changes_nothing(tmp_path: Path) -> None:
+    # Workers recycled after each file: every new one registers a lock with the tracker.
+    root = tmp_path
+    d = watch(root, "--workers", "2", "--max-tasks-per-worker", "1")
+    try:
+        trackers = [p for p in tagged_processes(d.tag)
+                    if "resource_tracker import main" in _cmdline(p)]
+        assert len(trackers) == 1, [_cmdline(p) for p in tagged_processes(d.tag)]
+        os.kill(trackers[0], signal.SIGKILL)
+        names = [f"r{i}.png" for i in range(6)]
+        for n in names:
+            crashers.slow_image(str(root / "inbox" / n), 0.1)
+        for n in names:
+            d.wait_for("file.processed", input=n)
+        d.killpg(signal.SIGTERM)
+        assert d.wait(60) == 0
+    finally:
+        d.ensure_dead()
+    events = d.events()
+    assert fates(events) == Counter(dict.fromkeys(names, 1))
+    assert not [e for e in events if e.get("event") in ("worker.died", "watcher.internal_error")]
+    assert temps(root) == []
+    wait_until(lambda: not tagged_processes(d.tag), 10, "no process of the daemon left")

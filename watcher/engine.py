@@ -51,7 +51,7 @@ from .codec import DecodeLimits
 from .config import EngineSettings
 from .errors import WatcherError
 from .files import remove_temps
-from .launch import PRELOAD, quiet_helpers
+from .launch import PRELOAD, start_helpers
 from .pipeline import Pipeline
 from .tasks import Result, Task
 from .worker import (
@@ -145,10 +145,10 @@ class Engine:
         self.settings = settings
         self.start_method = resolve_start_method(settings.start_method)
         self._ctx = multiprocessing.get_context(self.start_method)
-        if self.start_method != "fork":
-            quiet_helpers()  # before the resource tracker starts (see watcher.launch)
         if self.start_method == "forkserver":
             self._ctx.set_forkserver_preload(PRELOAD)
+        if self.start_method != "fork":
+            start_helpers(forkserver=False)  # the resource tracker, deaf to SIGHUP (launch)
         cfg = WorkerConfig(dict(pipelines), limits, settings.max_tasks_per_worker, log_format,
                            log_level, os.getpid())
         self._log_setup = (log_format, log_level)
@@ -185,7 +185,7 @@ class Engine:
     def _spawn(self, index: int) -> None:
         shared = self._ctx.RawArray("d", SLOT_SIZE)
         shared[SEQ] = shared[COMMIT_STARTED] = shared[COMMIT_SEQ] = IDLE
-        lock = self._ctx.Lock()
+        lock = self._new_lock()
         recv, send = self._ctx.Pipe(duplex=False)
         task_recv, task_send = self._ctx.Pipe(duplex=False)
         # A forked worker starts with copies of this process's descriptors: it closes this
@@ -208,6 +208,16 @@ class Engine:
             self._fds[fd] = slot
         self.stats.started += 1
         self._log.info("worker.started", worker=proc.pid, slot=index)
+
+    def _new_lock(self) -> Any:
+        """A slot lock. Outside ``fork`` it is registered with multiprocessing's resource
+        tracker; a tracker that died (killed) between its liveness probe and the registration
+        makes that fail once with a broken pipe, and the next try starts a new tracker."""
+        try:
+            return self._ctx.Lock()
+        except OSError:
+            self._log.warning("engine.resource_tracker_gone", why="it is started again")
+            return self._ctx.Lock()
 
     @property
     def outstanding(self) -> int:

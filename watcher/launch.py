@@ -32,16 +32,41 @@ def quiet_helpers() -> None:
         sys.warnoptions.append(QUIET_TRACKER)
 
 
-def start_forkserver() -> None:
-    """Start the forkserver that engines of this process fork their workers from, if not yet."""
+def start_helpers(*, forkserver: bool) -> None:
+    """Start multiprocessing's resource tracker (and, if asked, the worker forkserver) if not yet,
+    deaf to SIGHUP.
+
+    The resource tracker ignores SIGINT and SIGTERM by itself, not SIGHUP, which a closing
+    terminal sends to its whole process group (the daemon's own is a reload): it would die, and
+    the next worker started would fail to register its lock. A signal ignored at exec stays
+    ignored, so the helpers are started with SIGHUP ignored for that moment (from the main
+    thread only: elsewhere they start as multiprocessing starts them).
+    """
     import contextlib  # noqa: PLC0415
     import multiprocessing  # noqa: PLC0415
-    from multiprocessing import forkserver  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    from multiprocessing import forkserver as fs  # noqa: PLC0415
+    from multiprocessing import resource_tracker  # noqa: PLC0415
 
     quiet_helpers()
-    with contextlib.suppress(Exception):
-        multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
-        forkserver.ensure_running()
+    try:
+        old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        old = None
+    try:
+        with contextlib.suppress(Exception):
+            resource_tracker.ensure_running()
+            if forkserver:
+                multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+                fs.ensure_running()
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGHUP, old)
+
+
+def start_forkserver() -> None:
+    """Start the forkserver that engines of this process fork their workers from, if not yet."""
+    start_helpers(forkserver=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

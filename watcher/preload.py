@@ -2,13 +2,14 @@
 
 Two things happen here, once, in the forkserver:
 
-- it ignores SIGTERM and SIGINT. A signal sent to the whole process group (``kill -TERM
+- it ignores SIGTERM, SIGINT and SIGHUP. A signal sent to the whole process group (``kill -TERM
   -PGID``: ``docker stop`` on a shell entry point, systemd's ``KillMode=control-group``, a
   terminal's Ctrl-C) reaches the forkserver too; killed by it, it would take every worker with
   it (their parent-death signal) in the middle of their tasks. The forkserver needs no signal to
-  stop: it exits when the process that started it closes its end of the forkserver's pipe.
-  Workers forked from it start with both ignored and install their own handlers first thing
-  (``worker.worker_main``); multiprocessing's resource tracker ignores both by itself.
+  stop: it exits when the process that started it closes its end of the forkserver's pipe (and
+  a SIGHUP is the daemon's, to reload). Workers forked from it start with these ignored and
+  install their own handlers first thing (``worker.worker_main``); multiprocessing's resource
+  tracker ignores SIGTERM and SIGINT by itself.
 - Pillow and the default formats' plugins are loaded, so a worker starts with them (see
   ``watcher.pil``).
 """
@@ -32,10 +33,10 @@ def _in_forkserver() -> bool:
 
 
 def shield_forkserver() -> bool:
-    """Ignore SIGTERM and SIGINT in the forkserver; True if this is the forkserver."""
+    """Ignore SIGTERM, SIGINT and SIGHUP in the forkserver; True if this is the forkserver."""
     if not _in_forkserver():
         return False
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     return True
 

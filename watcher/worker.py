@@ -4,8 +4,8 @@
 module-level process target. Tasks arrive on the worker's own pipe, a few per message; it takes
 them in order, records in its shared slot which one it holds and how many it has taken (so the
 supervisor can charge a crash or a timeout to the right file and give the others back), and
-sends each result back on its own pipe. It ignores SIGINT (the terminal sends Ctrl-C to the
-whole process group; the supervisor decides), finishes its current task on SIGTERM (and exits
+sends each result back on its own pipe. It ignores SIGINT and SIGHUP (the terminal sends them to
+the whole process group; the supervisor decides), finishes its current task on SIGTERM (and exits
 with EXIT_TERMINATED), and exits when its parent is gone.
 
 Its descriptors 1 and 2 are read back by a thread (``watcher.capture``): what native libraries
@@ -147,6 +147,7 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
     EXIT_MAIN_FAILED (or the code a SystemExit carries), after logging the traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor's (a reload), group-wide too
     signal.signal(signal.SIGTERM, _on_term)
     for fd in inherited:
         with contextlib.suppress(OSError):
