@@ -328,3 +328,46 @@ def test_the_resource_tracker_dying_changes_nothing(tmp_path: Path) -> None:
     assert not [e for e in events if e.get("event") in ("worker.died", "watcher.internal_error")]
     assert temps(root) == []
     wait_until(lambda: not tagged_processes(d.tag), 10, "no process of the daemon left")
+
+
+def test_the_workers_hold_the_run_lock_until_they_are_gone(tmp_path: Path) -> None:
+    # A worker of a killed daemon outlives it by a moment (until its parent-death signal): while
+    # one lives, the next start must not call its temp files stale. Here it outlives the kill
+    # -9 for sure: it and its forkserver are stopped (SIGSTOP) first.
+    root = tmp_path
+    d = watch(root, "--workers", "1")
+    stopped: list[int] = []
+    try:
+        workers = [e["worker"] for e in d.seen("worker.started")]
+        forkserver = [p for p in tagged_processes(d.tag)
+                      if "forkserver import main" in _cmdline(p) and p not in workers]
+        assert len(workers) == 1 and len(forkserver) == 1
+        stopped = [*forkserver, *workers]
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(30)
+        temp = root / "processed" / f".z_thumbnail.png.{HOST}.{workers[0]}.watcher-tmp"
+        temp.write_bytes(b"being written by the old run's worker")
+        d2 = watch(root)  # waits for the lock a moment, then settles for the pid rule
+        try:
+            assert d2.seen("daemon.run_lock_shared")
+            assert not d2.seen("file.temp_removed")
+            d2.killpg(signal.SIGTERM)
+            assert d2.wait(60) == 0
+        finally:
+            d2.ensure_dead()
+        assert temp.exists()
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGKILL)
+        d.ensure_dead()
+    wait_until(lambda: not tagged_processes(d.tag), 15, "the old run's processes to end")
+    d3 = watch(root)  # every process of the old run is gone: the lock is free, the temp stale
+    try:
+        removed = {e["path"] for e in d3.seen("file.temp_removed")}
+        d3.killpg(signal.SIGTERM)
+        assert d3.wait(60) == 0
+    finally:
+        d3.ensure_dead()
+    assert removed == {str(temp)} and not temp.exists()

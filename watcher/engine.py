@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from . import log
+from . import log, runlock
 from .codec import DecodeLimits
 from .config import EngineSettings
 from .errors import WatcherError
@@ -198,7 +198,8 @@ class Engine:
                          task_send.fileno())
         proc = self._ctx.Process(target=worker_main, name=f"watcher-worker-{index}",
                                  args=(index, task_recv, send, shared, lock, self._cfg,
-                                       inherited, self._log_setup), daemon=True)
+                                       inherited, self._log_setup, runlock.held()),
+                                 daemon=True)
         proc.start()
         send.close()  # the worker holds the only writing end: EOF means it is gone
         task_recv.close()

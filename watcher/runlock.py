@@ -12,9 +12,14 @@ host runs on the same folders, or the file system has no locks), a temp file of 
 stale when no process has its pid, the one that has it is a zombie, or it started after the temp
 file was last written (so it never wrote it).
 
-Temp files of other hosts are left to ``lifecycle.remove_stale_temps`` (by age). The lock is
-released when the daemon's process ends (the kernel drops it with the descriptor), whatever way
-it ends.
+The daemon's workers hold the lock too: each keeps a duplicate of the locked descriptor
+(``held``, passed by the engine), so the lock is free only once every process of a run is gone:
+a worker of a killed daemon, which dies a few milliseconds after it (its parent-death signal),
+cannot write a temp file behind the cleanup of the next start, which waits that long for the
+lock (``WAIT``) before it settles for the pid rule.
+
+Temp files of other hosts are left to ``lifecycle.remove_stale_temps`` (by age). The kernel
+drops the lock when the last process holding it ends, whatever way it ends.
 """
 
 from __future__ import annotations
@@ -23,32 +28,47 @@ import contextlib
 import errno
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from .files import HOST, temp_owner
 
+WAIT = 3.0  # seconds to wait for the lock at start: the processes of a run just killed end
+_held: dict[int, RunLock] = {}  # the locks this process holds, by descriptor (see ``held``)
+
 
 class RunLock:
     """An exclusive, non-blocking ``flock`` on a folder, taken at construction if it can be."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, wait: float = 0.0) -> None:
         self.folder = folder
         self.exclusive = False  # this process holds it: no other daemon of this host runs here
         self.why = ""  # why not, when not
         self._fd = -1
+        deadline = time.monotonic() + wait
         try:
             self._fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
             self.exclusive = True
+            _held[self._fd] = self
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                self.why = "another daemon of this host runs on these folders"
+                self.why = "another daemon of this host (or a process of its) runs on these " \
+                           "folders"
             else:
                 self.why = f"the folder cannot be locked: {exc.strerror}"
 
     def release(self) -> None:
-        """Drop the lock (also done by the kernel when the process ends)."""
+        """Drop this process's hold (the lock is free once its workers are gone too)."""
+        _held.pop(self._fd, None)
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -59,10 +79,33 @@ class RunLock:
         self.release()
 
 
-def acquire(folders: Any) -> RunLock:
+def acquire(folders: Any, wait: float = WAIT) -> RunLock:
     """The run lock of a daemon's ``lifecycle.Folders``: on the folder holding every instance's
     work folder (``work_root``), else on its work folder."""
-    return RunLock(folders.work_root or folders.work)
+    return RunLock(folders.work_root or folders.work, wait)
+
+
+class Inherited:
+    """A descriptor a worker process keeps open for its whole life: the run lock. Pickled for
+    a forkserver or spawned worker, it travels as a duplicate (multiprocessing's ``DupFd``); a
+    forked worker has it already."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        from multiprocessing import reduction  # noqa: PLC0415
+
+        return _rebuild, (reduction.DupFd(self.fd),)
+
+
+def _rebuild(dup: Any) -> Inherited:
+    return Inherited(dup.detach())
+
+
+def held() -> tuple[Inherited, ...]:
+    """The run locks this process holds, for the engine to hand to each worker it starts."""
+    return tuple(Inherited(fd) for fd in _held)
 
 
 def _roots(folders: Any) -> list[str]:

@@ -134,7 +134,8 @@ class _GroupFailedError(RuntimeError):
 
 def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, lock: Any,
                 cfg_bytes: bytes, inherited: tuple[int, ...] = (),
-                log_setup: tuple[str, str] = ("json", "warning")) -> None:
+                log_setup: tuple[str, str] = ("json", "warning"),
+                keep: tuple[Any, ...] = ()) -> None:
     """Process target: take tasks until the task pipe closes, a halt, SIGTERM, recycling or
     parent death.
 
@@ -142,9 +143,11 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
     cannot be imported in a worker exits with EXIT_INIT_FAILED instead of a bootstrap crash.
     ``inherited``: descriptors a forked worker inherited from the engine (the engine's ends of
     its own and other workers' pipes), closed first. ``log_setup``: (format, level) of its log
-    lines, known before the configuration unpickles. A committer thread that fails ends the
-    process with EXIT_COMMIT_FAILED (see Committer); a main thread that raises, with
-    EXIT_MAIN_FAILED (or the code a SystemExit carries), after logging the traceback.
+    lines, known before the configuration unpickles. ``keep``: descriptors it holds open until
+    it ends, never used (the daemon's run lock, see ``watcher.runlock``). A committer thread
+    that fails ends the process with EXIT_COMMIT_FAILED (see Committer); a main thread that
+    raises, with EXIT_MAIN_FAILED (or the code a SystemExit carries), after logging the
+    traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor's (a reload), group-wide too
