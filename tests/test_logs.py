@@ -96,8 +96,10 @@ def test_a_daemon_run_writes_only_json_lines_on_its_shared_stream(tmp_path: Path
     root = tmp_path / "d"
     root.mkdir()
     (root / "watcher.toml").write_text(CONFIG)
+    # unbuffered streams, as container images often set: a line and its newline written
+    # separately would let other processes' text in between
     d = watch(root, "--config", str(root / "watcher.toml"), "--workers", "2",
-              env=_env(tmp_path))
+              env={**_env(tmp_path), "PYTHONUNBUFFERED": "1"})
     try:
         libtiff_complaint(root / "inbox" / "bad.tif")
         for i in range(6):

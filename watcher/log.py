@@ -61,8 +61,10 @@ class _LineLogger:
     def __init__(self, stream: IO[str], fd: int) -> None:
         self._stream = stream
         self._fd = fd
-        tty = os.isatty(fd) if fd >= 0 else stream.isatty()
-        self._bar = _BarAwareStream(stream) if tty else None
+        # around a progress bar only when writing to the stream itself (a worker writes to a
+        # descriptor of its own: its stream is read back by watcher.capture, see worker.py)
+        same = fd < 0 or _fileno(stream) == fd
+        self._bar = _BarAwareStream(stream) if same and stream.isatty() else None
 
     def msg(self, message: str) -> None:
         line = message + "\n"
@@ -78,6 +80,13 @@ class _LineLogger:
         write_all(self._fd, line.encode("utf-8", "backslashreplace"))
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def _fileno(stream: IO[str]) -> int:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return -1
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -130,10 +139,7 @@ def configure(role: str, fmt: LogFormat = "auto", level: str = "info",
     global _setup, _applied
     stream = stream or sys.stderr
     if fd is None:
-        try:
-            fd = stream.fileno()
-        except (OSError, ValueError, AttributeError):
-            fd = -1
+        fd = _fileno(stream)
     _setup = _Setup(role, resolve_format(fmt, stream), LEVELS[level.upper()], stream, fd)
     _applied = False
     capture_stdlib(_setup.level)
