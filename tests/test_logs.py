@@ -169,6 +169,7 @@ def test_a_line_is_written_whole_in_one_write(tmp_path: Path, monkeypatch: Any) 
         return real(fd, data)
 
     path = tmp_path / "log"
+    saved = log._setup
     with open(path, "w") as stream:
         out = stream.fileno()
         monkeypatch.setattr(os, "write", spy)
@@ -177,7 +178,7 @@ def test_a_line_is_written_whole_in_one_write(tmp_path: Path, monkeypatch: Any) 
             log.get("t").info("one.line", text="x" * 5000)
             log.get("t").warning("two.line")
         finally:
-            log.configure("test", "json", "info")
+            log._setup, log._applied = saved, False  # as before, applied at the next line
     assert len(writes) == 2 and all(w.endswith(b"\n") and w.count(b"\n") == 1 for w in writes)
     assert [json.loads(w)["event"] for w in writes] == ["one.line", "two.line"]
 

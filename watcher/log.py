@@ -60,7 +60,7 @@ class _LineLogger:
 
     def __init__(self, stream: IO[str], fd: int) -> None:
         self._stream = stream
-        self._fd = fd
+        self._fd = fd  # given by the caller (a worker's original stderr); else the stream's
         # around a progress bar only when writing to the stream itself (a worker writes to a
         # descriptor of its own: its stream is read back by watcher.capture, see worker.py)
         same = fd < 0 or _fileno(stream) == fd
@@ -71,13 +71,17 @@ class _LineLogger:
         if self._bar is not None:
             self._bar.write(line)
             return
-        if self._fd < 0:
-            self._stream.write(line)
-            self._stream.flush()
+        # the stream's descriptor now, not when configured: a stream replaced or closed since
+        # (a test's capture) must not leave a number that may belong to another file by now
+        fd = self._fd if self._fd >= 0 else _fileno(self._stream)
+        if fd < 0:
+            with contextlib.suppress(Exception):
+                self._stream.write(line)
+                self._stream.flush()
             return
         with contextlib.suppress(Exception):
             self._stream.flush()  # text written by other code before this line stays before it
-        write_all(self._fd, line.encode("utf-8", "backslashreplace"))
+        write_all(fd, line.encode("utf-8", "backslashreplace"))
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
@@ -117,7 +121,7 @@ class _Setup:
     kind: Literal["json", "console"]
     level: int
     stream: IO[str]
-    fd: int  # the descriptor lines are written to (-1: the stream has none)
+    fd: int  # the descriptor lines are written to (-1: the stream's, looked up at each line)
 
 
 _setup: _Setup | None = None  # what configure() asked for; None: structlog's own configuration
@@ -138,9 +142,8 @@ def configure(role: str, fmt: LogFormat = "auto", level: str = "info",
     warnings follow, unless the program has a logging handler of its own."""
     global _setup, _applied
     stream = stream or sys.stderr
-    if fd is None:
-        fd = _fileno(stream)
-    _setup = _Setup(role, resolve_format(fmt, stream), LEVELS[level.upper()], stream, fd)
+    _setup = _Setup(role, resolve_format(fmt, stream), LEVELS[level.upper()], stream,
+                    -1 if fd is None else fd)
     _applied = False
     capture_stdlib(_setup.level)
 
@@ -170,7 +173,8 @@ def _apply(setup: _Setup) -> None:
         processors += [structlog.processors.format_exc_info,
                        structlog.processors.JSONRenderer(sort_keys=False)]
     else:
-        tty = os.isatty(setup.fd) if setup.fd >= 0 else setup.stream.isatty()
+        fd = setup.fd if setup.fd >= 0 else _fileno(setup.stream)
+        tty = os.isatty(fd) if fd >= 0 else setup.stream.isatty()
         processors.append(structlog.dev.ConsoleRenderer(colors=tty))
     structlog.configure(
         processors=processors,
