@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import batch, files, health, lifecycle, log, naming, safefs, sources
+from . import batch, files, health, lifecycle, log, naming, runlock, safefs, sources
 from .config import Settings
 from .engine import create_engine
 from .errors import TRANSIENT_REASONS, ConfigError
@@ -126,8 +126,13 @@ class Daemon:
     def run(self) -> int:
         ws = self.settings.watch
         self.folders.check()
-        for path in lifecycle.remove_stale_temps(self.folders):
+        self._runlock = runlock.acquire(self.folders)  # held for the run (see watcher.runlock)
+        for path in [*runlock.remove_stale_temps(self.folders, self._runlock),
+                     *lifecycle.remove_stale_temps(self.folders)]:
             self._log.info("file.temp_removed", path=path, why="left by a process that is gone")
+        if not self._runlock.exclusive:
+            self._log.info("daemon.run_lock_shared", folder=self._runlock.folder,
+                           why=self._runlock.why)
         old = self._install_signals()
         try:
             self.engine = self._new_engine()
@@ -816,6 +821,7 @@ class Daemon:
                        left_in_inbox=len(list(sources.scan(
                            self.folders.inbox, recursive=self.settings.watch.recursive,
                            patterns=self.settings.watch.ignore))))
+        self._runlock.release()  # every worker is gone
         return 0 if not self._second_signal() else 128 + sig
 
     def _second_signal(self) -> bool:

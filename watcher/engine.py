@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from . import log
+from . import log, runlock
 from .codec import DecodeLimits
 from .config import EngineSettings
 from .errors import WatcherError
 from .files import remove_temps
-from .launch import PRELOAD
+from .launch import PRELOAD, start_helpers
 from .pipeline import Pipeline
 from .tasks import Result, Task
 from .worker import (
@@ -62,6 +62,7 @@ from .worker import (
     COMMITTER_BEAT,
     EXIT_COMMIT_FAILED,
     EXIT_INIT_FAILED,
+    EXIT_TERMINATED,
     GROUP_MAX,
     GROUP_WAIT,
     HALT,
@@ -146,8 +147,11 @@ class Engine:
         self._ctx = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":
             self._ctx.set_forkserver_preload(PRELOAD)
+        if self.start_method != "fork":
+            start_helpers(forkserver=False)  # the resource tracker, deaf to SIGHUP (launch)
         cfg = WorkerConfig(dict(pipelines), limits, settings.max_tasks_per_worker, log_format,
                            log_level, os.getpid())
+        self._log_setup = (log_format, log_level)
         try:
             self._cfg = pickle.dumps(cfg)
         except Exception as exc:
@@ -158,6 +162,7 @@ class Engine:
         self._intake = True
         self._started = False
         self._early_deaths = 0  # consecutive workers that died before sending any result
+        self._respawn: set[int] = set()  # slots whose worker stopped on SIGTERM (see _reap)
         self._given_back: dict[int, int] = {}  # seq -> deaths of workers that had taken it
         self._ready: list[Result] = []
         self._avg: float | None = None  # moving average of a task's duration, seconds
@@ -180,7 +185,7 @@ class Engine:
     def _spawn(self, index: int) -> None:
         shared = self._ctx.RawArray("d", SLOT_SIZE)
         shared[SEQ] = shared[COMMIT_STARTED] = shared[COMMIT_SEQ] = IDLE
-        lock = self._ctx.Lock()
+        lock = self._new_lock()
         recv, send = self._ctx.Pipe(duplex=False)
         task_recv, task_send = self._ctx.Pipe(duplex=False)
         # A forked worker starts with copies of this process's descriptors: it closes this
@@ -193,7 +198,8 @@ class Engine:
                          task_send.fileno())
         proc = self._ctx.Process(target=worker_main, name=f"watcher-worker-{index}",
                                  args=(index, task_recv, send, shared, lock, self._cfg,
-                                       inherited), daemon=True)
+                                       inherited, self._log_setup, runlock.held()),
+                                 daemon=True)
         proc.start()
         send.close()  # the worker holds the only writing end: EOF means it is gone
         task_recv.close()
@@ -203,6 +209,16 @@ class Engine:
             self._fds[fd] = slot
         self.stats.started += 1
         self._log.info("worker.started", worker=proc.pid, slot=index)
+
+    def _new_lock(self) -> Any:
+        """A slot lock. Outside ``fork`` it is registered with multiprocessing's resource
+        tracker; a tracker that died (killed) between its liveness probe and the registration
+        makes that fail once with a broken pipe, and the next try starts a new tracker."""
+        try:
+            return self._ctx.Lock()
+        except OSError:
+            self._log.warning("engine.resource_tracker_gone", why="it is started again")
+            return self._ctx.Lock()
 
     @property
     def outstanding(self) -> int:
@@ -292,6 +308,7 @@ class Engine:
              wake: Sequence[Any] = ()) -> list[Result]:
         """Run one tick; return the results that became final during it. ``wake``: more things
         to wait on (a file descriptor the caller's own events write to)."""
+        self._respawn_due(respawn)
         for w in wake:
             fd = w if isinstance(w, int) else w.fileno()
             if fd not in self._fds:
@@ -363,7 +380,10 @@ class Engine:
             code = slot.proc.exitcode
             seq = slot.seq
             self._settle_held(slot, code)
-            if code != 0:
+            if code == EXIT_TERMINATED:
+                self._log.info("worker.terminated", worker=slot.proc.pid,
+                               why="SIGTERM: it finished its task and stopped")
+            elif code != 0:
                 self._log.warning("worker.died", worker=slot.proc.pid, exitcode=code,
                                   held=self._tasks[seq].path if seq in self._tasks else None)
             self._retire(slot)
@@ -371,7 +391,7 @@ class Engine:
             if code == EXIT_INIT_FAILED:
                 raise EngineError("worker processes cannot start (see the error above); "
                                   "check the installation and the pipelines' imports")
-            if code not in (0, EXIT_COMMIT_FAILED) and slot.tasks == 0 and \
+            if code not in (0, EXIT_COMMIT_FAILED, EXIT_TERMINATED) and slot.tasks == 0 and \
                     slot.killed != "timeout":
                 self._early_deaths += 1
                 if self._early_deaths >= EARLY_DEATHS:
@@ -380,9 +400,24 @@ class Engine:
                         f"any task (last exit code {code}); not respawning them. If a script "
                         "calls watcher, guard its top level with "
                         "`if __name__ == \"__main__\":` (workers import the main module)")
-            if respawn and self._intake and slot.index not in self._slots:
+            if code == EXIT_TERMINATED:
+                # A SIGTERM: most often sent to the whole process group, this process too, which
+                # acts on it when this tick returns. A worker started now would take a task no
+                # one asked for; it is started at the next tick, if there is still intake.
+                self._respawn.add(slot.index)
+            elif respawn and self._intake and slot.index not in self._slots:
                 self.stats.restarts += 1 if code != 0 else 0
                 self._spawn(slot.index)
+
+    def _respawn_due(self, respawn: bool) -> None:
+        """Start the workers that stopped on SIGTERM at an earlier tick (see ``_reap``)."""
+        due, self._respawn = self._respawn, set()
+        if not (respawn and self._intake):
+            return
+        for index in sorted(due):
+            if index not in self._slots:
+                self.stats.restarts += 1
+                self._spawn(index)
 
     def _settle_held(self, slot: _Slot, code: int | None) -> None:
         """Settle every task a dead worker held, exactly once each: the one it was processing is
@@ -692,4 +727,6 @@ def create_engine(settings: EngineSettings, pipelines: Mapping[str, Pipeline],
         return Engine(settings, pipelines, limits, **kw)
     from .cluster import DaskEngine  # noqa: PLC0415
 
-    return DaskEngine(settings, pipelines, limits, **kw)
+    engine = DaskEngine(settings, pipelines, limits, **kw)
+    log.adopt_stream_handlers()  # distributed's own plain-text handlers: ours render its lines
+    return engine

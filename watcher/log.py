@@ -8,12 +8,26 @@ While a progress bar is on screen, lines are written around it so the two don't 
 the level at once: structlog (and the asyncio and ssl modules it imports, about 0.1 s) is loaded
 and configured when the first line at or above the level is written. A batch run at level
 "warning" with nothing to warn about never loads it; a worker process starts that much sooner.
+
+Every line is one object in JSON mode, whoever logs it, and reaches the file in one piece:
+
+- each line is written with its newline in one ``os.write`` on the stream's descriptor, so the
+  lines of several processes sharing a file (stdout and stderr on one journal or container log)
+  never interleave, nor does other text get glued into one;
+- stdlib ``logging`` (watchdog, PIL, distributed) and ``warnings`` go through the same
+  processors and renderer (``_StdlibHandler``, installed on the root logger when the program has
+  configured no handler of its own), and so do exceptions that end a thread;
+- a worker's native libraries, which write to descriptor 2 themselves, are captured by the
+  worker (``watcher.capture``) and logged here as events.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
@@ -39,12 +53,75 @@ class _BarAwareStream:
         self._stream.flush()
 
 
+class _LineLogger:
+    """structlog's logger: each rendered line goes out with its newline in one ``os.write`` on
+    the descriptor (a stream without one gets one ``write`` call), or around a progress bar on
+    a terminal."""
+
+    def __init__(self, stream: IO[str], fd: int) -> None:
+        self._stream = stream
+        self._fd = fd  # given by the caller (a worker's original stderr); else the stream's
+        # around a progress bar only when writing to the stream itself (a worker writes to a
+        # descriptor of its own: its stream is read back by watcher.capture, see worker.py)
+        same = fd < 0 or _fileno(stream) == fd
+        self._bar = _BarAwareStream(stream) if same and stream.isatty() else None
+
+    def msg(self, message: str) -> None:
+        line = message + "\n"
+        if self._bar is not None:
+            self._bar.write(line)
+            return
+        # the stream's descriptor now, not when configured: a stream replaced or closed since
+        # (a test's capture) must not leave a number that may belong to another file by now
+        fd = self._fd if self._fd >= 0 else _fileno(self._stream)
+        if fd < 0:
+            with contextlib.suppress(Exception):
+                self._stream.write(line)
+                self._stream.flush()
+            return
+        with contextlib.suppress(Exception):
+            self._stream.flush()  # text written by other code before this line stays before it
+        write_all(fd, line.encode("utf-8", "backslashreplace"))
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def _fileno(stream: IO[str]) -> int:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return -1
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` to ``fd``: one ``write(2)`` unless the kernel takes less (a pipe past
+    PIPE_BUF, a signal); errors (a closed stream) are dropped: logging must not fail."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        view = view[n:]
+
+
+class _LoggerFactory:
+    def __init__(self, stream: IO[str], fd: int) -> None:
+        self._logger = _LineLogger(stream, fd)
+
+    def __call__(self, *args: Any) -> _LineLogger:
+        return self._logger
+
+
 @dataclass(frozen=True)
 class _Setup:
     role: str
     kind: Literal["json", "console"]
     level: int
     stream: IO[str]
+    fd: int  # the descriptor lines are written to (-1: the stream's, looked up at each line)
 
 
 _setup: _Setup | None = None  # what configure() asked for; None: structlog's own configuration
@@ -59,12 +136,16 @@ def resolve_format(fmt: LogFormat, stream: IO[str] | None = None) -> Literal["js
 
 
 def configure(role: str, fmt: LogFormat = "auto", level: str = "info",
-              stream: IO[str] | None = None) -> None:
-    """Log as ``role`` (bound into every line) in ``fmt`` at ``level`` and above."""
+              stream: IO[str] | None = None, fd: int | None = None) -> None:
+    """Log as ``role`` (bound into every line) in ``fmt`` at ``level`` and above, to ``fd``
+    (default: ``stream``'s descriptor, ``stream`` defaulting to stderr). Stdlib logging and
+    warnings follow, unless the program has a logging handler of its own."""
     global _setup, _applied
     stream = stream or sys.stderr
-    _setup = _Setup(role, resolve_format(fmt, stream), LEVELS[level.upper()], stream)
+    _setup = _Setup(role, resolve_format(fmt, stream), LEVELS[level.upper()], stream,
+                    -1 if fd is None else fd)
     _applied = False
+    capture_stdlib(_setup.level)
 
 
 def is_configured() -> bool:
@@ -92,12 +173,13 @@ def _apply(setup: _Setup) -> None:
         processors += [structlog.processors.format_exc_info,
                        structlog.processors.JSONRenderer(sort_keys=False)]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=setup.stream.isatty()))
-    out: Any = _BarAwareStream(setup.stream) if setup.stream.isatty() else setup.stream
+        fd = setup.fd if setup.fd >= 0 else _fileno(setup.stream)
+        tty = os.isatty(fd) if fd >= 0 else setup.stream.isatty()
+        processors.append(structlog.dev.ConsoleRenderer(colors=tty))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(setup.level),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=_LoggerFactory(setup.stream, setup.fd),
         cache_logger_on_first_use=False,
     )
 
@@ -150,3 +232,81 @@ class Logger:
 
 def get(name: str = "watcher") -> Logger:
     return Logger(name)
+
+
+# --- stdlib logging, warnings, thread exceptions -------------------------------------------------
+
+_METHODS = ((logging.ERROR, "error"), (logging.WARNING, "warning"), (logging.INFO, "info"))
+_inside = threading.local()  # a line being written: logging from within it is dropped
+
+
+def _method(levelno: int) -> str:
+    return next((name for lv, name in _METHODS if levelno >= lv), "debug")
+
+
+class _StdlibHandler(logging.Handler):
+    """Renders stdlib log records (and captured warnings) through this module's processors:
+    the message is the event, the logger's name is ``logger``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(_inside, "busy", False):
+            return
+        _inside.busy = True
+        try:
+            kw: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[0] is not None:
+                kw["exc_info"] = record.exc_info
+            method = _method(record.levelno)
+            Logger(record.name)._emit(record.levelno, method, record.getMessage(), kw)
+        except Exception:  # noqa: BLE001 - logging must never raise into its caller
+            self.handleError(record)
+        finally:
+            _inside.busy = False
+
+
+def capture_stdlib(level: int) -> bool:
+    """Send stdlib logging (at WARNING and above, or ``level`` if higher: dependencies' own info
+    lines stay out), ``warnings`` and exceptions that end a thread to this module's output; not
+    where the program installed a root handler of its own. True if installed (now or before)."""
+    root = logging.getLogger()
+    if any(isinstance(h, _StdlibHandler) for h in root.handlers):
+        root.setLevel(max(level, logging.WARNING))
+        return True
+    if root.handlers:
+        return False
+    root.addHandler(_StdlibHandler())
+    root.setLevel(max(level, logging.WARNING))
+    logging.captureWarnings(True)
+    threading.excepthook = _thread_failed
+    return True
+
+
+def adopt_stream_handlers() -> int:
+    """Replace the handlers that write plain text to stdout or stderr on named loggers (a
+    library's own set-up, e.g. distributed's) by this module's; how many were replaced."""
+    if not capture_stdlib(_setup.level if _setup else logging.WARNING):
+        return 0
+    ours = next(h for h in logging.getLogger().handlers if isinstance(h, _StdlibHandler))
+    replaced = 0
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        for h in list(logger.handlers):
+            if type(h) is logging.StreamHandler and \
+                    getattr(h, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__,
+                                                   sys.__stdout__):
+                logger.removeHandler(h)
+                if ours not in logger.handlers:
+                    logger.addHandler(ours)
+                replaced += 1
+    return replaced
+
+
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    """threading.excepthook: a thread ended by an exception is one error line."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    get("watcher.thread").error(
+        "thread.failed", thread=name, error=f"{args.exc_type.__name__}: {args.exc_value}",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))

@@ -4,9 +4,14 @@
 module-level process target. Tasks arrive on the worker's own pipe, a few per message; it takes
 them in order, records in its shared slot which one it holds and how many it has taken (so the
 supervisor can charge a crash or a timeout to the right file and give the others back), and
-sends each result back on its own pipe. It ignores SIGINT (the terminal sends Ctrl-C to the
-whole process group; the supervisor decides), finishes its current task on SIGTERM, and exits
-when its parent is gone.
+sends each result back on its own pipe. It ignores SIGINT and SIGHUP (the terminal sends them to
+the whole process group; the supervisor decides), finishes its current task on SIGTERM (and exits
+with EXIT_TERMINATED), and exits when its parent is gone.
+
+Its descriptors 1 and 2 are read back by a thread (``watcher.capture``): what native libraries
+write there (libtiff's messages) becomes a ``codec.message`` event naming the input being
+processed, and is added to that input's result as a warning; the worker's own log lines go to
+the original stderr.
 
 Nothing that goes wrong in one of its two threads may wedge it: an exception in the committer
 thread fails the task it was committing (when it can tell which) and ends the process with
@@ -35,6 +40,7 @@ from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
 from . import log
+from .capture import Capture
 from .codec import DecodeLimits
 from .files import Staged, pid_alive
 from .pipeline import Pipeline, Prepared, Processor
@@ -68,6 +74,8 @@ COMMIT_DEPTH = 2 * GROUP_MAX
 EXIT_OK = 0
 EXIT_INIT_FAILED = 3  # the worker could not even start: the supervisor stops, not respawns
 EXIT_COMMIT_FAILED = 4  # a thread of the worker failed: it ended itself (respawned)
+EXIT_TERMINATED = 5  # it stopped on SIGTERM, after finishing its task (respawned a tick later)
+EXIT_MAIN_FAILED = 1  # its main thread raised (a bug, a transform that calls sys.exit)
 
 # Test-only fault hooks, read when a worker starts (as the daemon's WATCHER_DEBUG_STALL_FILE):
 # the committer thread raises (FAIL), or sleeps for an hour (STALL), when it writes an output
@@ -125,17 +133,24 @@ class _GroupFailedError(RuntimeError):
 
 
 def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, lock: Any,
-                cfg_bytes: bytes, inherited: tuple[int, ...] = ()) -> None:
+                cfg_bytes: bytes, inherited: tuple[int, ...] = (),
+                log_setup: tuple[str, str] = ("json", "warning"),
+                keep: tuple[Any, ...] = ()) -> None:
     """Process target: take tasks until the task pipe closes, a halt, SIGTERM, recycling or
     parent death.
 
     ``cfg_bytes`` is the pickled WorkerConfig: unpickled here, so a pipeline whose transforms
     cannot be imported in a worker exits with EXIT_INIT_FAILED instead of a bootstrap crash.
     ``inherited``: descriptors a forked worker inherited from the engine (the engine's ends of
-    its own and other workers' pipes), closed first. A committer thread that fails ends the
-    process with EXIT_COMMIT_FAILED (see Committer).
+    its own and other workers' pipes), closed first. ``log_setup``: (format, level) of its log
+    lines, known before the configuration unpickles. ``keep``: descriptors it holds open until
+    it ends, never used (the daemon's run lock, see ``watcher.runlock``). A committer thread
+    that fails ends the process with EXIT_COMMIT_FAILED (see Committer); a main thread that
+    raises, with EXIT_MAIN_FAILED (or the code a SystemExit carries), after logging the
+    traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor's (a reload), group-wide too
     signal.signal(signal.SIGTERM, _on_term)
     for fd in inherited:
         with contextlib.suppress(OSError):
@@ -144,35 +159,69 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
         sys.exit(EXIT_OK)
+    logger = log.get().bind(worker=os.getpid(), slot=index)
+    capture = _capture(logger, log_setup)
     try:
         cfg: WorkerConfig = pickle.loads(cfg_bytes)  # noqa: S301 - our own parent's bytes
-        log.configure("worker", cfg.log_format, cfg.log_level)
-        logger = log.get().bind(worker=os.getpid(), slot=index)
         worker = Worker(cfg)
     except Exception as exc:  # noqa: BLE001 - report and exit with the documented code
-        print(f"watcher worker failed to start: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(EXIT_INIT_FAILED)
+        logger.error("worker.start_failed", error=f"{type(exc).__name__}: {exc}")  # noqa: TRY400
+        _end(capture, EXIT_INIT_FAILED)
     logger.debug("worker.started")
     committer = Committer(worker.processor, results, slot, lock, logger=logger)
     try:
-        _serve(worker, committer, tasks, slot, lock, parent, logger)
+        _serve(worker, committer, tasks, slot, lock, parent, logger, capture)
         committer.close()
     except CommitterGoneError as exc:
         end_worker(slot, lock, logger, f"{exc}")
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - logged, then the process ends with a code
         # The main thread failed outside a task's own error handling (a transform that calls
         # sys.exit, a bug here): the process ends; the supervisor charges the task in SEQ as a
-        # crash and gives back the others.
+        # crash and gives back the others. The traceback is logged here, as one line, not
+        # printed by multiprocessing as plain text.
         logger.error("worker.main_failed", error=f"{type(exc).__name__}: {exc}",  # noqa: TRY400
                      traceback="".join(traceback.format_exception(exc)))
-        raise
-    logger.debug("worker.stopped", tasks=worker.done)
+        code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else \
+            EXIT_MAIN_FAILED
+        _end(capture, code)
+    logger.debug("worker.stopped", tasks=worker.done, terminated=_terminate or None)
     with contextlib.suppress(OSError):
         results.close()
+    _end(capture, EXIT_TERMINATED if _terminate else EXIT_OK)
+
+
+def _capture(logger: Any, log_setup: tuple[str, str]) -> Capture | None:
+    """Read this worker's descriptors 1 and 2 back (see ``watcher.capture``) and log to the
+    original stderr; None (logging to stderr as it is) where they cannot be redirected."""
+    fmt, level = log_setup
+
+    def on_line(stream: str, line: str, task: Task | None) -> None:
+        fields: dict[str, Any] = {"stream": stream, "message": line}
+        if task is not None:
+            fields.update(input=task.path, seq=task.seq)
+        logger.warning("codec.message", **fields)
+
+    try:
+        capture = Capture(on_line)
+    except OSError:
+        log.configure("worker", fmt, level)
+        return None
+    log.configure("worker", fmt, level, stream=sys.stderr, fd=capture.original[2])
+    return capture
+
+
+def _end(capture: Capture | None, code: int) -> NoReturn:
+    """End the worker process with ``code``, after handing on what it wrote to stdout/stderr."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    if capture is not None:
+        capture.close()
+    raise SystemExit(code)
 
 
 def _serve(worker: Worker, committer: Committer, tasks: Connection, slot: Any, lock: Any,
-           parent: int, logger: Any) -> None:
+           parent: int, logger: Any, capture: Capture | None = None) -> None:
     """The main thread's loop: take the tasks sent, prepare each and hand it to the committer.
     Raises CommitterGoneError when the committer thread has stopped."""
     cfg = worker.cfg
@@ -203,10 +252,27 @@ def _serve(worker: Worker, committer: Committer, tasks: Connection, slot: Any, l
             slot[TAKEN] += 1
             slot[SEQ] = float(item.seq)
             slot[STARTED] = time.monotonic()
-        committer.hand_over(worker.prepare(item))
+        if capture is None:
+            committer.hand_over(worker.prepare(item))
+        else:
+            with capture.attribute(item) as lines:
+                prep = worker.prepare(item)
+            committer.hand_over(_with_messages(prep, lines))
         if worker.spent:
             logger.debug("worker.recycling", tasks=worker.done)
             return
+
+
+def _with_messages(prep: Prepared, lines: list[str]) -> Prepared:
+    """``prep`` with what the task wrote to stdout/stderr (a native library's messages) among
+    its warnings, so that the input's fate line and sidecar carry them."""
+    if not lines:
+        return prep
+    notes = (*prep.notes, *dict.fromkeys(lines))
+    failure = prep.failure
+    if failure is not None:
+        failure = replace(failure, warnings=(*failure.warnings, *dict.fromkeys(lines)))
+    return replace(prep, notes=notes, failure=failure)
 
 
 def end_worker(slot: Any, lock: Any, logger: Any, why: str) -> None:
