@@ -163,6 +163,21 @@ def test_systemd(wheels: Path, imgs: Path) -> None:
               f"{active}, StatusText={status!r}, start took {took:.1f} s")
         ready_logged = c.run("journalctl", "-u", "watcher", "-o", "cat", "--no-pager")
         check("daemon.started logged before start returned", "daemon.started" in ready_logged)
+        started = next((json.loads(line) for line in ready_logged.splitlines()
+                        if line.startswith("{") and '"daemon.started"' in line), {})
+        workers = int(started.get("workers") or 1)
+        limit = 2 * 1024**3  # the unit's MemoryMax=2G
+        expected = max(128 * 2**20, (limit - 256 * 2**20) // workers // 2**20 * 2**20)
+        cgroup = c.show("watcher", "ControlGroup")
+        procs = c.run("sh", "-c", f"cat /sys/fs/cgroup{cgroup}/cgroup.procs "
+                      f"/sys/fs/cgroup/*{cgroup}/cgroup.procs 2>/dev/null", check=False).split()
+        capped = [p for p in dict.fromkeys(procs) if re.search(
+            rf"Max data size\s+{expected}\s", c.run("cat", f"/proc/{p}/limits", check=False))]
+        check("memory: each worker's cap is the unit's MemoryMax shared (less the reserve), and "
+              "is its RLIMIT_DATA", started.get("max_worker_memory") == expected
+              and len(capped) >= workers,
+              f"max_worker_memory={started.get('max_worker_memory')} (expected {expected} for "
+              f"{workers} workers), {len(capped)} of {len(set(procs))} processes capped")
 
         n = len(list(imgs.iterdir()))
         c.run("sh", "-c", "cp /samples/* /var/lib/watcher/inbox/")

@@ -44,7 +44,8 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
                    suffix: str | None = None,
                    output: OutputOptions | Mapping[str, Any] | None = None,
                    workers: int | None = None, timeout: float | None = None,
-                   on_conflict: str | None = None, progress: bool = False) -> Report:
+                   on_conflict: str | None = None, progress: bool = False,
+                   max_worker_memory: int | str | None = None) -> Report:
     """Apply transforms to every input in parallel worker processes; write results to
     ``output_dir`` as ``{stem}_{suffix}{ext}``; return a report (never raises for a bad image).
 
@@ -52,6 +53,8 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
     registry names (``"grayscale"``) or step strings (``"thumbnail(256, 256)"``); the output
     suffix is ``suffix`` or ``"processed"``. Without ``transforms``, the named ``pipeline``(s)
     from ``config`` (or the built-ins) are applied. ``inputs`` may be files, folders or globs.
+    ``max_worker_memory``: bytes (or ``"1 GiB"``) one worker may use (default: derived from
+    the machine's memory and ``workers``).
     Raises ``ConfigError`` before any work starts for anything that cannot run (a lambda, an
     unknown transform, a bad parameter).
     """
@@ -63,7 +66,8 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
 
     if not log.is_configured():
         log.configure("main", "auto", "warning")
-    settings = cfg.load(config, workers=workers, timeout=timeout, on_conflict=on_conflict)
+    settings = cfg.load(config, workers=workers, timeout=timeout, on_conflict=on_conflict,
+                        max_worker_memory=max_worker_memory)
     opts = output if isinstance(output, OutputOptions) else cfg.output_options(
         dict(output or {}), "output")
     if transforms is not None:

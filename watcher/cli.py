@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-j", "--workers", type=_positive_int, help="worker processes (default: "
                    "one per CPU)")
     b.add_argument("--timeout", type=_positive_float, help="seconds one input may take")
+    b.add_argument("--max-worker-memory", metavar="SIZE",
+                   help="memory one worker may use, e.g. 1GiB (default: auto)")
     _executor_args(b)
     b.add_argument("--on-conflict", choices=config.CONFLICT_POLICIES,
                    help="an output file already exists: skip the input's output (default), "
@@ -182,6 +184,9 @@ def _watch_args(p: argparse.ArgumentParser, folders_only: bool = False) -> None:
                    help="seconds after the first such failure to keep trying (default 3600)")
     p.add_argument("--pixel-limit", type=_positive_int)
     p.add_argument("--max-file-size", metavar="SIZE")
+    p.add_argument("--max-worker-memory", metavar="SIZE",
+                   help="memory one worker may use, e.g. 1GiB (default: auto, from the "
+                        "machine's or the cgroup's memory and the worker count)")
     p.add_argument("--grace", type=float, metavar="S", help="drain time on SIGTERM")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve /metrics, /healthz, /readyz on this port (default: off)")
@@ -211,6 +216,9 @@ def watch_loader(args: argparse.Namespace) -> Any:
                                                     "grace", "executor", "scheduler")}
         if getattr(args, "max_file_size", None):
             over["max_file_size"] = config.parse_size(args.max_file_size, "--max-file-size")
+        if getattr(args, "max_worker_memory", None):
+            over["max_worker_memory"] = config.worker_memory(args.max_worker_memory,
+                                                             "--max-worker-memory")
         s = config.apply_overrides(s, **{k: v for k, v in over.items() if v is not None})
         if getattr(args, "pipeline", None):
             s.select(args.pipeline)  # names exist
@@ -277,7 +285,9 @@ def cmd_batch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     log.configure("main", fmt, args.log_level)
     settings = config.load(_config_path(args.config), workers=args.workers, timeout=args.timeout,
                            on_conflict=args.on_conflict, executor=args.executor,
-                           scheduler=args.scheduler)
+                           scheduler=args.scheduler, max_worker_memory=None if
+                           args.max_worker_memory is None else config.worker_memory(
+                               args.max_worker_memory, "--max-worker-memory"))
     if args.ops and args.pipeline:
         parser.error("give --ops or --pipeline, not both")
     try:

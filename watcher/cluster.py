@@ -67,7 +67,8 @@ def run_task(task: Task, key: str, digest: str, cfg_bytes: bytes) -> Result:
         from .pipeline import Processor  # noqa: PLC0415
 
         cfg = pickle.loads(cfg_bytes)  # noqa: S301 - our own coordinator's bytes
-        proc = _PROCESSORS[digest] = Processor(cfg["pipelines"], cfg["limits"])
+        proc = _PROCESSORS[digest] = Processor(cfg["pipelines"], cfg["limits"],
+                                                       cfg.get("memory_cap", 0))
     _RUNNING[key] = (time.time(), os.getpid(), HOST)
     try:
         result = proc.stage(proc.prepare(task))
@@ -86,7 +87,7 @@ def check_worker(digest: str, cfg_bytes: bytes) -> str:
     cfg = pickle.loads(cfg_bytes)  # noqa: S301
     from .pipeline import Processor  # noqa: PLC0415
 
-    _PROCESSORS[digest] = Processor(cfg["pipelines"], cfg["limits"])
+    _PROCESSORS[digest] = Processor(cfg["pipelines"], cfg["limits"], cfg.get("memory_cap", 0))
     return HOST
 
 
@@ -105,7 +106,10 @@ class DaskEngine:
                               "pip install 'watcher[dask]'") from exc
         self.settings = settings
         try:
-            self._cfg = pickle.dumps({"pipelines": dict(pipelines), "limits": limits})
+            # the estimate only, with a cap set explicitly: a cluster worker's memory is Dask's
+            # to govern (its memory_limit), and its threads share one process
+            self._cfg = pickle.dumps({"pipelines": dict(pipelines), "limits": limits,
+                                      "memory_cap": settings.max_worker_memory})
         except Exception as exc:
             raise EngineError(f"the pipelines cannot be sent to worker processes: {exc}") from exc
         self._digest = hashlib.sha256(self._cfg).hexdigest()[:16]

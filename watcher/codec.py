@@ -264,7 +264,8 @@ def _classify(path: str, exc: BaseException, failure: OSError | None) -> Rejecte
     if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
         return RejectedInput("decompression-bomb", f"{path}: {exc}")
     if isinstance(exc, MemoryError):
-        return RejectedInput("decompression-bomb", f"{path}: out of memory decoding")
+        return RejectedInput("too-large", f"{path}: decoding it needed more memory than the "
+                             "worker's max_worker_memory allows")
     text = str(exc)
     if "truncated" in text.lower() or isinstance(exc, EOFError):
         return RejectedInput("truncated", f"{path}: {text or type(exc).__name__}")
@@ -296,13 +297,17 @@ def _trusted(f: InputFile, path: str) -> None:
 
 def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
            plan: Callable[[Image.Image], tuple[str, tuple[int, int]] | None] | None = None,
-           max_links: int = 0) -> Source:
+           max_links: int = 0,
+           admit: Callable[[Image.Image, str, int], None] | None = None) -> Source:
     """Open and fully decode the first frame of ``path``.
 
     ``plan(image)`` is called once the header of a single-frame JPEG is read (size, mode, EXIF
     known, no pixels yet); it may return (mode, size) to ask for a reduced-scale decode no
     smaller than ``size`` (libjpeg DCT scaling): a thumbnail of a 48 MP photo then never holds
-    the full image. Other images are always decoded at full size.
+    the full image. Other images are always decoded at full size. ``admit(image, format,
+    frames)`` is called after that, still before any pixel is decoded (``image.size`` is the
+    size the decode will have); it raises ``RejectedInput`` to refuse the input (the memory
+    governor's estimate).
     """
     raw, nbytes = open_regular(path, nofollow=nofollow, max_size=limits.max_file_size,
                                max_links=max_links)
@@ -321,6 +326,9 @@ def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
                 if im.mode != "RGB":
                     mode = im.mode  # only YCbCr colour JPEGs have a luma-only shortcut
                 im.draft(mode, size)
+        if admit is not None:
+            admit(im, fmt, n_frames)
+        with _parsing(f, path):
             im.load()
         if n_frames == 1:
             f.close()  # keep the file only where more frames may be read

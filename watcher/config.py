@@ -43,6 +43,9 @@ class EngineSettings:
     executor: str = "local"
     scheduler: str = ""  # tcp://HOST:8786 for executor = "dask"
     tasks_per_worker: int = 4  # back-pressure: tasks handed to the executor per worker at most
+    # Bytes one worker process may use (see watcher.memory); 0: derived from the memory this
+    # service may use (the machine's or its cgroup's limit, less a reserve) and ``workers``.
+    max_worker_memory: int = 0
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -317,6 +320,20 @@ def parse_size(value: Any, where: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def worker_memory(value: Any, where: str) -> int:
+    """``max_worker_memory``: a size (``"1.5 GiB"``, bytes) of at least memory.MIN_CAP, or
+    ``"auto"`` / 0 for the default."""
+    from . import memory  # noqa: PLC0415
+
+    if value == "auto":
+        return 0
+    n = parse_size(value, where)
+    if n and n < memory.MIN_CAP:
+        raise ConfigError(where, f"must be 0 (auto) or at least {memory.mib(memory.MIN_CAP)}, "
+                                 f"got {value!r}")
+    return n
+
+
 def _typed(value: Any, kind: type, where: str, lo: float | None = None,
            hi: float | None = None) -> Any:
     """Check one scalar setting; ``where`` is its full location."""
@@ -423,7 +440,8 @@ def parse(doc: Mapping[str, Any], name: str = "watcher.toml") -> Settings:
 
     eng = _table(doc, "engine", where)
     _reject_unknown(eng, {"workers", "timeout", "max_tasks_per_worker", "crash_retries", "grace",
-                          "start_method", "executor", "scheduler", "tasks_per_worker"},
+                          "start_method", "executor", "scheduler", "tasks_per_worker",
+                          "max_worker_memory"},
                     where("engine"))
     engine = EngineSettings()
     e: dict[str, Any] = {}
@@ -453,6 +471,9 @@ def parse(doc: Mapping[str, Any], name: str = "watcher.toml") -> Settings:
     if "tasks_per_worker" in eng:
         e["tasks_per_worker"] = _typed(eng["tasks_per_worker"], int,
                                        where("engine.tasks_per_worker"), 1, 1000)
+    if "max_worker_memory" in eng:
+        e["max_worker_memory"] = worker_memory(eng["max_worker_memory"],
+                                               where("engine.max_worker_memory"))
     try:
         engine = replace(engine, **e)
     except ConfigError as exc:
@@ -542,7 +563,7 @@ ENV_PREFIX = "WATCHER_"
 ENV_OTHER = {"WORKERS": "workers", "TIMEOUT": "timeout", "MAX_TASKS_PER_WORKER":
              "max_tasks_per_worker", "PIXEL_LIMIT": "pixel_limit", "MAX_FILE_SIZE":
              "max_file_size", "GRACE": "grace", "EXECUTOR": "executor",
-             "SCHEDULER": "scheduler"}
+             "SCHEDULER": "scheduler", "MAX_WORKER_MEMORY": "max_worker_memory"}
 
 
 def from_environment(s: Settings, env: Mapping[str, str]) -> Settings:
@@ -559,6 +580,9 @@ def from_environment(s: Settings, env: Mapping[str, str]) -> Settings:
         name = ENV_PREFIX + var
         if key == "max_file_size":
             other[key] = parse_size(raw, name)
+            continue
+        if key == "max_worker_memory":
+            other[key] = worker_memory(raw.strip(), name)
             continue
         if key in ("executor", "scheduler"):
             other[key] = raw.strip()
@@ -623,8 +647,12 @@ def apply_overrides(s: Settings, *, workers: int | None = None, timeout: float |
                     on_conflict: str | None = None, max_tasks_per_worker: int | None = None,
                     grace: float | None = None, pixel_limit: int | None = None,
                     max_file_size: int | None = None, start_method: str | None = None,
-                    executor: str | None = None, scheduler: str | None = None) -> Settings:
+                    executor: str | None = None, scheduler: str | None = None,
+                    max_worker_memory: int | str | None = None) -> Settings:
     engine, limits = s.engine, s.limits
+    if max_worker_memory is not None:
+        engine = replace(engine, max_worker_memory=worker_memory(max_worker_memory,
+                                                                 "max_worker_memory"))
     if executor is not None or scheduler is not None:
         if executor is not None and executor not in EXECUTORS:
             raise ConfigError("executor", f"expected one of {', '.join(EXECUTORS)}")

@@ -157,7 +157,8 @@ class Daemon:
             self._log.info("daemon.started", pid=os.getpid(), **self.folders.named(),
                            observer=self.observer.kind, workers=self.settings.engine.workers,
                            pipelines=[p.name for p in self._pipelines], backlog=backlog,
-                           recovered=recovered, on_success=ws.on_success)
+                           recovered=recovered, on_success=ws.on_success,
+                           max_worker_memory=getattr(self.engine, "memory_cap", None))
             self._beat(force=True)
             self.notifier.ready(self._status(len(self._retrying()), self._problems()))
             next_scan = time.monotonic() + ws.reconcile_interval

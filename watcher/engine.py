@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from . import log, runlock
+from . import log, memory, runlock
 from .codec import DecodeLimits
 from .config import EngineSettings
 from .errors import WatcherError
@@ -149,8 +149,9 @@ class Engine:
             self._ctx.set_forkserver_preload(PRELOAD)
         if self.start_method != "fork":
             start_helpers(forkserver=False)  # the resource tracker, deaf to SIGHUP (launch)
+        self.memory_cap = memory.resolve(settings.max_worker_memory, settings.workers)
         cfg = WorkerConfig(dict(pipelines), limits, settings.max_tasks_per_worker, log_format,
-                           log_level, os.getpid())
+                           log_level, os.getpid(), self.memory_cap)
         self._log_setup = (log_format, log_level)
         try:
             self._cfg = pickle.dumps(cfg)

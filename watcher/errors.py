@@ -43,7 +43,8 @@ REASONS = {
                  "it was not opened",
     "path-too-long": "the input's name or path (or an output's, archive's or quarantine's made "
                      "from it) is longer than the file system allows",
-    "too-large": "the input file is larger than max_file_size",
+    "too-large": "the input file is larger than max_file_size, or decoding and processing it "
+                 "would need (or needed) more memory than max_worker_memory",
     "not-an-image": "no allowed decoder recognises the data",
     "format-not-allowed": "a real image, but its format is not in the allow-list",
     "truncated": "the image data ends early",

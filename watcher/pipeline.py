@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import codec, transforms
+from . import codec, memory, transforms
 from .codec import DecodeLimits, OutputOptions, Source
 from .errors import RejectedInput
 from .files import Staged, fsync_dir, sync_files
@@ -154,11 +154,21 @@ class Prepared:
 
 
 class Processor:
-    """Turns tasks into results with a fixed set of pipelines (what a worker holds)."""
+    """Turns tasks into results with a fixed set of pipelines (what a worker holds).
 
-    def __init__(self, pipelines: Mapping[str, Pipeline], limits: DecodeLimits) -> None:
+    ``memory_cap`` (bytes, 0: none) is the worker's ``max_worker_memory``: an input whose
+    estimate (``watcher.memory``) does not fit in it is refused as ``too-large`` before it is
+    decoded. ``exhausted`` is set once a task ran out of memory (the worker should end).
+    """
+
+    def __init__(self, pipelines: Mapping[str, Pipeline], limits: DecodeLimits,
+                 memory_cap: int = 0) -> None:
         self.pipelines = dict(pipelines)
         self.limits = limits
+        self.memory_cap = memory_cap
+        self.exhausted = False
+        # called with an admitted input's estimate before it is decoded (a worker makes room)
+        self.make_room: Callable[[int], None] | None = None
 
     def run(self, task: Task) -> Result:
         """Process ``task`` start to end: its outputs are published when this returns."""
@@ -184,6 +194,8 @@ class Processor:
                 st.discard()
             if not isinstance(exc, Exception):
                 raise
+            if _out_of_memory(exc):
+                self.exhausted = True
             return Prepared(task, t0, (), bytes_in, tuple(notes),
                             self._failure(task, t0, exc, notes, bytes_in))
         return Prepared(task, t0, tuple(staged), bytes_in, tuple(notes), spent=_since(t0))
@@ -295,6 +307,11 @@ class Processor:
         if isinstance(exc, RejectedInput):
             return self._fail(task, t0, exc.reason, exc.detail, "RejectedInput", written, notes,
                               bytes_in)
+        if _out_of_memory(exc):  # also raised inside a transform (a _TransformError's cause)
+            cap = f" ({memory.mib(self.memory_cap)})" if self.memory_cap else ""
+            return self._fail(task, t0, "too-large", f"{task.path}: processing it needed more "
+                              f"memory than the worker's max_worker_memory{cap} allows",
+                              "MemoryError", written, notes, bytes_in)
         if isinstance(exc, _TransformError):
             cause = exc.__cause__ or exc
             return self._fail(task, t0, "transform-failed",
@@ -308,9 +325,6 @@ class Processor:
         if isinstance(exc, OSError):
             return self._fail(task, t0, "write-failed", f"{exc}", type(exc).__name__, written,
                               notes, bytes_in)
-        if isinstance(exc, MemoryError):
-            return self._fail(task, t0, "decompression-bomb", f"out of memory: {exc}",
-                              "MemoryError", written, notes, bytes_in)
         # A bug must fail this input, not the worker.
         return self._fail(task, t0, "internal-error", f"{type(exc).__name__}: {exc}",
                           type(exc).__name__, written, notes, bytes_in,
@@ -342,9 +356,13 @@ class Processor:
             need = (max(s.need[0] for s in plans if s), max(s.need[1] for s in plans if s))
             return ("L" if all(s and s.luma for s in plans) else "RGB", need)
 
+        def admit(im: Image.Image, fmt: str, n_frames: int) -> None:
+            if self.memory_cap:
+                self._admit(task.path, im, fmt, n_frames, chosen)
+
         # Decode first: what the input is decides its fate before what its outputs are named.
         src = codec.decode(task.path, limits=self.limits, nofollow=task.nofollow, plan=draft,
-                           max_links=task.max_links)
+                           max_links=task.max_links, admit=admit)
         if src.image.size == src.size:
             # No reduced-scale decode happened: run every step as written on the real image.
             plans = [None] * len(chosen)
@@ -363,6 +381,26 @@ class Processor:
         finally:
             src.close()
         return src.bytes_in
+
+    def _admit(self, path: str, im: Image.Image, fmt: str, n_frames: int,
+               chosen: list[tuple[Pipeline, str]]) -> None:
+        """Refuse ``path`` (``too-large``) when its estimate does not fit in the memory cap."""
+        pipes = [(p, output_format(out) or "") for p, out in chosen]
+        need = memory.estimate(
+            im.size, im.mode, fmt, n_frames, pipes,
+            progressive=bool(im.info.get("progressive") or im.info.get("progression")),
+            colour_copy=bool(im.info.get("icc_profile"))
+            and any(p.output.colour == "srgb" for p, _ in chosen),
+            alpha="A" in im.mode or "transparency" in im.info,
+            orientation=_orientation(im))
+        budget = self.memory_cap - memory.BASELINE
+        if need.peak > budget:
+            raise RejectedInput("too-large", f"{path}: decoding and processing it would need "
+                                f"about {memory.mib(need.peak)} ({need.describe()}); "
+                                f"max_worker_memory is {memory.mib(self.memory_cap)}, of "
+                                f"which {memory.mib(memory.BASELINE)} is the worker's own")
+        if self.make_room is not None:
+            self.make_room(need.peak)
 
     def _frames(self, src: Source, p: Pipeline, fmt: str, base: Image.Image,
                 shrink: _Shrink | None, path: str,
@@ -484,6 +522,17 @@ def apply(p: Pipeline, im: Image.Image, shrink: _Shrink | None = None) -> Image.
         except Exception as exc:
             raise _TransformError(step.name) from exc
     return im
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was caused by, a ``MemoryError``."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 10:
+        if isinstance(e, MemoryError):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _since(t0: float) -> float:

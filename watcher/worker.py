@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
-from . import log
+from . import log, memory
 from .capture import Capture
 from .codec import DecodeLimits
 from .files import Staged, pid_alive
@@ -93,6 +93,7 @@ class WorkerConfig:
     log_format: str = "json"
     log_level: str = "warning"
     parent_pid: int = 0
+    memory_cap: int = 0  # bytes (max_worker_memory, resolved); 0: no governor
 
 
 class Worker:
@@ -100,7 +101,7 @@ class Worker:
 
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
-        self.processor = Processor(cfg.pipelines, cfg.limits)
+        self.processor = Processor(cfg.pipelines, cfg.limits, cfg.memory_cap)
         self.done = 0
 
     def process_one(self, task: Task) -> Result:
@@ -114,6 +115,22 @@ class Worker:
     @property
     def spent(self) -> bool:
         return bool(self.cfg.max_tasks) and self.done >= self.cfg.max_tasks
+
+    def worn(self) -> str | None:
+        """Why this worker should end after its task for its memory's sake (see
+        ``watcher.memory``), or None: a task ran out of memory (what is left of the heap is not
+        to be trusted), or the resident size stayed above half the cap."""
+        if self.processor.exhausted:
+            return "a task ran out of memory"
+        cap = self.cfg.memory_cap
+        if cap:
+            now = memory.rss()
+            if now > cap // 2:
+                memory.trim()
+                now = memory.rss()
+                if now > cap // 2:
+                    return f"resident size {memory.mib(now)} is above half the cap"
+        return None
 
 
 _terminate = False
@@ -167,8 +184,13 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
     except Exception as exc:  # noqa: BLE001 - report and exit with the documented code
         logger.error("worker.start_failed", error=f"{type(exc).__name__}: {exc}")  # noqa: TRY400
         _end(capture, EXIT_INIT_FAILED)
+    if cfg.memory_cap and not memory.set_ceiling(cfg.memory_cap):
+        logger.warning("worker.no_memory_ceiling", cap=cfg.memory_cap,
+                       why="the system refused RLIMIT_DATA; the estimate alone applies")
     logger.debug("worker.started")
     committer = Committer(worker.processor, results, slot, lock, logger=logger)
+    if cfg.memory_cap:
+        worker.processor.make_room = lambda need: _make_room(committer, cfg.memory_cap, need)
     try:
         _serve(worker, committer, tasks, slot, lock, parent, logger, capture)
         committer.close()
@@ -261,6 +283,21 @@ def _serve(worker: Worker, committer: Committer, tasks: Connection, slot: Any, l
         if worker.spent:
             logger.debug("worker.recycling", tasks=worker.done)
             return
+        worn = worker.worn()
+        if worn is not None:
+            logger.info("worker.recycling", tasks=worker.done, why=worn)
+            return
+
+
+def _make_room(committer: Committer, cap: int, need: int) -> None:
+    """Before a task that needs ``need`` bytes: when that does not fit beside what this worker
+    holds now, wait until the outputs waiting for the committer are written and give freed
+    memory back, so that the task has a fresh worker's room (it is charged for its own need,
+    not for what other tasks left)."""
+    if memory.rss() + need <= cap:
+        return
+    committer.drain()
+    memory.trim()
 
 
 def _with_messages(prep: Prepared, lines: list[str]) -> Prepared:
@@ -379,6 +416,15 @@ class Committer:
             if self._items and not self._now:
                 self._now = True
                 self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Commit what waits now and return once nothing waits (at once if the thread has
+        stopped: the main thread then notices it)."""
+        with self._cond:
+            self._now = bool(self._items)
+            self._cond.notify_all()
+            while self._items and self._thread.is_alive():
+                self._cond.wait(1.0)
 
     def close(self) -> None:
         """Commit what is pending, then stop the thread."""
