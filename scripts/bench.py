@@ -1,4 +1,5 @@
-"""watcher beside its peers, in one run: jobs T G S M C W of ../shared/bench, alternating
+"""watcher beside its peers, in one run: jobs T G S M C W of ../shared/bench (and X: the worst
+worker peak on inputs that need gigabytes, under a memory cap), alternating
 implementations round by round, one table of medians and ratios, JSON and a chart.
 
 Peers come from ../shared/bench (run its setup.sh first: it builds the corpus into
@@ -242,6 +243,45 @@ def warm(inputs: list[Path]) -> None:
                 pass
 
 
+def worker_peak_mib(report: Path) -> float:
+    """The largest worker peak RSS (MiB) a ``watcher batch --report`` names."""
+    items = json.loads(report.read_text())["items"]
+    return max((i.get("worker_peak_rss_kb") or 0 for i in items), default=0) / 1024
+
+
+worst: dict[str, float] = {}  # job -> the worst worker peak (MiB) of watcher's runs
+
+
+def bench_memory_hostile(big: Path, work: Path, cap_mib: int = 896) -> dict[str, Any]:
+    """Job X: the inputs that drove workers to gigabytes before the memory governor (a tiny
+    PNG that decodes to 9000x9000 RGBA, a 48 MP photo turned by 45 degrees and converted in
+    full to WebP, a photo far under the cap) with each worker capped as a 2 GB service with
+    2 workers is: the worst worker peak, against the cap, and each input's fate."""
+    src = work / "X-in"
+    src.mkdir(exist_ok=True)
+    Image.new("RGBA", (9000, 9000), (12, 34, 56, 78)).save(src / "flat_rgba.png")
+    shutil.copy(big, src / "big.jpg")
+    with Image.open(big) as im:
+        im.resize((im.width // 4, im.height // 4)).save(src / "quarter.jpg", quality=85)
+    out: dict[str, Any] = {"cap_mib": cap_mib, "cases": []}
+    for ops, fmt in (("rotate(45)", "jpeg"), ("resize_half", "webp"), ("thumbnail(256,256)",
+                                                                       "jpeg")):
+        report = work / f"X-{len(out['cases'])}.json"
+        cmd = [str(WATCHER), "batch", str(src), "--out", str(fresh_out(work, "X", len(
+            out["cases"]))), "--ops", ops, "--format", fmt, "--workers", str(CORES),
+            "--max-worker-memory", f"{cap_mib}MiB", "--no-progress", "--log-level", "error",
+            "--report", str(report)]
+        wall, peak, status = timed(cmd)
+        items = json.loads(report.read_text())["items"] if report.exists() else []
+        out["cases"].append({
+            "ops": ops, "format": fmt, "status": status, "wall": wall, "peak_tree_mib": peak,
+            "worker_peak_mib": worker_peak_mib(report) if report.exists() else None,
+            "fates": {Path(i["input"]).name: i["reason"] or i["status"] for i in items}})
+    peaks = [c["worker_peak_mib"] for c in out["cases"] if c["worker_peak_mib"] is not None]
+    out["worst_mib"] = max(peaks) if peaks else None
+    return out
+
+
 def bench_throughput(job: str, src: Path, rounds: int, work: Path,
                      inputs: list[Path]) -> tuple[list[Run], dict[str, Any]]:
     impls = ["watcher", *PEERS[job]]
@@ -255,8 +295,9 @@ def bench_throughput(job: str, src: Path, rounds: int, work: Path,
             if not runs[impl].ok and runs[impl].note:
                 continue
             out = fresh_out(work, f"{job}-{impl}", r)
-            cmd = watcher_cmd(job, src, out) if impl == "watcher" else peer_cmd(impl, job, src,
-                                                                              out)
+            report = work / f"{job}-watcher-r{r}.json"
+            cmd = watcher_cmd(job, src, out, report=report) if impl == "watcher" \
+                else peer_cmd(impl, job, src, out)
             assert cmd is not None
             warm(inputs)
             wall, peak, status = timed(cmd)
@@ -264,6 +305,8 @@ def bench_throughput(job: str, src: Path, rounds: int, work: Path,
                 runs[impl].ok, runs[impl].note = False, f"exit status {status}"
             runs[impl].walls.append(wall)
             runs[impl].peaks_mib.append(peak)
+            if impl == "watcher" and report.exists():
+                worst[job] = max(worst.get(job, 0.0), worker_peak_mib(report))
     q = {impl: quality(job, inputs, work / f"{job}-{impl}-r{rounds - 1}") for impl in impls
          if runs[impl].ok}
     return list(runs.values()), q
@@ -542,6 +585,18 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             ratio = r["wall"] / w
             out.append(f"{job}: {ratio:.2f}x {peer} (target >= {want}) "
                        f"{'MET' if ratio >= want else 'MISSED'}")
+    if results.get("worker_peak_mib"):
+        out.append("memory: worst worker peak " + ", ".join(
+            f"{job} {mib:.0f} MiB" for job, mib in results["worker_peak_mib"].items()))
+    if "X" in results:
+        x = results["X"]
+        for c in x["cases"]:
+            out.append(f"X: {c['ops']} -> {c['format']}: worker peak {c['worker_peak_mib']:.0f} "
+                       f"MiB; " + ", ".join(f"{k} {v}" for k, v in sorted(c["fates"].items())))
+        if x["worst_mib"] is not None:
+            met = "MET" if x["worst_mib"] <= x["cap_mib"] else "MISSED"
+            out.append(f"X: worst worker peak {x['worst_mib']:.0f} MiB with a cap of "
+                       f"{x['cap_mib']} MiB {met}")
     if "M" in results:
         m = {r["impl"]: r for r in results["M"]}
         if m["watcher"]["ok"] and m["vipsthumbnail"]["ok"]:
@@ -604,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a small slice, one round: seconds")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per job (default 3; quick 1)")
-    ap.add_argument("--jobs", default="T,G,S,M,C,W")
+    ap.add_argument("--jobs", default="T,G,S,M,X,C,W")
     ap.add_argument("--json", default="", help="write the figures here (default: bench.json in "
                                                 "the work folder)")
     ap.add_argument("--chart", default="", help="write the chart PNG here")
@@ -645,6 +700,11 @@ def main(argv: list[str] | None = None) -> int:
         if "T" in results:
             w = next(r for r in results["T"]["runs"] if r["impl"] == "watcher")
             results["T_images_per_s"] = counts["T"][0] / w["wall"]
+        if worst:
+            results["worker_peak_mib"] = dict(worst)
+        if "X" in jobs:
+            results["X"] = bench_memory_hostile(src / "big" / "b0.jpg", work)
+            print("job X done", file=sys.stderr, flush=True)
         if "M" in jobs:
             results["M"] = [{**asdict(r), "wall": r.wall, "peak": r.peak}
                             for r in bench_memory(src / "big" / "b0.jpg", rounds, work)]

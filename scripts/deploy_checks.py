@@ -171,8 +171,13 @@ def test_systemd(wheels: Path, imgs: Path) -> None:
         cgroup = c.show("watcher", "ControlGroup")
         procs = c.run("sh", "-c", f"cat /sys/fs/cgroup{cgroup}/cgroup.procs "
                       f"/sys/fs/cgroup/*{cgroup}/cgroup.procs 2>/dev/null", check=False).split()
-        capped = [p for p in dict.fromkeys(procs) if re.search(
-            rf"Max data size\s+{expected}\s", c.run("cat", f"/proc/{p}/limits", check=False))]
+        def data_limit(pid: str) -> int:
+            m = re.search(r"Max data size\s+(\d+)\s", c.run("cat", f"/proc/{pid}/limits",
+                                                            check=False))
+            return int(m.group(1)) if m else 0
+        # the cap less the worker's mapped code (resident, but not data)
+        capped = [p for p in dict.fromkeys(procs)
+                  if expected - 160 * 2**20 <= data_limit(p) <= expected]
         check("memory: each worker's cap is the unit's MemoryMax shared (less the reserve), and "
               "is its RLIMIT_DATA", started.get("max_worker_memory") == expected
               and len(capped) >= workers,

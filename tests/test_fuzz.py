@@ -43,7 +43,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from watcher import batch, config
+from watcher import batch, config, memory
 from watcher.codec import DecodeLimits, OutputOptions
 from watcher.errors import REASONS, TRANSIENT_REASONS
 from watcher.pipeline import Pipeline, Processor
@@ -54,6 +54,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CASES = int(os.environ.get("WATCHER_FUZZ_CASES", "500"))
 SEED = int(os.environ.get("WATCHER_FUZZ_SEED", "12"))
 DEADLINE = 30  # seconds one case may take before it counts as a hang
+# Each case runs as a worker with this max_worker_memory would (2G shared by 2 workers is about
+# this much): its estimate applies; in tier 2 and through `watcher batch` the ceiling too.
+MEMORY_CAP = int(os.environ.get("WATCHER_FUZZ_MEMORY", str(1024 * 2**20)))
 BAD_REASONS = {"internal-error", *TRANSIENT_REASONS, "worker-crashed", "timeout"}
 
 
@@ -571,7 +574,7 @@ def fuzz(n: int, seed: int, work: Path, *, progress: bool = False) -> list[Outco
     in_dir, out_dir = work / "in", work / "out"
     in_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    procs = [Processor(pipes, DecodeLimits()) for pipes in pipeline_sets()]
+    procs = [Processor(pipes, DecodeLimits(), MEMORY_CAP) for pipes in pipeline_sets()]
     outcomes = []
     t0 = time.monotonic()
     for case in cases(n, seed):
@@ -669,6 +672,7 @@ def test_mutated_inputs_through_real_worker_processes(fuzz_dir: Path) -> None:
     cmd = [sys.executable, "-m", "watcher", "batch", "--list", str(listing),
            "-o", str(fuzz_dir / "out"),
            "-p", "thumbnail", "-p", "web", "-p", "processed", "-j", "2", "--timeout", "60",
+           "--max-worker-memory", str(MEMORY_CAP),
            "--report", str(report), "--no-progress", "--log-level", "error"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run(cmd, cwd=fuzz_dir, env=env, capture_output=True, text=True,
@@ -684,6 +688,9 @@ def test_mutated_inputs_through_real_worker_processes(fuzz_dir: Path) -> None:
     for item in items:
         if item["status"] == "ok":
             assert not check_outputs(tuple(item["outputs"])), item
+    # no case pushed its worker above the cap (workers' peaks, from /proc, in the report)
+    worst = max(i["worker_peak_rss_kb"] for i in items) * 1024
+    assert 0 < worst <= MEMORY_CAP, f"a worker peaked at {worst / 2**20:.0f} MiB"
 
 
 # --- tier 2 from the command line ---------------------------------------------------------------
@@ -698,13 +705,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="watcher-fuzz-"))
     t0 = time.monotonic()
+    ceiling = memory.set_ceiling(MEMORY_CAP)  # this process is the worker here
     try:
         outcomes = fuzz(args.cases, args.seed, work, progress=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    peak = memory.peak()
     print(f"{args.cases} cases, seed {args.seed}, {time.monotonic() - t0:.0f} s")
+    print(f"memory: cap {memory.mib(MEMORY_CAP)} (ceiling {'on' if ceiling else 'off'}), "
+          f"peak {memory.mib(peak)}")
     print(_report(outcomes, Path(args.failures)))
-    return 1 if any(o.bad for o in outcomes) else 0
+    return 1 if any(o.bad for o in outcomes) or peak > MEMORY_CAP else 0
 
 
 if __name__ == "__main__":

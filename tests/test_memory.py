@@ -163,7 +163,8 @@ def test_the_estimate_covers_what_decoding_and_processing_really_take(
     assert measured <= est * 1.25 + 16 * MiB, f"estimate {est / MiB:.0f} MiB < {measured / MiB:.0f}"
     # libwebp's buffers grow with the image's entropy: the estimate takes noise's, 3x a photo's
     over = 3.0 if fmt == "webp" else 1.8
-    assert est <= measured * over + 24 * MiB, f"estimate {est / MiB:.0f} MiB >> {measured / MiB:.0f}"
+    assert est <= measured * over + 24 * MiB, \
+        f"estimate {est / MiB:.0f} MiB >> {measured / MiB:.0f}"
 
 
 @pytest.mark.integration

@@ -59,8 +59,9 @@ _RUNNING: dict[str, tuple[float, int, str]] = {}  # key -> (wall start, pid, hos
 
 def run_task(task: Task, key: str, digest: str, cfg_bytes: bytes) -> Result:
     """The function the cluster runs: prepare and stage one task; publish nothing."""
-    import resource  # noqa: PLC0415
     from dataclasses import replace  # noqa: PLC0415
+
+    from . import memory  # noqa: PLC0415
 
     proc = _PROCESSORS.get(digest)
     if proc is None:
@@ -74,7 +75,7 @@ def run_task(task: Task, key: str, digest: str, cfg_bytes: bytes) -> Result:
         result = proc.stage(proc.prepare(task))
     finally:
         _RUNNING.pop(key, None)
-    return replace(result, peak_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return replace(result, peak_rss_kb=memory.peak() // 1024)
 
 
 def running_tasks() -> dict[str, tuple[float, int, str]]:

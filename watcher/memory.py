@@ -14,8 +14,8 @@ takes the service down (a kernel OOM kill of the cgroup would end every worker a
   estimate does not fit in the cap (less what a fresh worker uses) is ``too-large``, with the
   estimate in the message, and is never decoded. The estimate is the same for an input whatever
   else the worker did before: nobody else is charged for it.
-- **The ceiling** (``set_ceiling``): the worker's data segment is limited to the cap
-  (``RLIMIT_DATA``: every heap and anonymous mapping, not the shared libraries' code), so what
+- **The ceiling** (``set_ceiling``): the worker's data segment is limited to the cap less its
+  mapped code (``RLIMIT_DATA``: every heap and anonymous mapping), so what
   the estimate misses (a decoder's own allocations, a user transform) fails that input with a
   ``MemoryError`` (``too-large``, "needed more than max_worker_memory") instead of growing; the
   worker then ends after that task and a fresh one takes its place. A worker whose resident size
@@ -168,13 +168,46 @@ def rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak() -> int:
+    """This process's peak resident size so far, in bytes (VmHWM: unlike ``ru_maxrss``, not
+    carried over from the program that exec'd it)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+FILE_SLACK = 32 * MiB  # code of libraries loaded later (libavif, libtiff's codecs)
+
+
+def _file_resident() -> int:
+    """Resident bytes that are not data: mapped files (the interpreter's and libraries' code)
+    and shared memory; they count in the resident size but not in RLIMIT_DATA."""
+    total = 0
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith((b"RssFile:", b"RssShmem:")):
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
+
+
 def set_ceiling(cap: int) -> bool:
-    """Limit this process's data segment (heap and anonymous mappings) to ``cap`` bytes: an
-    allocation beyond it fails (``MemoryError``) instead of growing the process. False where
-    the system has no such limit (or refuses it)."""
+    """Limit this process so that its resident size stays within ``cap`` bytes: its data
+    segment (heap and anonymous mappings, ``RLIMIT_DATA``) gets the cap less what is resident
+    but not data (mapped code, with FILE_SLACK for libraries loaded later). An allocation
+    beyond it fails (``MemoryError``) instead of growing the process. False where the system
+    has no such limit (or refuses it)."""
+    limit = max(cap - _file_resident() - FILE_SLACK, cap // 2)
     try:
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
-        soft = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
+        soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
         resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
     except (OSError, ValueError, AttributeError):
         return False

@@ -27,7 +27,6 @@ import ctypes
 import errno
 import os
 import pickle
-import resource
 import signal
 import sys
 import threading
@@ -484,7 +483,7 @@ class Committer:
             self._group_failed(tracked, exc)  # raises
         started = self._slot[COMMIT_STARTED]
         self._mark(IDLE, IDLE, IDLE)  # before the send: a result sent is never timed out
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = memory.peak() // 1024
         try:
             self._send([replace(r, peak_rss_kb=rss) for r in results])
         except Exception:
