@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -502,6 +503,88 @@ def bench_watch(photos: list[Path], small: list[Path], idle: int, backlog: int,
     return res
 
 
+INOTIFY_QUEUE = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+def bench_drain(sizes: list[int], work: Path) -> dict[str, Any]:
+    """Job W's bursts: ``sizes`` tiny files renamed into the inbox at once, each size on a
+    fresh daemon: the drain rate (files/s from the first rename to the last archived), the
+    daemon's peak RSS (with them all waiting at first); then, with the kernel's event queue
+    lowered to 64 (restored after) and the daemon stopped (SIGSTOP) while 1,000 files are
+    renamed in, the time from its overflow to the first file it claims from the rescan."""
+    from PIL import Image as _Image
+
+    res: dict[str, Any] = {"drain": []}
+    for n in sizes:
+        base = work / f"W-drain-{n}"
+        shutil.rmtree(base, ignore_errors=True)
+        d = WatchDaemon(base, pipeline="grayscale")
+        try:
+            seed = base / "seed.png"
+            _Image.new("RGB", (16, 12), (90, 120, 150)).save(seed)
+            data = seed.read_bytes()
+            for i in range(n):
+                (base / "staging" / f"d{i:06d}.png").write_bytes(data)
+            os.sync()
+            t0 = time.monotonic()
+            for i in range(n):
+                os.rename(base / "staging" / f"d{i:06d}.png", base / "inbox" / f"d{i:06d}.png")
+            d.wait(lambda b=base, k=n: len(os.listdir(b / "archive")) >= k, 3600, 0.2)
+            wall = time.monotonic() - t0
+            res["drain"].append({"files": n, "wall_s": round(wall, 3),
+                                 "files_per_s": round(n / wall, 1),
+                                 "daemon_rss_mib": round(d.rss_mib(), 1)})
+        finally:
+            d.stop()
+            shutil.rmtree(base, ignore_errors=True)
+        print(f"job W drain {n} done", file=sys.stderr, flush=True)
+    if not os.access(INOTIFY_QUEUE, os.W_OK):
+        res["overflow"] = "not measured: fs.inotify.max_queued_events is not writable"
+        return res
+    before = INOTIFY_QUEUE.read_text()
+    base = work / "W-overflow"
+    shutil.rmtree(base, ignore_errors=True)
+    INOTIFY_QUEUE.write_text("64\n")
+    try:
+        d = WatchDaemon(base, pipeline="grayscale")
+    finally:
+        INOTIFY_QUEUE.write_text(before)  # the daemon's instance keeps its 64
+    try:
+        seed = base / "seed.png"
+        _Image.new("RGB", (16, 12), (90, 120, 150)).save(seed)
+        for i in range(1000):
+            shutil.copy(seed, base / "staging" / f"o{i:04d}.png")
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            for i in range(1000):
+                os.rename(base / "staging" / f"o{i:04d}.png", base / "inbox" / f"o{i:04d}.png")
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        d.wait(lambda: len(os.listdir(base / "archive")) >= 1000, 600, 0.1)
+        over = d.events("observer.overflowed")
+        found = d.events("reconcile.found")
+        claims = d.events("file.queued")
+        if over:
+            t_over = _ts(over[0]["timestamp"])
+            later = [_ts(c["timestamp"]) for c in claims if _ts(c["timestamp"]) >= t_over]
+            res["overflow"] = {"overflows": len(over),
+                               "found_by_rescan": sum(e["files"] for e in found),
+                               "overflow_to_first_claim_ms": round(
+                                   (min(later) - t_over) * 1000, 1) if later else None}
+        else:
+            res["overflow"] = "no overflow was seen"
+    finally:
+        d.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    return res
+
+
+def _ts(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 # --- corpus -------------------------------------------------------------------------------------
 
 def corpus(quick: bool, work: Path) -> tuple[Path, bool]:
@@ -625,6 +708,24 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         rss = w["daemon_rss_mib_with_backlog"]
         out.append(f"W: daemon RSS with {w['backlog']} files waiting: {rss:.0f} MiB "
                    f"(target <= 150) {'MET' if rss <= 150 else 'MISSED'}")
+        drain = w.get("drain") or []
+        for b in drain:
+            out.append(f"W: burst of {b['files']} tiny files drains at {b['files_per_s']:.0f} "
+                       f"files/s, daemon peak RSS {b['daemon_rss_mib']:.0f} MiB")
+        if len(drain) >= 2:
+            first, last = drain[0], drain[-1]
+            ratio = last["files_per_s"] / first["files_per_s"]
+            out.append(f"W: drain rate at {last['files']} = {ratio:.2f}x the rate at "
+                       f"{first['files']} (target >= 0.9) {'MET' if ratio >= 0.9 else 'MISSED'}; "
+                       f"RSS {last['daemon_rss_mib']:.0f} MiB (target <= 150) "
+                       f"{'MET' if last['daemon_rss_mib'] <= 150 else 'MISSED'}")
+        o = w.get("overflow")
+        if isinstance(o, dict):
+            out.append(f"W: queue overflow ({o['overflows']}x, {o['found_by_rescan']} files "
+                       f"found by the rescan) -> first claim in "
+                       f"{o['overflow_to_first_claim_ms']} ms")
+        elif o:
+            out.append(f"W: overflow: {o}")
     return out
 
 
@@ -660,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a small slice, one round: seconds")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per job (default 3; quick 1)")
     ap.add_argument("--jobs", default="T,G,S,M,X,C,W")
+    ap.add_argument("--bursts", default="1000,10000,100000",
+                    help="job W: burst sizes for the drain rate (default 1000,10000,100000)")
     ap.add_argument("--json", default="", help="write the figures here (default: bench.json in "
                                                 "the work folder)")
     ap.add_argument("--chart", default="", help="write the chart PNG here")
@@ -716,6 +819,10 @@ def main(argv: list[str] | None = None) -> int:
         if "W" in jobs:
             idle, backlog = (10, 300) if args.quick else (100, 10_000)
             results["W"] = bench_watch(photos, small, idle, backlog, work, rounds)
+            sizes = [int(x) for x in args.bursts.split(",") if x.strip()]
+            if args.quick:
+                sizes = [n // 10 for n in sizes[:2]]
+            results["W"].update(bench_drain(sizes, work))
         if args.executor != "local":
             results["executor"] = {}
             for job in ("S", "T"):

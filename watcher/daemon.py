@@ -74,7 +74,7 @@ class Daemon:
         self.tracker = sources.Stability(self.settings.watch.settle)
         self.observer: sources.InboxObserver | None = None
         self.counts = {"processed": 0, "quarantined": 0, "retried": 0, "skipped": 0,
-                       "reconcile_found": 0, "gave_up": 0}
+                       "reconcile_found": 0, "gave_up": 0, "overflows": 0}
         self.notifier = Notifier()
         self.metrics = Metrics()
         self._server: MetricsServer | None = None
@@ -296,8 +296,19 @@ class Daemon:
             return
         self._beat()
         assert self.observer is not None and self.engine is not None
+        overflowed = False
         for kind, path in self.observer.drain():
+            if kind == sources.OVERFLOW:
+                overflowed = True
+                continue
             self._hint(kind, path)
+        if overflowed:  # events were lost: what they would have said is found by a scan now
+            self.counts["overflows"] += 1
+            self.metrics.overflows.inc()
+            self._log.warning("observer.overflowed", inbox=self.folders.inbox,
+                              overflows=self.counts["overflows"],
+                              why="the kernel's event queue overflowed; rescanning the inbox")
+            self._reconcile()
         if not self.observer.healthy():
             self.observer.restart()
             self.tracker.close_events = self.observer.kind == "inotify"
@@ -399,7 +410,7 @@ class Daemon:
         room = self._max_in_flight - len(self.claims)
         if room <= 0:
             return  # back-pressure: the rest wait in the inbox, never dropped
-        for path in self.tracker.due():
+        for path in self.tracker.ready():  # lazily: stop at the room left, the rest unlooked
             if room <= 0:
                 break
             rel = os.path.relpath(path, self.folders.inbox)

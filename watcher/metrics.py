@@ -49,6 +49,9 @@ class Metrics:
         self.reconcile_found = Counter("watcher_reconcile_found",
                                        "Files found by a scan that no event announced",
                                        registry=r)
+        self.overflows = Counter("watcher_observer_overflows", "Times the kernel's event queue "
+                                 "overflowed (each followed by a rescan of the inbox)",
+                                 registry=r)
         self.last_tick = time.monotonic()
         self.ready = False
 

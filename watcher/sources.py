@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import heapq
+import itertools
+import logging
 import os
 import queue
 import stat
@@ -49,6 +52,7 @@ NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs", "ceph", 
 
 CLOSED, MOVED, CREATED, MODIFIED = "closed", "moved", "created", "modified"
 SCAN, DIR = "scan", "dir"
+OVERFLOW = "overflow"  # the kernel's event queue overflowed: events were lost (rescan the inbox)
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -139,7 +143,13 @@ def wants_polling(kind: str) -> bool:
 
 # --- completeness --------------------------------------------------------------------------------
 
-@dataclass
+# A file waiting for its quiet period is looked at again after half of it (a change is seen
+# within half the period, so it is taken between 1 and 1.5 quiet periods after its last change);
+# a file ready to be taken is not looked at again until the caller takes it.
+LOOK_SPACING = 0.5
+
+
+@dataclass(slots=True)
 class _Entry:
     first: float
     changed: float  # when size/mtime last changed (or an event said it was written)
@@ -147,10 +157,17 @@ class _Entry:
     mtime: int = -1
     complete: bool = False  # closed after writing, or moved in
     writing: bool = False  # an open-for-write was seen and no close yet (inotify)
+    turn: int = 0  # its latest look scheduled: heap items of earlier turns are stale
 
 
 class Stability:
-    """Decides when a file in the inbox is complete. Pure logic: time and stat are injected."""
+    """Decides when a file in the inbox is complete. Pure logic: time and stat are injected.
+
+    The cost of a call does not grow with the number of files waiting: each file has one
+    scheduled look (a heap of due times), and only files whose look is due are stat'ed. A hint
+    makes a file's look due at once; a file waiting for its quiet period is looked at twice per
+    period; a file found ready is offered, oldest first, and looked at again only when the
+    caller asks for it (``ready`` is lazy: a caller that stops after n files looked at n)."""
 
     def __init__(self, settle: float, clock: Callable[[], float] = time.monotonic,
                  stat_fn: Callable[[str], os.stat_result] = os.lstat, *,
@@ -160,6 +177,9 @@ class Stability:
         self._clock = clock
         self._stat = stat_fn
         self._entries: dict[str, _Entry] = {}
+        self._looks: list[tuple[float, int, str]] = []  # (when to look, turn, path)
+        self._due: list[tuple[float, int, str]] = []  # looks due: (first seen, turn, path)
+        self._turns = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -185,6 +205,7 @@ class Stability:
             e.changed = now
         elif kind == CREATED:
             e.changed = now
+        self._schedule(path, e, now)  # looked at by the next call
 
     @property
     def stale(self) -> float:
@@ -192,38 +213,69 @@ class Stability:
         return max(30.0, 10 * self.settle)
 
     def forget(self, path: str) -> None:
-        self._entries.pop(path, None)
+        self._entries.pop(path, None)  # its heap items are skipped as stale
 
     def due(self) -> list[str]:
-        """Paths complete now, oldest first. Vanished paths are forgotten."""
+        """Every path complete now, oldest first (``ready``, all of it). Vanished paths are
+        forgotten."""
+        return list(self.ready())
+
+    def ready(self) -> Iterator[str]:
+        """Paths complete now, oldest first, each looked at as it is reached: stop early and
+        the rest are not stat'ed (they stay due for the next call). Only paths whose look is
+        due are looked at; vanished ones are forgotten. A path yielded and not forgotten is
+        offered again by the next call."""
         now = self._clock()
-        ready = []
-        for path, e in list(self._entries.items()):
-            try:
-                st = self._stat(path)
-            except OSError as exc:
-                if isinstance(exc, FileNotFoundError | NotADirectoryError) or \
-                        exc.errno == errno.ELOOP:
-                    # gone, or a folder on its way was replaced (by a file, a link): a scan
-                    # of what is there now finds it again if it is still in the inbox
-                    del self._entries[path]
+        looks, due = self._looks, self._due
+        while looks and looks[0][0] <= now:  # each scheduled look moves here once
+            _, turn, path = heapq.heappop(looks)
+            e = self._entries.get(path)
+            if e is not None and e.turn == turn:
+                heapq.heappush(due, (e.first, turn, path))
+        while due:
+            _, turn, path = heapq.heappop(due)
+            e = self._entries.get(path)
+            if e is None or e.turn != turn:
+                continue  # forgotten, or hinted again since (a newer look is scheduled)
+            looked = self._look(path, e, now)
+            if looked is None:
                 continue
-            if not stat.S_ISREG(st.st_mode):
-                ready.append((e.first, path))  # links and special files: nothing to wait for
-                continue
-            if (st.st_size, st.st_mtime_ns) != (e.size, e.mtime):
-                e.size, e.mtime = st.st_size, st.st_mtime_ns
-                if not e.complete:
-                    e.changed = now
-                    continue
-            quiet = now - e.changed
-            # An empty file may have just been opened by a writer that has not written yet, or
-            # closed by one that comes back to append: even closed, it waits the long time.
-            empty = st.st_size == 0
-            slow = e.writing or empty
-            if (e.complete and not empty) or quiet >= (self.stale if slow else self.settle):
-                ready.append((e.first, path))
-        return [p for _, p in sorted(ready)]
+            complete, at = looked
+            self._schedule(path, e, max(at, now))  # ``now``: the next call, not this one
+            if complete:
+                yield path
+
+    def _schedule(self, path: str, e: _Entry, at: float) -> None:
+        e.turn = next(self._turns)
+        heapq.heappush(self._looks, (at, e.turn, path))
+
+    def _look(self, path: str, e: _Entry, now: float) -> tuple[bool, float] | None:
+        """Stat ``path``: (complete now, when to look next), or None when it is gone (then
+        forgotten)."""
+        try:
+            st = self._stat(path)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError | NotADirectoryError) or \
+                    exc.errno == errno.ELOOP:
+                # gone, or a folder on its way was replaced (by a file, a link): a scan
+                # of what is there now finds it again if it is still in the inbox
+                del self._entries[path]
+                return None
+            return False, now + self.settle * LOOK_SPACING  # unreadable for now: look again
+        if not stat.S_ISREG(st.st_mode):
+            return True, now  # links and special files: nothing to wait for
+        # An empty file may have just been opened by a writer that has not written yet, or
+        # closed by one that comes back to append: even closed, it waits the long time.
+        empty = st.st_size == 0
+        wait = self.stale if (e.writing or empty) else self.settle
+        if (st.st_size, st.st_mtime_ns) != (e.size, e.mtime):
+            e.size, e.mtime = st.st_size, st.st_mtime_ns
+            if not e.complete:
+                e.changed = now
+                return False, now + wait * LOOK_SPACING
+        if (e.complete and not empty) or now - e.changed >= wait:
+            return True, now
+        return False, min(e.changed + wait, now + wait * LOOK_SPACING)
 
 
 # --- the observer ---------------------------------------------------------------------------
@@ -239,6 +291,8 @@ class _Handler(FileSystemEventHandler):
         self._events.put((kind, os.fsdecode(path)))
         self._wake()
 
+    put = _put
+
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, FileClosedEvent):
             self._put(CLOSED, event.src_path)
@@ -250,6 +304,24 @@ class _Handler(FileSystemEventHandler):
             self._put(CREATED, event.src_path)
         elif isinstance(event, FileModifiedEvent):
             self._put(MODIFIED, event.src_path)
+
+
+class _OverflowWatch(logging.Handler):
+    """Hears watchdog's inotify backend say that the kernel's queue overflowed (IN_Q_OVERFLOW):
+    watchdog has no event for it, only this warning of its ``inotify_c`` logger, raised on the
+    observer thread. Hands an OVERFLOW event on and wakes the loop, which rescans at once."""
+
+    LOGGER = "watchdog.observers.inotify_c"
+    MESSAGE = "Inotify queue overflowed"
+
+    def __init__(self, put: Callable[[str, str], None], inbox: str) -> None:
+        super().__init__(logging.WARNING)
+        self._put = put
+        self._inbox = inbox
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith(self.MESSAGE):
+            self._put(OVERFLOW, self._inbox)
 
 
 class InboxObserver:
@@ -264,6 +336,7 @@ class InboxObserver:
         self.events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._wake = wake
         self._observer: Any = None
+        self._overflow: logging.Handler | None = None
         self.kind = ""
         self.restarts = 0
         self._log = log.get("watcher.observer")
@@ -306,7 +379,15 @@ class InboxObserver:
             # full events: a file renamed in from outside is a move (complete), not a creation
             obs = InotifyObserver(generate_full_events=True)
         obs.daemon = True
-        obs.schedule(_Handler(self.events, self._wake), self.inbox, recursive=self.recursive)
+        handler = _Handler(self.events, self._wake)
+        if kind != "polling":
+            self._overflow = _OverflowWatch(handler.put, self.inbox)
+            logger = logging.getLogger(_OverflowWatch.LOGGER)
+            logger.addHandler(self._overflow)
+            if logger.getEffectiveLevel() > logging.WARNING:  # --log-level error: heard anyway
+                logger.setLevel(logging.WARNING)
+                logger.propagate = False  # and not shown above the level asked for
+        obs.schedule(handler, self.inbox, recursive=self.recursive)
         obs.start()
         self._observer, self.kind = obs, kind
         self._log.info("observer.started", kind=kind, inbox=self.inbox, recursive=self.recursive)
@@ -322,6 +403,9 @@ class InboxObserver:
         self.start()
 
     def stop(self) -> None:
+        if self._overflow is not None:
+            logging.getLogger(_OverflowWatch.LOGGER).removeHandler(self._overflow)
+            self._overflow = None
         obs, self._observer = self._observer, None
         if obs is not None:
             try:
