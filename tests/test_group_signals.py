@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from tests import crashers
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, _cmdline, wait_until
 from tests.test_cli import tagged_processes
 from watcher.files import HOST
 
@@ -295,14 +295,6 @@ def test_a_group_sighup_reloads_and_kills_no_worker(tmp_path: Path) -> None:
     assert not [e for e in events if e.get("event") in ("worker.died", "file.retried")], events
     assert fates(events) == Counter({"a.png": 1, "b.png": 1})
     assert temps(root) == []
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_the_resource_tracker_dying_changes_nothing(tmp_path: Path) -> None:

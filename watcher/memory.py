@@ -87,14 +87,24 @@ def machine_limit() -> int:
     return min(known) if known else 0
 
 
-def _meminfo_total() -> int:
+def _kib_fields(path: str, *names: bytes) -> int | None:
+    """The sum of the ``name: N kB`` lines of a /proc file, in bytes; None if it has none or
+    cannot be read."""
+    total, seen = 0, False
     try:
-        with open("/proc/meminfo", "rb") as f:
+        with open(path, "rb") as f:
             for line in f:
-                if line.startswith(b"MemTotal:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(names):
+                    total, seen = total + int(line.split()[1]) * 1024, True
     except (OSError, ValueError, IndexError):
-        pass
+        return None
+    return total if seen else None
+
+
+def _meminfo_total() -> int:
+    total = _kib_fields("/proc/meminfo", b"MemTotal:")
+    if total:
+        return total
     with contextlib.suppress(ValueError, OSError, AttributeError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return 0
@@ -171,13 +181,9 @@ def rss() -> int:
 def peak() -> int:
     """This process's peak resident size so far, in bytes (VmHWM: unlike ``ru_maxrss``, not
     carried over from the program that exec'd it)."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    hwm = _kib_fields("/proc/self/status", b"VmHWM:")
+    if hwm is not None:
+        return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -187,15 +193,7 @@ FILE_SLACK = 32 * MiB  # code of libraries loaded later (libavif, libtiff's code
 def _file_resident() -> int:
     """Resident bytes that are not data: mapped files (the interpreter's and libraries' code)
     and shared memory; they count in the resident size but not in RLIMIT_DATA."""
-    total = 0
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith((b"RssFile:", b"RssShmem:")):
-                    total += int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return 0
-    return total
+    return _kib_fields("/proc/self/status", b"RssFile:", b"RssShmem:") or 0
 
 
 def set_ceiling(cap: int) -> bool:
