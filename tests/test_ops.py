@@ -99,8 +99,12 @@ def test_daemon_ready_watchdog_cadence_and_stopping(tmp_path: Path) -> None:
         pings = wait_until(lambda: len(s.having("WATCHDOG")) >= 6 and s.having("WATCHDOG"), 15,
                            "six watchdog pings")
         gaps = [b[0] - a[0] for a, b in itertools.pairwise(pings)]
-        # about half of WATCHDOG_USEC; never past the full second, when systemd would kill it
-        assert all(0.45 <= g < 1.0 for g in gaps), gaps
+        # scheduled every half of WATCHDOG_USEC: never sooner (a busy machine can only delay
+        # them, so no upper bound is asserted here; under the real systemd, scripts/test-deploy
+        # checks that a healthy daemon is not killed and a stalled one is)
+        assert all(g >= 0.45 for g in gaps), gaps
+        assert Notifier({"NOTIFY_SOCKET": s.path,
+                         "WATCHDOG_USEC": "1000000"}).watchdog_interval == 0.5
         assert any("processed" in m.get("STATUS", "") for _, m in s.collect())
         assert daemon.stop() == 0
         stopping = wait_until(lambda: s.having("STOPPING"), 5, "STOPPING=1")
