@@ -512,17 +512,13 @@ def bench_drain(sizes: list[int], work: Path) -> dict[str, Any]:
     daemon's peak RSS (with them all waiting at first); then, with the kernel's event queue
     lowered to 64 (restored after) and the daemon stopped (SIGSTOP) while 1,000 files are
     renamed in, the time from its overflow to the first file it claims from the rescan."""
-    from PIL import Image as _Image
-
     res: dict[str, Any] = {"drain": []}
     for n in sizes:
         base = work / f"W-drain-{n}"
         shutil.rmtree(base, ignore_errors=True)
         d = WatchDaemon(base, pipeline="grayscale")
         try:
-            seed = base / "seed.png"
-            _Image.new("RGB", (16, 12), (90, 120, 150)).save(seed)
-            data = seed.read_bytes()
+            data = _tiny_png()
             for i in range(n):
                 (base / "staging" / f"d{i:06d}.png").write_bytes(data)
             os.sync()
@@ -550,10 +546,9 @@ def bench_drain(sizes: list[int], work: Path) -> dict[str, Any]:
     finally:
         INOTIFY_QUEUE.write_text(before)  # the daemon's instance keeps its 64
     try:
-        seed = base / "seed.png"
-        _Image.new("RGB", (16, 12), (90, 120, 150)).save(seed)
+        data = _tiny_png()
         for i in range(1000):
-            shutil.copy(seed, base / "staging" / f"o{i:04d}.png")
+            (base / "staging" / f"o{i:04d}.png").write_bytes(data)
         os.kill(d.proc.pid, signal.SIGSTOP)
         try:
             for i in range(1000):
@@ -577,6 +572,15 @@ def bench_drain(sizes: list[int], work: Path) -> dict[str, Any]:
         d.stop()
         shutil.rmtree(base, ignore_errors=True)
     return res
+
+
+def _tiny_png() -> bytes:
+    """The bytes of a 16x12 PNG: the burst jobs' file, cheap to make, copy and process."""
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 12), (90, 120, 150)).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def _ts(text: str) -> float:

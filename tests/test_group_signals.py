@@ -183,6 +183,19 @@ def test_a_group_signal_mid_burst_drains_and_the_restart_rewrites_nothing(
     wait_until(lambda: not tagged_processes(d2.tag), 10, "no process of the daemon left")
 
 
+def removed_at_start(root: Path) -> set[str]:
+    """Start a daemon on ``root``, stop it with a group SIGTERM (it must exit 0): the temp files
+    it removed at start."""
+    d = watch(root)
+    try:
+        removed = {e["path"] for e in d.seen("file.temp_removed")}
+        d.killpg(signal.SIGTERM)
+        assert d.wait(60) == 0
+    finally:
+        d.ensure_dead()
+    return removed
+
+
 def test_temp_files_whose_pid_is_alive_are_removed_under_the_run_lock(tmp_path: Path) -> None:
     root = tmp_path
     for d in ("processed", "archive", "work"):
@@ -196,13 +209,7 @@ def test_temp_files_whose_pid_is_alive_are_removed_under_the_run_lock(tmp_path: 
             p.write_bytes(b"half an image")
         other = root / "processed" / f".d_thumbnail.png.otherhost.{sleeper.pid}.watcher-tmp"
         other.write_bytes(b"another machine's, fresh")  # left to the age rule
-        d = watch(root)
-        try:
-            removed = {e["path"] for e in d.seen("file.temp_removed")}
-            d.killpg(signal.SIGTERM)
-            assert d.wait(60) == 0
-        finally:
-            d.ensure_dead()
+        removed = removed_at_start(root)
         assert removed == {str(p) for p in left}
         assert [p for p in left if p.exists()] == []
         assert other.exists()
@@ -355,11 +362,6 @@ def test_the_workers_hold_the_run_lock_until_they_are_gone(tmp_path: Path) -> No
             os.kill(pid, signal.SIGKILL)
         d.ensure_dead()
     wait_until(lambda: not tagged_processes(d.tag), 15, "the old run's processes to end")
-    d3 = watch(root)  # every process of the old run is gone: the lock is free, the temp stale
-    try:
-        removed = {e["path"] for e in d3.seen("file.temp_removed")}
-        d3.killpg(signal.SIGTERM)
-        assert d3.wait(60) == 0
-    finally:
-        d3.ensure_dead()
+    # every process of the old run is gone: the lock is free, the temp stale
+    removed = removed_at_start(root)
     assert removed == {str(temp)} and not temp.exists()

@@ -127,8 +127,8 @@ class Daemon:
         ws = self.settings.watch
         self.folders.check()
         self._runlock = runlock.acquire(self.folders)  # held for the run (see watcher.runlock)
-        for path in [*runlock.remove_stale_temps(self.folders, self._runlock),
-                     *lifecycle.remove_stale_temps(self.folders)]:
+        for path in lifecycle.remove_stale_temps(self.folders,
+                                                 stale_mine=runlock.stale(self._runlock)):
             self._log.info("file.temp_removed", path=path, why="left by a process that is gone")
         if not self._runlock.exclusive:
             self._log.info("daemon.run_lock_shared", folder=self._runlock.folder,

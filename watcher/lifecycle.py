@@ -638,15 +638,20 @@ def adopt_claims(folders: Folders, max_age: float, seq: Callable[[], int],
 
 
 def remove_stale_temps(folders: Folders, max_age: float = STALE_TEMP_AGE,
-                       roots: tuple[str, ...] | None = None) -> list[str]:
+                       roots: tuple[str, ...] | None = None,
+                       stale_mine: Callable[[int, str], bool] | None = None) -> list[str]:
     """Temp files nobody will finish: written by a process of this host that no longer runs (a
     killed daemon's workers), or, from any host (another daemon or a cluster worker on a shared
     folder), untouched for ``max_age`` seconds. ``roots``: where to look (default: the output,
-    archive, quarantine and work folders)."""
+    archive, quarantine and work folders). ``stale_mine(pid, path)``: the rule for this host's
+    temp files instead of "its pid is not alive" (the daemon's run lock, ``runlock.stale``)."""
     removed = []
     now = time.time()
     if roots is None:
         roots = (folders.output, folders.archive, folders.quarantine, folders.work)
+    if stale_mine is None:
+        def stale_mine(pid: int, path: str) -> bool:
+            return pid != os.getpid() and not pid_alive(pid)
     for root in roots:
         for dirpath, _, names in os.walk(root):
             for name in names:
@@ -656,10 +661,9 @@ def remove_stale_temps(folders: Folders, max_age: float = STALE_TEMP_AGE,
                 path = os.path.join(dirpath, name)
                 if owner is not None:
                     host, pid = owner
-                    mine = host == HOST
-                    if mine and (pid == os.getpid() or pid_alive(pid)):
+                    if host == HOST and not stale_mine(pid, path):
                         continue
-                    if not mine:
+                    if host != HOST:
                         try:
                             if now - os.lstat(path).st_mtime < max_age:
                                 continue

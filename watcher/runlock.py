@@ -18,7 +18,8 @@ a worker of a killed daemon, which dies a few milliseconds after it (its parent-
 cannot write a temp file behind the cleanup of the next start, which waits that long for the
 lock (``WAIT``) before it settles for the pid rule.
 
-Temp files of other hosts are left to ``lifecycle.remove_stale_temps`` (by age). The kernel
+``stale`` gives ``lifecycle.remove_stale_temps`` this rule for this host's temp files; those of
+other hosts it judges by age. The kernel
 drops the lock when the last process holding it ends, whatever way it ends.
 """
 
@@ -29,10 +30,8 @@ import errno
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
-
-from .files import HOST, temp_owner
 
 WAIT = 3.0  # seconds to wait for the lock at start: the processes of a run just killed end
 _held: dict[int, RunLock] = {}  # the locks this process holds, by descriptor (see ``held``)
@@ -108,30 +107,13 @@ def held() -> tuple[Inherited, ...]:
     return tuple(Inherited(fd) for fd in _held)
 
 
-def _roots(folders: Any) -> list[str]:
-    return [folders.output, folders.archive, folders.quarantine, folders.work]
-
-
-def _temps(roots: list[str]) -> Iterator[tuple[str, int]]:
-    """(path, pid) of every temp file of this host below ``roots``."""
-    for root in roots:
-        for dirpath, _, names in os.walk(root):
-            for name in names:
-                owner = temp_owner(name)
-                if owner is not None and owner[0] == HOST:
-                    yield os.path.join(dirpath, name), owner[1]
-
-
-def remove_stale_temps(folders: Any, lock: RunLock) -> list[str]:
-    """Remove this host's temp files in the daemon's folders that nobody will finish (see the
-    module's docstring); the paths removed. Call it before any worker starts."""
-    removed = []
-    for path, pid in _temps(_roots(folders)):
-        if lock.exclusive or not _may_be_writing(pid, path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed.append(path)
-    return removed
+def stale(lock: RunLock) -> Callable[[int, str], bool]:
+    """The rule for this host's temp files at start (for ``lifecycle.remove_stale_temps``):
+    every one is a dead run's while ``lock`` is held exclusively; else the one whose writer
+    cannot be writing it any more (see the module's docstring)."""
+    def rule(pid: int, path: str) -> bool:
+        return lock.exclusive or not _may_be_writing(pid, path)
+    return rule
 
 
 def _may_be_writing(pid: int, path: str) -> bool:

@@ -287,23 +287,21 @@ class _Handler(FileSystemEventHandler):
         self._events = events
         self._wake = wake
 
-    def _put(self, kind: str, path: str | bytes) -> None:
+    def put(self, kind: str, path: str | bytes) -> None:
         self._events.put((kind, os.fsdecode(path)))
         self._wake()
 
-    put = _put
-
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, FileClosedEvent):
-            self._put(CLOSED, event.src_path)
+            self.put(CLOSED, event.src_path)
         elif isinstance(event, FileMovedEvent):
-            self._put(MOVED, event.dest_path)
+            self.put(MOVED, event.dest_path)
         elif isinstance(event, DirMovedEvent | DirCreatedEvent):
-            self._put(DIR, getattr(event, "dest_path", "") or event.src_path)
+            self.put(DIR, getattr(event, "dest_path", "") or event.src_path)
         elif isinstance(event, FileCreatedEvent):
-            self._put(CREATED, event.src_path)
+            self.put(CREATED, event.src_path)
         elif isinstance(event, FileModifiedEvent):
-            self._put(MODIFIED, event.src_path)
+            self.put(MODIFIED, event.src_path)
 
 
 class _OverflowWatch(logging.Handler):
