@@ -365,3 +365,81 @@ def test_the_workers_hold_the_run_lock_until_they_are_gone(tmp_path: Path) -> No
     # every process of the old run is gone: the lock is free, the temp stale
     removed = removed_at_start(root)
     assert removed == {str(temp)} and not temp.exists()
+
+
+MARKED_TOML = """
+[pipelines.slow]
+steps = ["tests.crashers.slow_marked", "thumbnail(64, 64)"]
+[output]
+pipelines = ["slow"]
+"""
+
+
+def _start_marked(root: Path, seconds: float, token: int) -> Group:
+    """A daemon of one worker, holding a "slow" image of ``seconds`` that has started."""
+    for m in crashers.started_markers(token):
+        os.unlink(m)
+    (root / "conf").mkdir()
+    (root / "conf" / "slow.toml").write_text(MARKED_TOML)
+    d = watch(root, "--workers", "1", "-c", str(root / "conf" / "slow.toml"))
+    (root / "stage").mkdir()
+    crashers.slow_marked_image(str(root / "stage" / "s.png"), seconds, token)
+    os.rename(root / "stage" / "s.png", root / "inbox" / "s.png")
+    wait_until(lambda: crashers.started_markers(token), 30, "the slow task to start")
+    return d
+
+
+def test_a_killed_daemon_takes_its_workers_with_it_at_once(tmp_path: Path) -> None:
+    """kill -9 of the daemon in the middle of a 20 s task: its forkserver and worker end with it
+    (long before the task would), nothing is published behind it, and the restart gives the
+    input its one fate."""
+    root, token = tmp_path, 201
+    d = _start_marked(root, 20.0, token)
+    try:
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(30)
+        wait_until(lambda: not tagged_processes(d.tag), 10, "the run's processes to end")
+        assert files(root / "processed") == []
+        d2 = watch(root, "--workers", "1")  # the default pipeline now: no slow step
+        try:
+            d2.wait_for("file.processed", input="s.png", timeout=60)
+            d2.killpg(signal.SIGTERM)
+            assert d2.wait(60) == 0
+        finally:
+            d2.ensure_dead()
+        assert not d2.seen("daemon.run_lock_shared")  # nothing of the old run held the lock
+    finally:
+        d.ensure_dead()
+        for m in crashers.started_markers(token):
+            os.unlink(m)
+    assert files(root / "processed") == ["s_thumbnail.png"]
+    assert temps(root) == []
+
+
+def test_a_worker_that_outlives_its_daemon_publishes_nothing(tmp_path: Path) -> None:
+    """With the forkserver stopped (SIGSTOP: its workers' parent-death signal cannot fire), kill
+    -9 the daemon: the worker finishes decoding, sees its daemon gone before publishing, removes
+    its temp files and ends."""
+    root, token = tmp_path, 202
+    d = _start_marked(root, 1.5, token)
+    forkserver: list[int] = []
+    try:
+        workers = [e["worker"] for e in d.seen("worker.started")]
+        forkserver = [p for p in tagged_processes(d.tag)
+                      if "forkserver import main" in _cmdline(p) and p not in workers]
+        assert len(workers) == 1 and len(forkserver) == 1
+        os.kill(forkserver[0], signal.SIGSTOP)
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(30)
+        wait_until(lambda: workers[0] not in tagged_processes(d.tag), 30,
+                   "the orphaned worker to end")
+        (line,) = d.seen("worker.orphaned")
+        assert line["worker"] == workers[0] and line["daemon"] == d.proc.pid
+        assert files(root / "processed") == []
+        assert temps(root) == []
+    finally:
+        for pid in forkserver:
+            os.kill(pid, signal.SIGKILL)
+        d.ensure_dead()
+        for m in crashers.started_markers(token):
+            os.unlink(m)

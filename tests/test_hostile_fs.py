@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -15,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -620,3 +622,87 @@ def test_open_regular_judges_the_open_file(tmp_path: Path) -> None:
     assert info.value.reason == "not-a-file"
     fp, _ = open_regular(str(f), nofollow=True)  # max_links 0: no check
     fp.close()
+
+
+def test_links_planted_in_the_output_folder_never_lead_outside(tmp_path: Path) -> None:
+    """A link (or a file) where an output's folder should be: the input is quarantined as
+    ``unsafe-output`` and nothing is written, or removed, through the link."""
+    root = tmp_path
+    private = private_folder(root)
+    before = snapshot(private)
+    d = Daemon(root)
+    out = root / "processed"
+    try:
+        os.symlink(private, out / "sub")  # the output's own folder
+        (out / "deep").mkdir()
+        os.symlink(private, out / "deep" / "er")  # a folder further down
+        (out / "filed").write_text("a file where a folder should be\n")
+        for rel in ("sub/good.jpg", "deep/er/good.jpg", "filed/good.jpg"):
+            stage = root / "stage" / rel
+            make_image(stage, seed=5)
+            top = rel.split("/")[0]
+            os.rename(root / "stage" / top, root / "inbox" / top)
+            (ev,) = d.wait_for("file.quarantined", input=rel, timeout=60)
+            assert ev["reason"] == "unsafe-output", ev
+            assert "link" in ev["error"], ev
+        drop(root, "plain.jpg")
+        d.wait_for("file.processed", input="plain.jpg")
+    finally:
+        d.stop()
+    assert_untouched(root, private, before)
+    assert sorted(d.fates().values()) == [1, 1, 1, 1]
+    assert (out / "filed").read_text() == "a file where a folder should be\n"
+    assert_no_temps(root)
+    assert_no_temps(private)
+
+
+@pytest.mark.timeout(180)
+def test_an_output_folder_swapped_for_a_link_mid_run_never_leads_outside(tmp_path: Path) -> None:
+    """While files flow into inbox/sub, output/sub flips between a real folder and a link to a
+    private folder: every input gets one fate and not one byte lands in (or leaves) the
+    private folder."""
+    root = tmp_path
+    private = private_folder(root)
+    before = snapshot(private)
+    d = Daemon(root, "-j", "2")
+    out, rounds = root / "processed", 60
+    stop = False
+    flips = 0
+
+    def flip() -> None:
+        nonlocal flips
+        rnd = random.Random(1)
+        while not stop:
+            real = out / "sub"
+            with contextlib.suppress(OSError):
+                if real.is_symlink():
+                    real.unlink()
+                    real.mkdir()
+                elif real.is_dir():
+                    real.rename(out / f"aside{flips}")
+                    os.symlink(private, real)
+                flips += 1
+            time.sleep(rnd.choice([0, 0.001, 0.005, 0.02]))
+
+    t = threading.Thread(target=flip)
+    t.start()
+    try:
+        for i in range(rounds):
+            stage = root / "stage" / f"s{i}"
+            make_image(stage / "sub" / f"f{i}.jpg", size=(200, 150), seed=i)
+            (root / "inbox" / "sub").mkdir(exist_ok=True)
+            os.rename(stage / "sub" / f"f{i}.jpg", root / "inbox" / "sub" / f"f{i}.jpg")
+            time.sleep(0.02)
+        wait_until(lambda: len(d.fates()) >= rounds or None, 120, f"{rounds} fates")
+    finally:
+        stop = True
+        t.join()
+        d.stop()
+    assert flips > 10
+    assert_untouched(root, private, before)
+    fates = d.fates()
+    assert set(fates) == {f"sub/f{i}.jpg" for i in range(rounds)}
+    assert set(fates.values()) == {1}
+    for e in d.seen("file.quarantined"):
+        assert e["reason"] == "unsafe-output", e
+    assert_no_temps(root)

@@ -192,7 +192,7 @@ def plan(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline],
                                    error="every output exists (on_conflict=skip)"))
             continue
         tasks.append(Task(seq, inp.path, tuple(outputs), overwrite=on_conflict == "overwrite",
-                          nofollow=nofollow, sync_dir=False))
+                          nofollow=nofollow, sync_dir=False, root=out_dir))
         items[seq] = ItemReport(inp.path, "pending", existing)
     return Plan(tasks, items, done, [i.path for i in inputs])
 

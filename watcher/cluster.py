@@ -432,7 +432,7 @@ class DaskEngine:
             while pending:
                 tmp, final = pending[0]
                 try:
-                    publish(tmp, final, overwrite=task.overwrite)
+                    publish(tmp, final, overwrite=task.overwrite, root=task.root)
                 except FileNotFoundError:
                     raise RejectedInput(
                         "write-failed", f"{tmp} (written by a cluster worker) is not visible "

@@ -584,7 +584,8 @@ class Daemon:
                             {"input": c.rel})
             return
         task = Task(c.seq, c.work_path, outputs, overwrite=own, nofollow=True,
-                    max_links=1 if self.settings.watch.hard_links == "quarantine" else 0)
+                    max_links=1 if self.settings.watch.hard_links == "quarantine" else 0,
+                    root=self.folders.output)
         c.seen = _identity(c.work_path)
         c.submitted_at = time.monotonic()
         self.claims[c.seq] = c

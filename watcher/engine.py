@@ -111,7 +111,8 @@ class _Slot:
     # Why the supervisor killed it ("timeout": what it was charged for is settled; "wedged",
     # "committer-gone": nothing was charged), "" if it did not.
     killed: str = ""
-    cleanup: list[str] = field(default_factory=list)  # outputs whose temp files it may leave
+    # (output, root) of the outputs whose temp files it may leave
+    cleanup: list[tuple[str, str]] = field(default_factory=list)
     tasks: int = 0  # results received from it
     # Tasks sent to it and not yet settled, with their position in the order it got them.
     held: dict[int, int] = field(default_factory=dict)
@@ -445,7 +446,7 @@ class Engine:
                 self._ready.append(self._charge(slot, s, "cancelled", "its worker ended during "
                                                 "shutdown before finishing this input"))
             elif n < taken:  # taken, not the one it processed, no result: being committed
-                remove_temps(self._outputs(s), slot.proc.pid)
+                _remove_temps(self._outputs(s), slot.proc.pid)
                 if not _suspect(slot, s, n, charged) or self._give_back(slot, task, code):
                     self._log.info("file.requeued", path=task.path, worker=slot.proc.pid,
                                    why="its worker died before committing its outputs")
@@ -475,7 +476,7 @@ class Engine:
         task = self._tasks[seq]
         self.stats.crashes += 1
         how = _how(code, slot.killed)
-        remove_temps(self._outputs(seq), slot.proc.pid)
+        _remove_temps(self._outputs(seq), slot.proc.pid)
         deaths = task.attempt + self._given_back.get(seq, 0)
         if deaths <= self.settings.crash_retries and self._intake:
             self._log.warning("file.retried", path=task.path, worker=slot.proc.pid,
@@ -640,9 +641,10 @@ class Engine:
 
     # --- helpers --------------------------------------------------------------------------------
 
-    def _outputs(self, seq: int) -> list[str]:
+    def _outputs(self, seq: int) -> list[tuple[str, str]]:
+        """(path, root) of each output of task ``seq``."""
         task = self._tasks.get(seq)
-        return [o.path for o in task.outputs] if task else []
+        return [(o.path, task.root) for o in task.outputs] if task else []
 
     def _charge(self, slot: _Slot, seq: int, reason: str, error: str) -> Result:
         task = self._tasks.pop(seq)
@@ -660,7 +662,7 @@ class Engine:
             slot.tasks_conn.close()
         if slot.cleanup:
             slot.proc.join(5)  # a killed process may still be exiting
-            removed = remove_temps(slot.cleanup, slot.proc.pid)
+            removed = _remove_temps(slot.cleanup, slot.proc.pid)
             if removed:
                 self._log.info("worker.temp_removed", worker=slot.proc.pid, files=removed)
         with contextlib.suppress(ValueError):
@@ -690,6 +692,11 @@ def _suspect(slot: _Slot, seq: int, position: int, charged: bool) -> bool:
     if charged:
         return False
     return sh[COMMIT_STARTED] < 0 or sh[COMMIT_FROM] <= position < sh[COMMIT_TO]
+
+
+def _remove_temps(outputs: list[tuple[str, str]], pid: int) -> list[str]:
+    """Remove the temp files worker ``pid`` may have left for these (output, root) pairs."""
+    return [t for path, root in outputs for t in remove_temps([path], pid, root)]
 
 
 def _how(code: int | None, killed: str = "") -> str:

@@ -56,6 +56,8 @@ REASONS = {
     "io-error": "reading the input failed at the system level (EIO, a network file system)",
     "internal-error": "an unexpected error in watcher itself (logged with its traceback)",
     "output-conflict": "a different file already holds the output name",
+    "unsafe-output": "a link (or a file) stands where an output's folder should be, below the "
+                     "output folder; nothing is written through it",
     "worker-crashed": "the worker process died while processing this input (twice)",
     "timeout": "processing took longer than the per-file timeout",
     "cancelled": "the run was interrupted before this input was processed",

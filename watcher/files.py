@@ -15,16 +15,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import filecmp
 import hashlib
 import io
 import os
 import re
 import socket
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
+from . import safefs
 from .errors import RejectedInput
 
 TEMP_SUFFIX = ".watcher-tmp"
@@ -169,8 +170,9 @@ class _Spool:
     creates the temp file, writes, fsyncs and publishes it.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, folder: Callable[[], int], name: str) -> None:
+        self._folder = folder  # the descriptor of the folder the temp file goes in
+        self.name = name
         self._mem: io.BytesIO | None = io.BytesIO()
         self._file: IO[bytes] | None = None
 
@@ -220,13 +222,14 @@ class _Spool:
         return end
 
     def _create(self) -> IO[bytes]:
+        dirfd = self._folder()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            return open(self.path, "xb")
+            fd = os.open(self.name, flags, 0o666, dir_fd=dirfd)
         except FileExistsError:  # left by an earlier process with a recycled pid
-            os.unlink(self.path)
-        except FileNotFoundError:  # the output folder does not exist yet
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        return open(self.path, "xb")
+            os.unlink(self.name, dir_fd=dirfd)
+            fd = os.open(self.name, flags, 0o666, dir_fd=dirfd)
+        return os.fdopen(fd, "wb")
 
     def _spill(self) -> None:
         assert self._mem is not None
@@ -275,18 +278,34 @@ class Staged:
     worker can hand the commit (which waits on the disk) to a thread while it decodes the next
     image. ``write_temp``, ``sync_files`` and ``publish`` are ``commit`` in three steps, for
     committing many outputs together.
+
+    Every step is relative to a descriptor of the output's folder, opened once. With ``root``
+    (the output folder the run owns) that folder is reached from ``root`` without following a
+    link (``safefs``), so a link planted below it never leads an output outside.
     """
 
-    def __init__(self, final: str, write: Callable[[IO[bytes]], None]) -> None:
+    def __init__(self, final: str, write: Callable[[IO[bytes]], None], root: str = "") -> None:
         self.final = final
         self.tmp = temp_name(final, os.getpid())
-        self._out: _Spool | None = _Spool(self.tmp)
+        self.root = root
+        self._dirfd = -1
+        self._out: _Spool | None = _Spool(self._folder, os.path.basename(self.tmp))
         try:
             write(self._out)  # type: ignore[arg-type]
             self.size = self._out.size
         except BaseException:
             self.discard()
             raise
+
+    def _folder(self) -> int:
+        if self._dirfd < 0:
+            self._dirfd = output_folder(self.final, self.root)
+        return self._dirfd
+
+    def _close_folder(self) -> None:
+        if self._dirfd >= 0:
+            fd, self._dirfd = self._dirfd, -1
+            os.close(fd)
 
     def commit(self, *, overwrite: bool, sync_dir: bool = True) -> int:
         """Write, fsync, publish, remove the temp name; returns the bytes written. On failure
@@ -296,9 +315,7 @@ class Staged:
         if error is not None:
             self.discard()
             raise error
-        self.publish(overwrite=overwrite)
-        if sync_dir:
-            fsync_dir(os.path.dirname(self.final) or ".")
+        self.publish(overwrite=overwrite, sync_dir=sync_dir)
         return self.size
 
     def write_temp(self) -> int:
@@ -311,20 +328,28 @@ class Staged:
             self.discard()
             raise
 
-    def publish(self, *, overwrite: bool) -> int:
+    def publish(self, *, overwrite: bool, sync_dir: bool = False) -> int:
         """Publish the written temp file, whose data the caller made durable; returns the bytes
-        written. On failure the temp file is removed and the error raised."""
+        written. On failure the temp file is removed and the error raised. ``sync_dir``: fsync
+        the folder too (the new name durable)."""
         try:
             assert self._out is not None, "committed or discarded twice"
             self._out.finish()
             self._out = None
-            publish(self.tmp, self.final, overwrite=overwrite)
+            dirfd = self._folder()
+            tmp = os.path.basename(self.tmp)
+            publish_at(dirfd, tmp, os.path.basename(self.final), overwrite=overwrite,
+                       shown=self.final)
+            if not overwrite:  # published as a second name (a link): the temp name goes
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dirfd)
+            # (overwrite: os.replace moved the temp name itself; nothing is left to remove)
+            if sync_dir:
+                os.fsync(dirfd)
         except BaseException:
             self.discard()
             raise
-        if not overwrite:
-            self.discard()  # published as a second name (a link): the temp name goes
-        # (overwrite: os.replace moved the temp name itself; nothing is left to remove)
+        self._close_folder()
         return self.size
 
     def sync(self) -> str:
@@ -336,60 +361,148 @@ class Staged:
             self.discard()
             raise
         self._out = None
+        self._close_folder()
         return self.tmp
 
     def discard(self) -> None:
         if self._out is not None:
             self._out.close()
             self._out = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
+        if self._dirfd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.basename(self.tmp), dir_fd=self._dirfd)
+            self._close_folder()
+
+
+def output_folder(final: str, root: str = "") -> int:
+    """A new descriptor of the folder ``final`` goes in, made if missing. Below ``root`` no
+    link is followed: a link (or a file) where a folder of the path should be is
+    ``unsafe-output``, and so is a ``final`` outside ``root``."""
+    head = os.path.dirname(final) or "."
+    if not root:
+        try:
+            return os.open(head, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:  # the output folder does not exist yet
+            os.makedirs(head, exist_ok=True)
+            return os.open(head, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    rel = os.path.relpath(head, root)
+    try:
+        try:
+            top = safefs.root(root)
+        except FileNotFoundError:
+            os.makedirs(root, exist_ok=True)
+            top = safefs.root(root)
+        return safefs.makedirs(top, rel)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
+            raise RejectedInput("unsafe-output", f"{head}: a link or a file stands where "
+                                f"this output's folder should be below {root} (or the "
+                                "folder is outside it); outputs are never written through a "
+                                "link") from None
+        raise
 
 
 def atomic_write(final: str, write: Callable[[IO[bytes]], None], *, overwrite: bool,
-                 sync_dir: bool = True) -> int:
+                 sync_dir: bool = True, root: str = "") -> int:
     """Write ``final`` atomically through ``write(fileobj)``; returns the bytes written.
 
     With ``overwrite`` False an existing file is never replaced: if it holds the very same bytes
     (a task that ran twice), that is success; otherwise ``output-conflict``. The data is always
     fsynced before the rename; ``sync_dir`` False leaves the folder's fsync (which makes the new
-    name durable) to the caller, who may do it once for many files.
+    name durable) to the caller, who may do it once for many files. ``root``: see ``Staged``.
     """
-    return Staged(final, write).commit(overwrite=overwrite, sync_dir=sync_dir)
+    return Staged(final, write, root).commit(overwrite=overwrite, sync_dir=sync_dir)
 
 
-def publish(tmp: str, final: str, *, overwrite: bool) -> None:
-    """Give ``tmp`` the name ``final`` in one step; ``tmp`` is left for the caller to remove."""
+def _same_at(dirfd: int, a: str, b: str) -> bool:
+    """Whether the entries ``a`` and ``b`` of one folder are regular files with equal bytes
+    (neither followed if it is a link)."""
+    fds: list[int] = []
+    try:
+        for name in (a, b):
+            fds.append(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                               dir_fd=dirfd))
+        sa, sb = os.fstat(fds[0]), os.fstat(fds[1])
+        if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)) or \
+                sa.st_size != sb.st_size:
+            return False
+        while True:
+            x, y = os.read(fds[0], 1 << 20), os.read(fds[1], 1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+    except OSError:
+        return False
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def publish_at(dirfd: int, tmp: str, final: str, *, overwrite: bool, shown: str = "") -> None:
+    """Give the entry ``tmp`` of folder ``dirfd`` the name ``final`` in one step; ``tmp`` is left
+    for the caller to remove. Without ``overwrite`` an existing ``final`` is never replaced
+    (nor followed, if it is a link): the same bytes are success, else ``output-conflict``."""
+    shown = shown or final
     if overwrite:
-        os.replace(tmp, final)
+        os.replace(tmp, final, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         return
     try:
-        os.link(tmp, final)  # fails with EEXIST instead of replacing
+        os.link(tmp, final, src_dir_fd=dirfd, dst_dir_fd=dirfd, follow_symlinks=False)
     except FileExistsError:
-        if filecmp.cmp(tmp, final, shallow=False):
+        if _same_at(dirfd, tmp, final):
             return
         raise RejectedInput("output-conflict",
-                            f"{final} exists with different content; not overwritten") from None
+                            f"{shown} exists with different content; not overwritten") from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
             raise
         # File systems without hard links (FAT, some FUSE): check, then rename over nothing.
-        if os.path.lexists(final):
-            if filecmp.cmp(tmp, final, shallow=False):
-                return
-            raise RejectedInput("output-conflict",
-                                f"{final} exists with different content; not overwritten") from None
-        os.replace(tmp, final)
+        try:
+            os.stat(final, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.replace(tmp, final, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            return
+        if _same_at(dirfd, tmp, final):
+            return
+        raise RejectedInput("output-conflict",
+                            f"{shown} exists with different content; not overwritten") from None
 
 
-def remove_temps(paths: list[str], pid: int) -> list[str]:
-    """Remove the temp files process ``pid`` may have left for these final paths."""
+def publish(tmp: str, final: str, *, overwrite: bool, root: str = "") -> None:
+    """Give ``tmp`` the name ``final`` (its folder's) in one step; ``tmp`` is left for the
+    caller to remove. ``root``: see ``Staged``."""
+    if os.path.dirname(os.path.abspath(tmp)) != os.path.dirname(os.path.abspath(final)):
+        raise ValueError(f"{tmp} and {final} are not in one folder")
+    dirfd = output_folder(final, root)
+    try:
+        publish_at(dirfd, os.path.basename(tmp), os.path.basename(final), overwrite=overwrite,
+                   shown=final)
+    finally:
+        os.close(dirfd)
+
+
+def remove_temps(paths: Sequence[str], pid: int, root: str = "") -> list[str]:
+    """Remove the temp files process ``pid`` may have left for these final paths (below
+    ``root`` reached without following a link: see ``Staged``)."""
     removed = []
     for final in paths:
         tmp = temp_name(final, pid)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        head = os.path.dirname(final) or "."
+        try:
+            if root:
+                dirfd = safefs.open_dir(safefs.root(root), os.path.relpath(head, root))
+            else:
+                dirfd = os.open(head, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue  # no folder (or a link where it was): no temp file of ours in it
+        try:
+            os.unlink(os.path.basename(tmp), dir_fd=dirfd)
             removed.append(tmp)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(dirfd)
     return removed
 
 

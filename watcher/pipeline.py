@@ -169,6 +169,9 @@ class Processor:
         self.exhausted = False
         # called with an admitted input's estimate before it is decoded (a worker makes room)
         self.make_room: Callable[[int], None] | None = None
+        # called before a task's outputs are published; raising there publishes none of them
+        # (a worker whose daemon is gone ends instead: see ``worker``)
+        self.before_publish: Callable[[], None] | None = None
 
     def run(self, task: Task) -> Result:
         """Process ``task`` start to end: its outputs are published when this returns."""
@@ -213,7 +216,7 @@ class Processor:
         """
         t0 = time.perf_counter()
         results: list[Result | None] = [p.failure for p in preps]
-        errors: dict[int, Exception] = {}
+        errors: dict[int, Exception] = {}  # by task: what kept its outputs from being written
         fds: list[int] = []
         owners: list[int] = []
         size = 0
@@ -224,7 +227,7 @@ class Processor:
             try:
                 for st in prep.staged:
                     mine.append(st.write_temp())
-            except OSError as exc:
+            except (RejectedInput, OSError) as exc:
                 errors[i] = exc
                 continue
             fds += mine
@@ -246,6 +249,14 @@ class Processor:
             written: list[str] = []
             bytes_out = 0
             pending = list(prep.staged)
+            if self.before_publish is not None:
+                try:
+                    self.before_publish()
+                except BaseException:
+                    for other in preps[i:]:
+                        for st in other.staged:
+                            st.discard()
+                    raise
             try:
                 while pending:
                     st = pending.pop(0)
@@ -377,7 +388,7 @@ class Processor:
                 oriented = p.output.auto_orient or any(s.spec and s.spec.orients for s in p.steps)
                 staged.append(Staged(
                     path, lambda f, im=images, p=p, fmt=fmt, o=oriented, path=path: _encode(
-                        im, f, fmt, p.output, src, o, notes, path)))
+                        im, f, fmt, p.output, src, o, notes, path), task.root))
         finally:
             src.close()
         return src.bytes_in

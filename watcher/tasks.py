@@ -6,7 +6,7 @@ not. Both are small, hashable and picklable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +35,12 @@ class Task:
     # Refuse an input with more hard links than this, judged on the open descriptor
     # ("hard-link"); 0: no limit (watch mode sets 1 unless hard_links = "process").
     max_links: int = 0
+    # The output folder the outputs are below: from it to each output's folder no link is
+    # followed (a link there is "unsafe-output"). "": the outputs' paths are used as given.
+    root: str = ""
 
     def retry(self) -> Task:
-        return Task(self.seq, self.path, self.outputs, self.attempt + 1, self.overwrite,
-                    self.nofollow, self.sync_dir, self.max_links)
+        return replace(self, attempt=self.attempt + 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ import ctypes
 import errno
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -175,6 +176,7 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
         sys.exit(EXIT_OK)
+    _let_forkserver_go()
     logger = log.get().bind(worker=os.getpid(), slot=index)
     capture = _capture(logger, log_setup)
     try:
@@ -190,6 +192,7 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
     committer = Committer(worker.processor, results, slot, lock, logger=logger)
     if cfg.memory_cap:
         worker.processor.make_room = lambda need: _make_room(committer, cfg.memory_cap, need)
+    worker.processor.before_publish = _DaemonWatch(cfg.parent_pid or parent, logger).check
     try:
         _serve(worker, committer, tasks, slot, lock, parent, logger, capture)
         committer.close()
@@ -456,6 +459,8 @@ class Committer:
             self._loop()
         except _GroupFailedError as exc:
             self._on_fatal(f"{exc}")
+        except _Orphaned:
+            os._exit(EXIT_OK)  # the daemon is gone: nobody waits for this worker's results
         except BaseException as exc:  # noqa: BLE001 - nothing may end this thread silently
             self._log.error("worker.committer_failed", error=f"{type(exc).__name__}: {exc}",
                             traceback="".join(traceback.format_exception(exc)))
@@ -614,6 +619,61 @@ def _commit_failure(prep: Prepared, exc: BaseException) -> Result:
         notes.append("".join(tb[:1] + tb[1:][-6:]).strip())  # the header, the last frames
     return Result(task.seq, task.path, False, (), reason, error, type(exc).__name__,
                   prep.spent, os.getpid(), task.attempt, prep.bytes_in, 0, tuple(notes))
+
+
+def _let_forkserver_go() -> None:
+    """Close this worker's copy of the forkserver's keep-alive pipe.
+
+    multiprocessing hands every process forked from its forkserver the write end of the pipe
+    whose end-of-file tells the forkserver that its client, the daemon, is gone; while any
+    worker holds a copy, a killed daemon's forkserver lives on, and so (their parent-death
+    signal follows the forkserver) do its workers, finishing and publishing the task in hand
+    behind the next start. Without the copies, the forkserver exits the moment the daemon dies
+    and takes every worker with it. A worker starts no processes of its own, so it needs none.
+    """
+    try:
+        from multiprocessing import forkserver  # noqa: PLC0415
+    except ImportError:
+        return
+    server = forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is None or getattr(server, "_forkserver_pid", None) is not None:
+        return  # not forked from a forkserver (this process started one itself: keep it)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    server._forkserver_alive_fd = None
+
+
+class _DaemonWatch:
+    """Whether the process that runs the engine (the daemon, the batch) still runs, asked
+    before each task's outputs are published: a worker whose daemon is gone publishes nothing
+    more and ends (its temp files removed), so no output appears behind a restarted daemon.
+
+    Judged on a pidfd where the kernel has them (no pid reuse can fool it), else on the pid.
+    """
+
+    def __init__(self, pid: int, logger: Any) -> None:
+        self.pid = pid
+        self._log = logger
+        self._fd = -1
+        with contextlib.suppress(OSError, AttributeError):
+            self._fd = os.pidfd_open(pid)
+
+    def gone(self) -> bool:
+        if self._fd >= 0:
+            ready, _, _ = select.select([self._fd], [], [], 0)
+            return bool(ready)
+        return not pid_alive(self.pid)
+
+    def check(self) -> None:
+        if self.gone():
+            self._log.warning("worker.orphaned", daemon=self.pid,
+                              why="its daemon is gone; its outputs are not published")
+            raise _Orphaned
+
+
+class _Orphaned(BaseException):
+    """Raised into the committer when the daemon is gone (see ``_DaemonWatch``)."""
 
 
 def _die_with_parent() -> None:
