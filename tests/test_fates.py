@@ -140,8 +140,17 @@ def test_an_unwritable_heartbeat_does_not_make_a_live_daemon_look_dead(
                    "the heartbeat's time to be refreshed")
         written = json.loads(beat.read_text())["time"]  # the last heartbeat that got written
         wait_until(lambda: time.time() - written > 3, 10, "the written heartbeat to be old")
-        live = run_cli("health", "--work", str(root / "work"), "--max-age", "2")
+        live = run_cli("health", "--live", "--work", str(root / "work"), "--max-age", "2")
         assert live.returncode == 0, live.stdout  # its refreshed time says the loop ticks
+        # but what it last wrote is not its state now: the full question says so
+        full = wait_until(lambda: (r := run_cli("health", "--work", str(root / "work"),
+                                                "--max-age", "2")).returncode == 1 and r,
+                          20, "health to say degraded")
+        assert "not been able to write its heartbeat" in full.stdout, full.stdout
+        filler.unlink()
+        filler = None
+        wait_until(lambda: run_cli("health", "--work", str(root / "work")).returncode == 0,
+                   20, "health to be ok again once there is room")
     finally:
         if filler is not None:
             filler.unlink()
@@ -278,6 +287,10 @@ def test_a_full_work_disk_leaves_the_input_in_the_inbox_until_it_can_be_claimed(
         os.rename(root / "src.png", root / "inbox" / "x.png")  # a rename needs no room
         d.wait_for("file.claim_failed", input="x.png", timeout=30)
         assert (root / "inbox" / "x.png").is_file() and claimed(root) == []
+        # a file that cannot be claimed is not "ok, 0 waiting"
+        sick = wait_until(lambda: (r := run_cli("health", "--work", str(root / "work")))
+                          .returncode == 1 and r, 20, "health to say degraded")
+        assert "x.png" in sick.stdout or "heartbeat" in sick.stdout, sick.stdout
         filler.unlink()
         filler = None
         d.wait_for("file.processed", input="x.png", timeout=60)

@@ -67,7 +67,9 @@ class Daemon:
         self.names = OutputNames()  # the outputs each claim holds, by claim seq
         self._successes = 0  # inputs processed since start: evidence for isolated failures
         self._kept: dict[str, tuple[int, int]] = {}  # keep mode: inputs left in the inbox
-        self._claim_wait: dict[str, tuple[float, int]] = {}  # path -> (next try, failures)
+        # inbox files whose claim failed (a full disk, no permission): path -> (next try,
+        # failures, last error)
+        self._claim_wait: dict[str, tuple[float, int, str]] = {}
         self._signals: list[int] = []
         self._seq = 0
         self._stopping = 0
@@ -192,6 +194,16 @@ class Daemon:
             out.append(f"{len(retrying)} file(s) waiting to retry after failures not their "
                        f"own (e.g. {first.rel}, {first.transient_failures} failure(s): "
                        f"{first.last_error})")
+        for path in [p for p in self._claim_wait if p not in self.tracker]:
+            del self._claim_wait[path]  # gone from the inbox (or claimed by another instance)
+        if self._claim_wait:
+            path, (_, failures, error) = next(iter(self._claim_wait.items()))
+            out.append(f"{len(self._claim_wait)} file(s) in the inbox that cannot be claimed "
+                       f"(e.g. {os.path.relpath(path, self.folders.inbox)}, {failures} "
+                       f"failure(s): {error})")
+        if self._beat_failures:
+            out.append(f"the heartbeat cannot be written ({self._beat_failures} failure(s) "
+                       "in a row): the work folder's disk is full or unwritable")
         if self._deferred:
             d = self._deferred[0]
             out.append(f"{len(self._deferred)} file(s) whose fate could not be carried out "
@@ -432,9 +444,9 @@ class Daemon:
                     self._log.debug("file.not_claimed", input=rel, why=str(exc))
                 continue
             except OSError as exc:
-                failures = self._claim_wait.get(path, (0.0, 0))[1] + 1
+                failures = self._claim_wait.get(path, (0.0, 0, ""))[1] + 1
                 delay = min(60.0, 0.5 * 2 ** (failures - 1))
-                self._claim_wait[path] = (time.monotonic() + delay, failures)
+                self._claim_wait[path] = (time.monotonic() + delay, failures, str(exc))
                 if failures == 1 or failures % 10 == 0:
                     self._log.warning("file.claim_failed", input=rel, error=str(exc),
                                       failures=failures, retry_in_s=delay)
