@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -203,6 +205,92 @@ def test_restart_reuses_only_the_outputs_its_claim_recorded(tmp_path: Path) -> N
         with Image.open(tmp_path / "processed" / name) as im:
             im.load()
     assert files(tmp_path / "archive") == ["a.png", "b.png"] and claimed(tmp_path) == []
+
+
+def _folders(root: Path) -> lifecycle.Folders:
+    for d in ("inbox", "processed", "archive", "quarantine", "work"):
+        (root / d).mkdir(exist_ok=True)
+    return lifecycle.Folders({k: str(root / v) for k, v in (
+        ("inbox", "inbox"), ("output", "processed"), ("archive", "archive"),
+        ("quarantine", "quarantine"), ("work", "work"))})
+
+
+def test_a_fate_carried_out_but_never_logged_is_logged_at_the_next_start(
+        tmp_path: Path) -> None:
+    """What a daemon killed between a fate's move and its log line leaves, made with the
+    daemon's own code: the next start writes each missing line once (``recovered``), drops
+    the records, and writes nothing for a claim that was never completed."""
+    folders = _folders(tmp_path)
+    # archived after its outputs were published
+    make_image(tmp_path / "inbox" / "done.png", seed=1)
+    done = lifecycle.claim(folders, str(tmp_path / "inbox" / "done.png"), 1, time.time())
+    out = tmp_path / "processed" / "done_thumbnail.png"
+    done.outputs = (("thumbnail", str(out)),)
+    lifecycle.save_record(done)
+    make_image(out, seed=1)
+    lifecycle.archive(folders, done)
+    # quarantined, sidecar and all
+    (tmp_path / "inbox" / "bad.png").write_bytes(b"not a png at all")
+    bad = lifecycle.claim(folders, str(tmp_path / "inbox" / "bad.png"), 2, time.time())
+    lifecycle.quarantine(folders, bad, {"reason": "not-an-image", "error": "no decoder",
+                                        "error_type": "RejectedInput"})
+    # a claim being made: its record written, the file not yet renamed in
+    make_image(tmp_path / "inbox" / "mid.png", seed=2)
+    mid = lifecycle.Claim(3, "mid.png", str(tmp_path / "work" / "tok-mid.png"),
+                          detected_at=1.0, claimed_at=2.0, token="tok-mid.png")
+    lifecycle.save_record(mid)
+    assert len(list((tmp_path / "work").glob("*.claim"))) == 3
+    d = Daemon(tmp_path)
+    try:
+        d.wait_for("file.processed", input="mid.png")
+        drop(tmp_path, "later.png")
+        d.wait_for("file.processed", input="later.png")
+    finally:
+        assert d.stop() == 0
+    (p,) = d.seen("file.processed", input="done.png")
+    assert p["recovered"] is True and p["outputs"] == [str(out)]
+    (q,) = d.seen("file.quarantined", input="bad.png")
+    assert q["recovered"] is True and q["reason"] == "not-an-image"
+    assert q["quarantined_as"] == str(tmp_path / "quarantine" / "bad.png")
+    assert not d.seen("file.processed", input="mid.png")[0].get("recovered")
+    assert sorted(d.fates().values()) == [1, 1, 1, 1]
+    assert list((tmp_path / "work").glob("*.claim")) == []
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_storms_leave_every_input_exactly_one_fate_line(tmp_path: Path) -> None:
+    """SIGKILL the daemon again and again while a burst flows, restarting it each time: in the
+    end every input has exactly one fate line over all the runs, and is archived once."""
+    rnd = random.Random(12)
+    _folders(tmp_path)
+    names = [f"k{i:02d}.png" for i in range(40)]
+    stage = tmp_path / "stage"
+    for i, n in enumerate(names):
+        make_image(stage / n, size=(120, 90), seed=i)
+    runs: list[Daemon] = []
+    for n in names:
+        os.rename(stage / n, tmp_path / "inbox" / n)
+    for _ in range(8):
+        d = Daemon(tmp_path, "-j", "2")
+        runs.append(d)
+        time.sleep(rnd.uniform(0.05, 0.6))  # varies where the kill lands, nothing waits on it
+        d.stop(signal.SIGKILL)
+    final = Daemon(tmp_path, "-j", "2")
+    runs.append(final)
+    try:
+        wait_until(lambda: len(list((tmp_path / "archive").iterdir())) == len(names) or None,
+                   120, "every input archived")
+        wait_until(lambda: sum(len(r.fates()) for r in runs) >= len(names) or None, 30,
+                   "every fate line")
+    finally:
+        assert final.stop() == 0
+    total: dict[str, int] = {}
+    for r in runs:
+        for name, count in r.fates().items():
+            total[name] = total.get(name, 0) + count
+    assert total == dict.fromkeys(names, 1)
+    assert files(tmp_path / "archive") == sorted(names)
+    assert list((tmp_path / "work").glob("*.claim")) == []
 
 
 def test_a_write_that_fails_only_for_one_input_while_others_succeed_gives_up_early(

@@ -138,8 +138,10 @@ class Daemon:
         old = self._install_signals()
         try:
             self.engine = self._new_engine()
+            for c in lifecycle.settled(self.folders):
+                self._log_settled(c)
             recovered = 0
-            for c in lifecycle.leftover(self.folders, self._next_seq):
+            for c in lifecycle.leftover(self.folders, self._next_seq, keep_settled=True):
                 self._rels.add(c.rel)
                 self._dispatch(c)
                 recovered += 1
@@ -521,6 +523,7 @@ class Daemon:
             self._quarantine(c, "not-a-file", f"a folder, claimed in a race, that could not "
                              f"be put back: {exc}", "", [])
             return
+        lifecycle.drop_record(c)
         self._forget(c)
         self._log.warning("file.not_claimed", input=c.rel, why="it is a folder (it replaced "
                           "a file); put back, its files are taken one by one")
@@ -649,8 +652,8 @@ class Daemon:
             self._log.info("file.left", input=c.rel, where=c.work_path, why=r.error)
         elif r.reason == "missing":
             self._forget(c)
-            lifecycle.drop_record(c)
             self._log.warning("file.vanished", input=c.rel, why=r.error)
+            lifecycle.drop_record(c)
         elif r.reason == "write-failed" and "[Errno 36]" in r.error:  # ENAMETOOLONG
             self._quarantine(c, "path-too-long", r.error, r.error_type, list(r.outputs), r)
         elif r.reason == "output-conflict":
@@ -673,6 +676,7 @@ class Daemon:
         self._log.info("file.processed", **common, on_success=self.settings.watch.on_success,
                        moved_to=where, bytes_in=r.bytes_in, bytes_out=r.bytes_out,
                        **({"warnings": list(r.warnings)} if r.warnings else {}))
+        lifecycle.drop_record(c)  # after the line: a kill between leaves it for the next start
 
     def _success(self, c: Claim) -> str | None:
         mode = self.settings.watch.on_success
@@ -685,6 +689,31 @@ class Daemon:
             self._kept[os.path.relpath(dest, self.folders.inbox)] = (st.st_size, st.st_mtime_ns)
             return dest
         return lifecycle.archive(self.folders, c)
+
+    def _log_settled(self, c: Claim) -> None:
+        """The fate line a killed run never wrote: its claim's file had left the work folder
+        (archived, quarantined, deleted) but its record was still there. Marked
+        ``recovered``; the record goes after it."""
+        fate, doc = lifecycle.fate_of(self.folders, c)
+        outputs = [path for _, path in c.outputs]
+        why = "logged at this start: the run that carried out the fate was killed before " \
+              "writing this line"
+        if fate == "processed":
+            self.counts["processed"] += 1
+            self._log.info("file.processed", input=c.rel, outputs=outputs,
+                           on_success=self.settings.watch.on_success, recovered=True, why=why)
+        elif fate == "quarantined":
+            self.counts["quarantined"] += 1
+            self._log.error("file.quarantined", input=c.rel, reason=doc.get("reason"),
+                            error=doc.get("error"), error_type=doc.get("error_type"),
+                            quarantined_as=os.path.join(self.folders.quarantine,
+                                                        str(doc.get("quarantined_as", ""))),
+                            recovered=True, why=why)
+        elif fate == "vanished":
+            self._log.warning("file.vanished", input=c.rel, recovered=True,
+                              why="its claim's file is gone from the work folder and not "
+                                  "every output it planned exists")
+        lifecycle.drop_record(c)
 
     def _transient(self, c: Claim, reason: str, error: str, common: dict[str, Any]) -> None:
         ws = self.settings.watch
@@ -742,6 +771,7 @@ class Daemon:
             self._log.error("file.quarantined", input=c.rel, reason=reason, error=error,
                             error_type=error_type, quarantined_as=dest,
                             worker=r.worker if r else None, attempt=r.attempt if r else 0)
+            lifecycle.drop_record(c)
 
         self._carry_out(c, "quarantine", carry_out)
 

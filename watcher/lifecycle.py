@@ -265,7 +265,12 @@ def save_record(c: Claim) -> None:
 
 
 def drop_record(c: Claim) -> None:
-    """The claim is settled (its input moved out of the work folder): remove its record."""
+    """The claim is settled and its fate logged: remove its record.
+
+    The fate's move (``archive``, ``keep``, ``delete``, ``quarantine``) leaves the record; the
+    daemon removes it after the fate's log line. A daemon killed between the two leaves a
+    record without its file, which the next start reads (``settled``) to write the line that
+    was never written."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(c.record)
 
@@ -279,9 +284,11 @@ def _read_record(path: str) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and isinstance(doc.get("rel"), str) else None
 
 
-def leftover(folders: Folders, seq: Callable[[], int]) -> Iterator[Claim]:
-    """The claims an earlier run left in the work folder, with what their records say (a
-    record whose file is gone is removed: that claim was settled, or never made)."""
+def leftover(folders: Folders, seq: Callable[[], int], *,
+             keep_settled: bool = False) -> Iterator[Claim]:
+    """The claims an earlier run left in the work folder, with what their records say. A
+    record whose file is gone (a claim settled, or never made) is removed, or with
+    ``keep_settled`` left for ``settled``."""
     work = folders.work
     try:
         names = sorted(os.listdir(work))
@@ -290,7 +297,7 @@ def leftover(folders: Folders, seq: Callable[[], int]) -> Iterator[Claim]:
     for name in names:
         path = os.path.join(work, name)
         if name.endswith(RECORD_SUFFIX):
-            if not os.path.lexists(path[: -len(RECORD_SUFFIX)]):
+            if not keep_settled and not os.path.lexists(path[: -len(RECORD_SUFFIX)]):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             continue
@@ -332,6 +339,60 @@ def _legacy_claims(folder: str, work: str) -> Iterator[tuple[str, str]]:
                 continue
             path = os.path.join(dirpath, name)
             yield os.path.relpath(path, work), path
+
+
+def settled(folders: Folders) -> Iterator[Claim]:
+    """Claims whose file is gone from the work folder but whose record is still there: a
+    daemon killed after carrying out the fate and before logging it (or before the file was
+    renamed in, when the claim was being made). The caller logs what happened and drops the
+    record (see ``fate_of``)."""
+    try:
+        names = sorted(os.listdir(folders.work))
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not name.endswith(RECORD_SUFFIX):
+            continue
+        path = os.path.join(folders.work, name)
+        work_path = path[: -len(RECORD_SUFFIX)]
+        if os.path.lexists(work_path):
+            continue
+        doc = _read_record(path)
+        if doc is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            continue
+        yield Claim(0, doc["rel"], work_path, detected_at=float(doc.get("detected_at", 0)),
+                    claimed_at=float(doc.get("claimed_at", 0)),
+                    outputs=_pairs(doc.get("outputs")), token=os.path.basename(work_path))
+
+
+def fate_of(folders: Folders, c: Claim) -> tuple[str, dict[str, Any]]:
+    """What became of a ``settled`` claim, from what is on disk: ("quarantined", its sidecar)
+    when a sidecar in the quarantine names this claim; ("processed", {}) when every output its
+    record planned exists; ("unclaimed", {}) when it never got as far as planning outputs (the
+    claim was being made: the file is still in the inbox, or was never claimed); else
+    ("vanished", {})."""
+    rel_dir, name = os.path.split(c.rel)
+    folder = os.path.join(folders.quarantine, rel_dir)
+    stem = os.path.splitext(name)[0]
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.listdir(folder)):
+            if not (entry.endswith(SIDECAR) and entry.startswith(stem[:40])):
+                continue
+            try:
+                with open(os.path.join(folder, entry), "rb") as f:
+                    doc = json.loads(f.read())
+            except (OSError, ValueError):
+                continue
+            if isinstance(doc, dict) and doc.get("input") == c.rel and \
+                    doc.get("claimed_at") == _iso(c.claimed_at):
+                return "quarantined", doc
+    if not c.outputs:
+        return "unclaimed", {}
+    if all(os.path.lexists(path) for _, path in c.outputs):
+        return "processed", {}
+    return "vanished", {}
 
 
 def leftover_claims(folders: Folders) -> Iterator[tuple[str, str]]:
@@ -459,23 +520,19 @@ def _copy_across(sfd: int, sname: str, dfd: int, dname: str) -> None:
 
 def archive(folders: Folders, c: Claim) -> str:
     rel_dir, name = os.path.split(c.rel)
-    dest = move_no_clobber(c.work_path, os.path.join(folders.archive, rel_dir), name)
-    drop_record(c)
-    return dest
+    return move_no_clobber(c.work_path, os.path.join(folders.archive, rel_dir), name)
 
 
 def keep(folders: Folders, c: Claim) -> str:
     """Put a processed input back where it was (on_success = "keep")."""
     rel_dir, name = os.path.split(c.rel)
-    dest = move_no_clobber(c.work_path, os.path.join(folders.inbox, rel_dir), name, rename=True)
-    drop_record(c)
-    return dest
+    return move_no_clobber(c.work_path, os.path.join(folders.inbox, rel_dir), name,
+                           rename=True)
 
 
 def delete(c: Claim) -> None:
     os.unlink(c.work_path)
     fsync_dir(os.path.dirname(c.work_path))
-    drop_record(c)
 
 
 def quarantine(folders: Folders, c: Claim, info: Mapping[str, Any]) -> str:
@@ -512,7 +569,6 @@ def quarantine(folders: Folders, c: Claim, info: Mapping[str, Any]) -> str:
                 raise
             os.fsync(dfd)
             os.fsync(sfd)
-            drop_record(c)
             return dest
 
 

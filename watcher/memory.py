@@ -53,11 +53,13 @@ _DEEP = 8.0
 # The encoder's buffers, in bytes per output pixel (measured): the WebP encoder's RGBA copy,
 # its bytes, libwebp's ARGB and YUV pictures and analysis; libavif's YUV and libaom's frames;
 # libjpeg's coefficients when optimising or progressive.
-_ENCODER = {"JPEG": 0.5, "WEBP": 20.0, "AVIF": 36.0, "PNG": 0.5, "TIFF": 1.0, "BMP": 1.0,
+_ENCODER = {"JPEG": 0.5, "WEBP": 38.0, "AVIF": 36.0, "PNG": 0.5, "TIFF": 1.0, "BMP": 1.0,
             "GIF": 3.0}
-# (libwebp's buffers grow with the entropy of the image: 6-10 for a photo, 20 for noise; the
-# estimate takes the worst)
-_WEBP_RGB = 2.0  # the WebP encoder's RGBA copy, for an image without alpha
+# (libwebp's buffers grow with the image's entropy and alpha, and nothing in a header tells:
+# measured on 4 MP, 8-16 for flat images, 11-32 for smooth ones, 20-37 for noise, the RGBA copy
+# of an image without alpha included; the estimate takes the worst)
+_WEBP_LOSSLESS = 14.0  # lossless WebP's hash chains and backward references: 37-51 for noise
+
 _FLATTEN = 16.0  # alpha flattened onto a background for a format without it: four copies
 _JPEG_CODED = 3.0  # optimize / progressive JPEG: the whole image's coefficients
 _ANIMATED_FRAME = 3.0  # per output frame of an animation, beyond the frame (the encoder's)
@@ -269,8 +271,8 @@ def estimate(size: tuple[int, int], mode: str, fmt: str, n_frames: int,
         enc = out_px * _ENCODER.get(out_fmt, 2.0)
         if out_fmt == "JPEG" and (p.output.optimize or p.output.progressive):
             enc += out_px * _JPEG_CODED
-        if out_fmt == "WEBP" and not alpha:
-            enc += out_px * _WEBP_RGB
+        if out_fmt == "WEBP" and getattr(p.output, "lossless", False):
+            enc += out_px * _WEBP_LOSSLESS
         if alpha and out_fmt not in codec.ALPHA_FORMATS:
             enc += out_px * _FLATTEN
         if frames > 1:

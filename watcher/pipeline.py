@@ -504,7 +504,19 @@ def _encode(images: list[tuple[Image.Image, int]], f: Any, fmt: str, opts: Outpu
             raise
         if out.failure is not None:  # the encoder wrapped the file's error in its own
             raise out.failure from exc
+        if _encoder_out_of_memory(fmt, exc):
+            raise MemoryError(f"the {fmt} encoder ran out of memory ({exc})") from exc
         raise _EncodeError(path) from exc
+
+
+def _encoder_out_of_memory(fmt: str, exc: Exception) -> bool:
+    """Whether an encoder's own error says it could not allocate: libwebp's
+    VP8_ENC_ERROR_OUT_OF_MEMORY and its bitstream twin (Pillow: "encoding error 1" / "2"), or
+    a message that says so (libavif's "Out of memory")."""
+    text = str(exc)
+    if fmt == "WEBP" and text in ("encoding error 1", "encoding error 2"):
+        return True
+    return "out of memory" in text.lower()
 
 
 class _EncodeError(Exception):
