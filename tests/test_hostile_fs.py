@@ -28,7 +28,7 @@ from tests.test_watch import Daemon, assert_no_temps, files
 from watcher import lifecycle, safefs, sources
 from watcher.codec import open_regular
 from watcher.errors import RejectedInput
-from watcher.files import NAME_MAX, PATH_MAX
+from watcher.files import HOST, NAME_MAX, PATH_MAX
 
 FOLDERS = ("inbox", "processed", "archive", "quarantine", "work")
 DEPTH, WIDTH = 50, 100  # 50 nested folders of 100-byte names: a 5,000-byte path
@@ -706,3 +706,39 @@ def test_an_output_folder_swapped_for_a_link_mid_run_never_leads_outside(tmp_pat
     for e in d.seen("file.quarantined"):
         assert e["reason"] == "unsafe-output", e
     assert_no_temps(root)
+
+
+def test_the_temp_sweep_never_follows_a_folder_swapped_for_a_link(tmp_path: Path) -> None:
+    """The start-up sweep of stale temp files, 5,000 of them in output/sub: the moment it starts
+    removing them, output/sub is swapped for a link to a private folder of like-named files.
+    Not one of those is removed; the ones left in the real folder are for the next sweep."""
+    folders = _folders(tmp_path)
+    sub, private = tmp_path / "processed" / "sub", tmp_path / "private"
+    sub.mkdir()
+    private.mkdir()
+    n = 5000
+    names = [f".v{i}.jpg.{HOST}.{os.getpid()}.watcher-tmp" for i in range(n)]
+    for name in names:
+        (sub / name).write_bytes(b"stale")
+        (private / name).write_bytes(b"precious, outside the folders")
+    swapped = threading.Event()
+
+    def swap() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if len(os.listdir(sub)) < n:
+                os.rename(sub, tmp_path / "processed" / "sub_real")
+                os.symlink(private, sub)
+                swapped.set()
+                return
+
+    t = threading.Thread(target=swap)
+    t.start()
+    removed = lifecycle.remove_stale_temps(folders, stale_mine=lambda pid, path: True)
+    t.join()
+    assert swapped.is_set()
+    assert sorted(os.listdir(private)) == sorted(names)
+    assert all((private / x).read_bytes() == b"precious, outside the folders" for x in names)
+    assert 0 < len(removed) < n
+    left = os.listdir(tmp_path / "processed" / "sub_real")
+    assert len(left) == n - len(removed)

@@ -709,25 +709,33 @@ def remove_stale_temps(folders: Folders, max_age: float = STALE_TEMP_AGE,
         def stale_mine(pid: int, path: str) -> bool:
             return pid != os.getpid() and not pid_alive(pid)
     for root in roots:
-        for dirpath, _, names in os.walk(root):
-            for name in names:
-                owner = temp_owner(name)
-                if owner is None and not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
-                    continue
-                path = os.path.join(dirpath, name)
-                if owner is not None:
-                    host, pid = owner
-                    if host == HOST and not stale_mine(pid, path):
-                        continue
-                    if host != HOST:
-                        try:
-                            if now - os.lstat(path).st_mtime < max_age:
-                                continue
-                        except FileNotFoundError:
+        try:
+            top = safefs.root(root)
+        except OSError:
+            continue
+        # Walked and removed by descriptor, never through a link: a folder swapped for a link
+        # in the middle of the sweep fails its open (ELOOP) and is skipped.
+        for e in safefs.walk(top):
+            if e.is_dir:
+                continue
+            owner = temp_owner(e.name)
+            if owner is None and not (e.name.startswith(".") and e.name.endswith(TEMP_SUFFIX)):
+                continue
+            path = os.path.join(root, e.rel)
+            try:
+                with safefs.parent(top, e.rel) as (fd, name):
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue  # ours are regular files: a link or a FIFO so named is not
+                    if owner is not None and owner[0] == HOST:
+                        if not stale_mine(owner[1], path):
                             continue
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    removed.append(path)
+                    elif now - st.st_mtime < max_age:
+                        continue  # another host's (or no owner named): judged by its age
+                    os.unlink(name, dir_fd=fd)
+            except OSError:
+                continue  # gone, or its folder is now a link: not ours to touch
+            removed.append(path)
     return removed
 
 
