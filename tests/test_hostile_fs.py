@@ -742,3 +742,21 @@ def test_the_temp_sweep_never_follows_a_folder_swapped_for_a_link(tmp_path: Path
     assert 0 < len(removed) < n
     left = os.listdir(tmp_path / "processed" / "sub_real")
     assert len(left) == n - len(removed)
+
+
+def test_removing_a_failed_inputs_outputs_never_follows_a_link(tmp_path: Path) -> None:
+    """The outputs of an input quarantined after some were written are removed by descriptor:
+    through output/sub swapped for a link, the like-named file elsewhere stays."""
+    from watcher.files import remove_output  # noqa: PLC0415
+
+    out, private = tmp_path / "out", tmp_path / "private"
+    (out / "real").mkdir(parents=True)
+    private.mkdir()
+    (out / "real" / "x_web.jpg").write_bytes(b"ours")
+    (private / "x_web.jpg").write_bytes(b"not ours")
+    os.symlink(private, out / "sub")
+    assert remove_output(str(out / "real" / "x_web.jpg"), str(out))
+    assert not (out / "real" / "x_web.jpg").exists()
+    assert not remove_output(str(out / "sub" / "x_web.jpg"), str(out))
+    assert not remove_output(str(tmp_path / "private" / "x_web.jpg"), str(out))  # outside
+    assert (private / "x_web.jpg").read_bytes() == b"not ours"

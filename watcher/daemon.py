@@ -755,8 +755,7 @@ class Daemon:
     def _quarantine(self, c: Claim, reason: str, error: str, error_type: str,
                     outputs: list[str], r: Result | None = None) -> None:
         for path in outputs:  # outputs of an input that failed elsewhere would be orphans
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            files.remove_output(path, self.folders.output)
         info = {"reason": reason, "error": error, "error_type": error_type,
                 "pipelines": [p.name for p in self._pipelines],
                 "attempts": r.attempt if r else 0, "worker_pid": r.worker if r else None,

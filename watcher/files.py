@@ -506,6 +506,23 @@ def remove_temps(paths: Sequence[str], pid: int, root: str = "") -> list[str]:
     return removed
 
 
+def remove_output(final: str, root: str) -> bool:
+    """Remove a published output below ``root``, reached without following a link (a folder
+    of its path swapped for a link leaves it alone); True if it was removed."""
+    head = os.path.dirname(final) or "."
+    try:
+        dirfd = safefs.open_dir(safefs.root(root), os.path.relpath(head, root))
+    except OSError:
+        return False
+    try:
+        os.unlink(os.path.basename(final), dir_fd=dirfd)
+    except OSError:
+        return False
+    finally:
+        os.close(dirfd)
+    return True
+
+
 def walk_images(root: str) -> Iterator[str]:
     """Every regular file under ``root``, sorted, skipping dot-files and not following links."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):

@@ -374,20 +374,28 @@ def fate_of(folders: Folders, c: Claim) -> tuple[str, dict[str, Any]]:
     claim was being made: the file is still in the inbox, or was never claimed); else
     ("vanished", {})."""
     rel_dir, name = os.path.split(c.rel)
-    folder = os.path.join(folders.quarantine, rel_dir)
     stem = os.path.splitext(name)[0]
-    with contextlib.suppress(OSError):
-        for entry in sorted(os.listdir(folder)):
+    try:
+        qfd = safefs.open_dir(safefs.root(folders.quarantine), rel_dir)
+    except OSError:
+        qfd = -1
+    try:
+        for entry in sorted(os.listdir(qfd)) if qfd >= 0 else []:
             if not (entry.endswith(SIDECAR) and entry.startswith(stem[:40])):
                 continue
             try:
-                with open(os.path.join(folder, entry), "rb") as f:
-                    doc = json.loads(f.read())
+                fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=qfd)
+                with os.fdopen(fd, "rb") as f:
+                    doc = json.loads(f.read(1 << 20))
             except (OSError, ValueError):
                 continue
             if isinstance(doc, dict) and doc.get("input") == c.rel and \
                     doc.get("claimed_at") == _iso(c.claimed_at):
                 return "quarantined", doc
+    finally:
+        if qfd >= 0:
+            os.close(qfd)
     if not c.outputs:
         return "unclaimed", {}
     if all(os.path.lexists(path) for _, path in c.outputs):
