@@ -28,7 +28,7 @@ from tests.test_watch import Daemon, assert_no_temps, files
 from watcher import lifecycle, safefs, sources
 from watcher.codec import open_regular
 from watcher.errors import RejectedInput
-from watcher.files import HOST, NAME_MAX, PATH_MAX
+from watcher.files import HOST, NAME_MAX, PATH_MAX, remove_output
 
 FOLDERS = ("inbox", "processed", "archive", "quarantine", "work")
 DEPTH, WIDTH = 50, 100  # 50 nested folders of 100-byte names: a 5,000-byte path
@@ -747,8 +747,6 @@ def test_the_temp_sweep_never_follows_a_folder_swapped_for_a_link(tmp_path: Path
 def test_removing_a_failed_inputs_outputs_never_follows_a_link(tmp_path: Path) -> None:
     """The outputs of an input quarantined after some were written are removed by descriptor:
     through output/sub swapped for a link, the like-named file elsewhere stays."""
-    from watcher.files import remove_output  # noqa: PLC0415
-
     out, private = tmp_path / "out", tmp_path / "private"
     (out / "real").mkdir(parents=True)
     private.mkdir()
