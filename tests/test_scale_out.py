@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, make_image, wait_until
+from tests.conftest import ROOT, make_image, run_cli, wait_until
 from tests.test_cli import tagged_processes
 from tests.test_watch import Daemon, assert_no_temps, files
 from watcher import lifecycle
@@ -150,6 +150,8 @@ def dask_cluster(tmp_path: Path) -> Iterator[str]:
     env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0",
            "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1", "PYTHONPATH": str(ROOT)}
     log = open(tmp_path / "dask.log", "w")  # noqa: SIM115
+    elsewhere = tmp_path / "worker-cwd"  # the workers' working folder is not the coordinator's
+    elsewhere.mkdir()
     procs = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", "0",
                                "--no-dashboard", "--scheduler-file", str(sched_file)],
                               stdout=log, stderr=log, env=env)]
@@ -158,7 +160,7 @@ def dask_cluster(tmp_path: Path) -> Iterator[str]:
         procs.append(subprocess.Popen(
             [str(dask), "worker", "--scheduler-file", str(sched_file), "--nworkers", "2",
              "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
-            stdout=log, stderr=log, env=env))
+            stdout=log, stderr=log, env=env, cwd=elsewhere))
         address = json.loads(sched_file.read_text())["address"]
         from distributed import Client
 
@@ -201,3 +203,22 @@ def test_daemon_with_executor_dask_on_a_cli_started_cluster(tmp_path: Path,
                                          "seed2_thumbnail.webp"]
     assert "broken.jpg" in files(root / "quarantine")
     assert_no_temps(root)
+
+
+@needs_dask
+@pytest.mark.timeout(180)
+def test_a_batch_with_relative_paths_on_a_cli_started_cluster(tmp_path: Path,
+                                                              dask_cluster: str) -> None:
+    """Relative inputs and output folder, on workers whose working folder is another: the
+    paths are made absolute at submit time, every input is made, no temp is left anywhere."""
+    job = tmp_path / "job"
+    for i in range(4):
+        make_image(job / "corpus" / f"p{i}.jpg", size=(300, 200), seed=i)
+    done = run_cli("batch", "corpus", "-o", "out", "--executor", "dask", "--scheduler",
+                   dask_cluster, "--report", "r.json", "--no-progress", cwd=job, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((job / "r.json").read_text())
+    assert report["totals"]["succeeded"] == 4, report
+    assert files(job / "out") == [f"p{i}_thumbnail.jpg" for i in range(4)]
+    assert_no_temps(tmp_path)
+    assert not (tmp_path / "worker-cwd" / "out").exists()  # nothing written where workers run

@@ -222,6 +222,7 @@ class DaskEngine:
     def submit(self, task: Task) -> None:
         if not self._intake:
             raise EngineError("the engine is stopping; no new tasks")
+        task = _absolute(task)  # a worker's working folder is not this process's
         self._tasks[task.seq] = task
         self._decided_tasks[task.seq] = task
         self._pending.append(task)
@@ -423,6 +424,14 @@ class DaskEngine:
         one job no task does); the task's one result."""
         del self._tasks[task.seq]
         self._lost.pop(task.seq, None)
+        if not result.ok and result.reason == "missing" and os.path.exists(task.path):
+            from dataclasses import replace  # noqa: PLC0415
+
+            result = replace(result, reason="io-error", error=(
+                f"{task.path} is here, where the coordinator runs, but the cluster worker "
+                f"(pid {result.worker}) could not open it ({result.error}): inputs and outputs "
+                "must be on storage every worker and the coordinator share, under the same "
+                "absolute paths"))
         if not result.ok or not result.staged:
             self._ready.append(result)
             return
@@ -540,6 +549,18 @@ class DaskEngine:
             info = self._client.scheduler_info(n_workers=-1)["workers"]
             self._workers = len(info)
             self._threads = sum(int(w.get("nthreads", 1)) for w in info.values()) or 1
+
+
+def _absolute(task: Task) -> Task:
+    """``task`` with every path absolute, as this process sees it."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from .tasks import OutputPlan  # noqa: PLC0415
+
+    return replace(task, path=os.path.abspath(task.path),
+                   outputs=tuple(OutputPlan(o.pipeline, os.path.abspath(o.path))
+                                 for o in task.outputs),
+                   root=os.path.abspath(task.root) if task.root else "")
 
 
 def _remove_staged(result: Any) -> None:
