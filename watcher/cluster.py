@@ -80,11 +80,31 @@ def run_task(task: Task, key: str, digest: str, cfg_bytes: bytes) -> Result:
 
 def running_tasks() -> dict[str, tuple[float, int, str]]:
     """Run on each worker by the coordinator: the tasks this worker process is running."""
+    _quiet_polls()
     return dict(_RUNNING)
+
+
+class _PollFilter(logging.Filter):
+    """Drops the worker's "Run out-of-band function 'running_tasks'" line: the coordinator asks
+    every second, and one INFO line per second per worker buries what the worker has to say."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "Run out-of-band function %r"
+                    and "running_tasks" in str(record.args))
+
+
+_POLL_FILTER = _PollFilter()
+
+
+def _quiet_polls() -> None:
+    worker_log = logging.getLogger("distributed.worker")
+    if _POLL_FILTER not in worker_log.filters:
+        worker_log.addFilter(_POLL_FILTER)
 
 
 def check_worker(digest: str, cfg_bytes: bytes) -> str:
     """Run on each worker at start: the pipelines must unpickle (their transforms import)."""
+    _quiet_polls()
     cfg = pickle.loads(cfg_bytes)  # noqa: S301
     from .pipeline import Processor  # noqa: PLC0415
 
@@ -120,6 +140,8 @@ class DaskEngine:
         self._pending: deque[Task] = deque()  # not yet handed to the cluster
         self._futures: dict[int, Any] = {}  # seq -> the future of its current attempt
         self._keys: dict[str, int] = {}  # key of a current attempt -> seq
+        # key of an attempt -> when (this clock) a look first found it running (timeouts)
+        self._running_since: dict[str, float] = {}
         self._lost: dict[int, int] = {}  # seq -> attempts lost with their workers
         # Outputs of decided tasks, swept for temp files that a second attempt (a task re-run
         # after its worker was lost) may leave after the decision: (time decided, final path).
@@ -507,13 +529,17 @@ class DaskEngine:
         except Exception:  # noqa: BLE001 - the cluster changed meanwhile; next time
             return
         limit = self.settings.task_timeout
-        wall = time.time()
+        # Measured on this process's clock from the first look that found the task running:
+        # the workers' clocks are theirs (skewed, stepped), and never compared with ours.
         for addr, running in per_worker.items():
             if not isinstance(running, dict):
                 continue
-            for key, (started, pid, host) in running.items():
+            for key, (_, pid, host) in running.items():
                 seq = self._keys.get(key)
-                if seq is None or seq not in self._tasks or wall - started <= limit:
+                if seq is None or seq not in self._tasks:
+                    continue
+                since = self._running_since.setdefault(key, now)
+                if now - since <= limit:
                     continue
                 task = self._tasks.pop(seq)
                 fut = self._futures.get(seq)
@@ -538,6 +564,7 @@ class DaskEngine:
         fut = self._futures.pop(seq, None)
         if fut is not None:
             self._keys.pop(fut.key, None)
+            self._running_since.pop(fut.key, None)
 
     def _refresh(self, force: bool = False) -> None:
         """The cluster's size, looked up at most once a second (back-pressure, health)."""

@@ -388,6 +388,10 @@ class Daemon:
         except OSError as exc:
             self._log.warning("claims.recover_failed", error=str(exc))
             return
+        # what the dead instance's workers left half-written for these claims' outputs
+        for path in files.remove_dead_temps([p for _, c in taken for _, p in c.outputs],
+                                            self.folders.output):
+            self._log.info("file.temp_removed", path=path, why="left by a process that is gone")
         for src, c in taken:
             self._log.warning("claim.recovered", claim=src, to=c.work_path, input=c.rel,
                               why="its instance's heartbeat is older than "

@@ -85,6 +85,18 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def running(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs and is not a zombie (a dead worker whose
+    parent has not reaped it writes nothing more)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True  # no /proc: alive, as far as anyone can tell
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -501,6 +513,38 @@ def remove_temps(paths: Sequence[str], pid: int, root: str = "") -> list[str]:
             removed.append(tmp)
         except FileNotFoundError:
             pass
+        finally:
+            os.close(dirfd)
+    return removed
+
+
+def remove_dead_temps(finals: Sequence[str], root: str = "") -> list[str]:
+    """Remove the temp files that processes of this host no longer running left for these
+    outputs (the workers of a killed daemon whose claims another instance adopted); one listing
+    per folder, by descriptor below ``root``. A live process's temp file is never touched."""
+    by_folder: dict[str, set[str]] = {}
+    for final in finals:
+        by_folder.setdefault(os.path.dirname(final) or ".", set()).add(final)
+    removed = []
+    for head, wanted in by_folder.items():
+        try:
+            if root:
+                dirfd = safefs.open_dir(safefs.root(root), os.path.relpath(head, root))
+            else:
+                dirfd = os.open(head, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            for name in os.listdir(dirfd):
+                owner = temp_owner(name)
+                if owner is None or owner[0] != HOST or running(owner[1]):
+                    continue
+                for final in wanted:
+                    if name == os.path.basename(temp_name(final, owner[1])):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=dirfd)
+                            removed.append(os.path.join(head, name))
+                        break
         finally:
             os.close(dirfd)
     return removed
