@@ -404,3 +404,35 @@ def test_an_empty_file_refilled_after_its_close_gets_one_fate(tmp_path: Path) ->
         assert d.stop() == 0
     assert d.fates()["e.png"] == 1 and d.seen("file.quarantined") == []
     assert files(tmp_path / "archive") == ["after.png", "e.png"]
+
+
+TWO_TOML = """
+[pipelines.a]
+steps = ["tests.crashers.slow", "thumbnail(64, 64)"]
+[pipelines.b]
+steps = ["thumbnail(32, 32)"]
+[output]
+pipelines = ["a", "b"]
+"""
+
+
+def test_a_conflict_at_a_later_output_leaves_no_orphan_of_the_earlier(tmp_path: Path) -> None:
+    """Someone writes the second output's name while the input is processed: the attempt's
+    first output (published before the conflict) is removed, the input is made again under
+    free names, and no output is left that no fate line names."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "two.toml").write_text(TWO_TOML)
+    d = Daemon(tmp_path, "-c", str(tmp_path / "conf" / "two.toml"))
+    try:
+        (tmp_path / "stage").mkdir()
+        crashers.slow_image(str(tmp_path / "stage" / "x.png"), 1.5)
+        os.rename(tmp_path / "stage" / "x.png", tmp_path / "inbox" / "x.png")
+        d.wait_for("file.queued", input="x.png")
+        (tmp_path / "processed" / "x_b.png").write_bytes(b"someone else's")
+        done = d.wait_for("file.processed", input="x.png", timeout=60)[0]
+    finally:
+        assert d.stop() == 0
+    assert d.seen("file.retried", input="x.png", reason="output-conflict")
+    assert sorted(Path(p).name for p in done["outputs"]) == ["x_a.png", "x_b_2.png"]
+    assert files(tmp_path / "processed") == ["x_a.png", "x_b.png", "x_b_2.png"]
+    assert (tmp_path / "processed" / "x_b.png").read_bytes() == b"someone else's"

@@ -661,7 +661,11 @@ class Daemon:
         elif r.reason == "write-failed" and "[Errno 36]" in r.error:  # ENAMETOOLONG
             self._quarantine(c, "path-too-long", r.error, r.error_type, list(r.outputs), r)
         elif r.reason == "output-conflict":
-            c.outputs = ()  # someone else wrote that name meanwhile: plan another
+            # someone else wrote a name meanwhile: plan others; what this attempt published
+            # under its own names before the conflict goes (the next attempt names anew)
+            for path in r.outputs:
+                files.remove_output(path, self.folders.output)
+            c.outputs = ()
             self._transient(c, r.reason, r.error, common)
         elif r.reason in TRANSIENT_REASONS:
             self._transient(c, r.reason, r.error, common)
