@@ -236,6 +236,9 @@ def test_claim_archive_and_name_collisions(tmp_path: Path) -> None:
     (Path(f.archive) / "sub").mkdir(parents=True)
     (Path(f.archive) / "sub" / "a.png").write_bytes(b"an older one")
     dest = lifecycle.archive(f, c)
+    assert Path(c.record).exists()  # until the fate's line is written (the daemon drops it)
+    assert [x.rel for x in lifecycle.settled(f)] == ["sub/a.png"]
+    lifecycle.drop_record(c)
     assert not Path(c.record).exists()
     assert Path(dest) == Path(f.archive) / "sub" / "a_2.png"
     assert (Path(f.archive) / "sub" / "a.png").read_bytes() == b"an older one"
