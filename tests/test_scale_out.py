@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, make_image, run_cli, wait_until
+from tests import crashers
+from tests.conftest import ROOT, json_lines, make_image, run_cli, wait_until
 from tests.test_cli import tagged_processes
 from tests.test_watch import Daemon, assert_no_temps, files
 from watcher import lifecycle
@@ -222,3 +225,195 @@ def test_a_batch_with_relative_paths_on_a_cli_started_cluster(tmp_path: Path,
     assert files(job / "out") == [f"p{i}_thumbnail.jpg" for i in range(4)]
     assert_no_temps(tmp_path)
     assert not (tmp_path / "worker-cwd" / "out").exists()  # nothing written where workers run
+
+
+class CliCluster:
+    """`dask scheduler` on a fixed port and `dask worker` processes, each killable and
+    restartable, as an operator's cluster is: the scheduler comes back on the same address."""
+
+    def __init__(self, tmp_path: Path, workers: int = 2) -> None:
+        self.dask = Path(sys.executable).parent / "dask"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.n = workers
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT),
+                    "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
+        self.cwd = tmp_path / "cluster-cwd"
+        self.cwd.mkdir()
+        self.log = open(tmp_path / "dask.log", "a")  # noqa: SIM115
+        self.scheduler: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.start()
+
+    def start(self) -> None:
+        self.scheduler = subprocess.Popen(
+            [str(self.dask), "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+             "--no-dashboard"], stdout=self.log, stderr=self.log, env=self.env, cwd=self.cwd)
+        self.workers = [subprocess.Popen(
+            [str(self.dask), "worker", self.address, "--nthreads", "1", "--no-dashboard",
+             "--host", "127.0.0.1"], stdout=self.log, stderr=self.log, env=self.env,
+            cwd=self.cwd) for _ in range(self.n)]
+        from distributed import Client
+
+        with Client(self.address, timeout=60) as c:
+            c.wait_for_workers(self.n, timeout=60)
+
+    def kill(self) -> None:
+        for p in [*self.workers, *([self.scheduler] if self.scheduler else [])]:
+            p.kill()
+            p.wait(30)
+
+    def close(self) -> None:
+        for p in [*self.workers, *([self.scheduler] if self.scheduler else [])]:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self.log.close()
+
+
+# the coordinator's client gives up its own reconnection after this; watcher's then takes over
+FAST_CONNECT = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"}
+
+
+@needs_dask
+@pytest.mark.timeout(240)
+def test_a_batch_waits_out_a_scheduler_outage_and_finishes(tmp_path: Path) -> None:
+    """SIGKILL the scheduler and its workers mid-batch, keep them away longer than the client's
+    own reconnection (3 s here), bring them back on the same address: the batch reconnects,
+    runs what was lost again uncharged, finishes with every input made, no temp left."""
+    token = (os.getpid() + 11) % 256
+    for m in crashers.started_markers(token):
+        os.unlink(m)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        crashers.slow_marked_image(str(src / f"{i}.png"), 1.0, token)
+    cluster = CliCluster(tmp_path)
+    proc = None
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "batch", str(src), "--out", str(tmp_path / "out"),
+             "--ops", "tests.crashers.slow_marked", "--executor", "dask", "--scheduler",
+             cluster.address, "--report", str(tmp_path / "r.json"), "--no-progress",
+             "--log-format", "json", "--log-level", "info"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **FAST_CONNECT})
+        wait_until(lambda: proc.poll() is not None or crashers.started_markers(token), 60,
+                   "a task to start")
+        cluster.kill()
+        time.sleep(8)  # the client has given up by now (3 s)
+        assert proc.poll() is None, "the batch ended during the outage"
+        cluster.start()
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cluster.close()
+        for m in crashers.started_markers(token):
+            os.unlink(m)
+    events = [e.get("event") for e in json_lines(out)]
+    assert proc.returncode == 0, out[-3000:]
+    assert "cluster.lost" in events and "cluster.reconnected" in events, events
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["totals"]["succeeded"] == 6, report
+    assert len(list((tmp_path / "out").glob("*.png"))) == 6
+    assert_no_temps(tmp_path / "out")
+
+
+@needs_dask
+@pytest.mark.timeout(240)
+def test_the_daemon_is_degraded_during_an_outage_and_resumes(tmp_path: Path) -> None:
+    """The daemon on a CLI cluster that loses its scheduler: health is not ok and names the
+    outage, new drops wait; once the cluster is back they are processed, health is ok again;
+    SIGTERM then exits 0."""
+    cluster = CliCluster(tmp_path)
+    root = tmp_path / "d"
+    root.mkdir()
+    cfg = root / "conf.toml"
+    cfg.write_text(f'[engine]\nexecutor = "dask"\nscheduler = "{cluster.address}"\n')
+    d = Daemon(root, "-c", str(cfg), env=FAST_CONNECT)
+    try:
+        make_image(root / "inbox" / "before.png", size=(200, 150), seed=1)
+        d.wait_for("file.processed", input="before.png", timeout=60)
+        cluster.kill()
+        d.wait_for("cluster.lost", timeout=30)
+        make_image(root / "stage" / "during.png", size=(200, 150), seed=2)
+        os.rename(root / "stage" / "during.png", root / "inbox" / "during.png")
+        sick = wait_until(lambda: (r := run_cli("health", "--work", str(root / "work")))
+                          .returncode == 1 and r, 30, "health to say degraded")
+        assert "cannot be reached" in sick.stdout, sick.stdout
+        time.sleep(5)  # past the client's own reconnection
+        assert not d.seen("file.processed", input="during.png")
+        cluster.start()
+        d.wait_for("cluster.reconnected", timeout=60)
+        d.wait_for("file.processed", input="during.png", timeout=60)
+        wait_until(lambda: run_cli("health", "--work", str(root / "work")).returncode == 0,
+                   30, "health to be ok again")
+    finally:
+        code = d.stop()
+        cluster.close()
+    assert code == 0
+    assert set(d.fates().values()) == {1} and len(d.fates()) == 2
+    assert_no_temps(root)
+
+
+def _batch_on(cluster: CliCluster, tmp_path: Path, token: int, n: int,
+              *args: str) -> subprocess.Popen[str]:
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(n):
+        crashers.slow_marked_image(str(src / f"{i}.png"), 1.0, token)
+    return subprocess.Popen(
+        [sys.executable, "-m", "watcher", "batch", str(src), "--out", str(tmp_path / "out"),
+         "--ops", "tests.crashers.slow_marked", "--executor", "dask", "--scheduler",
+         cluster.address, "--report", str(tmp_path / "r.json"), "--no-progress",
+         "--log-format", "json", "--log-level", "info", *args],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **FAST_CONNECT})
+
+
+@needs_dask
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("end", ["sigterm", "cluster_wait"])
+def test_a_batch_in_an_outage_ends_with_its_report(tmp_path: Path, end: str) -> None:
+    """The cluster never comes back: a SIGTERM ends the batch at once with 143, or
+    ``cluster_wait`` (4 s here) gives up with 1; either way the report is written, what was
+    not made is ``cancelled``, and no traceback is printed."""
+    token = (os.getpid() + 13 + len(end)) % 256
+    for m in crashers.started_markers(token):
+        os.unlink(m)
+    cluster = CliCluster(tmp_path)
+    proc = None
+    try:
+        conf = tmp_path / "wait.toml"
+        conf.write_text("[engine]\ncluster_wait = 4\n")
+        proc = _batch_on(cluster, tmp_path, token, 6,
+                         *(["-c", str(conf)] if end == "cluster_wait" else []))
+        wait_until(lambda: proc.poll() is not None or crashers.started_markers(token), 60,
+                   "a task to start")
+        cluster.kill()
+        if end == "sigterm":
+            time.sleep(6)
+            proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cluster.close()
+        for m in crashers.started_markers(token):
+            os.unlink(m)
+    assert proc.returncode == (143 if end == "sigterm" else 1), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    items = json.loads((tmp_path / "r.json").read_text())["items"]
+    assert len(items) == 6 and {i["status"] for i in items} <= {"ok", "cancelled"}
+    assert any(i["status"] == "cancelled" for i in items)
+    if end == "cluster_wait":
+        assert "cluster.gave_up" in [e.get("event") for e in json_lines(out)]

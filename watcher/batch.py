@@ -161,6 +161,11 @@ def output_ext(opts: OutputOptions, path: str, allowed: Sequence[str]) -> str:
         Image.MAX_IMAGE_PIXELS = limit
 
 
+# A batch on a Dask cluster that cannot be reached gives up on its inputs after this (seconds),
+# unless [engine] cluster_wait says otherwise (the daemon waits for ever).
+BATCH_CLUSTER_WAIT = 300.0
+
+
 @dataclass
 class Plan:
     tasks: list[Task]
@@ -239,7 +244,9 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
 
     # The workers start first: they get ready while the inputs are planned.
     workers = max(1, min(settings.engine.workers, len(inputs)))
-    engine = create_engine(replace(settings.engine, workers=workers),
+    wait = BATCH_CLUSTER_WAIT if settings.engine.cluster_wait is None \
+        else settings.engine.cluster_wait
+    engine = create_engine(replace(settings.engine, workers=workers, cluster_wait=wait),
                            {x.name: x for x in pipelines}, settings.limits,
                            log_format=log_format, log_level=log_level)
     try:

@@ -41,7 +41,7 @@ from .codec import DecodeLimits
 from .config import EngineSettings
 from .engine import Engine, EngineError, Stats, _failure
 from .errors import RejectedInput
-from .files import HOST, fsync_dir, publish, temp_name
+from .files import HOST, fsync_dir, publish, remove_dead_temps, temp_name
 from .pipeline import Pipeline
 from .tasks import Result, Task
 
@@ -50,6 +50,8 @@ RPC_TIMEOUT = 10.0  # a cluster call that takes longer is skipped this tick, not
 FETCH_TIMEOUT = 3.0  # a finished task's result not fetched by then was lost with its worker
 SWEEP_DELAY = 60.0  # seconds after a decision that late duplicates' temp files are swept
 LOST_RETRIES = 3  # a task whose result was lost with its worker is run again this many times
+RECONNECT_FIRST, RECONNECT_MAX = 1.0, 30.0  # back-off between reconnections to a lost scheduler
+CONNECT_TIMEOUT = "10s"  # one reconnection attempt
 
 # --- the worker side (runs inside Dask worker processes) ----------------------------------------
 
@@ -143,6 +145,9 @@ class DaskEngine:
         # key of an attempt -> when (this clock) a look first found it running (timeouts)
         self._running_since: dict[str, float] = {}
         self._lost: dict[int, int] = {}  # seq -> attempts lost with their workers
+        # tasks run again after a lost attempt (an outage, a dead worker): once decided, the
+        # temp files the lost attempts' dead processes left for their outputs are removed
+        self._rerun: set[int] = set()
         # Outputs of decided tasks, swept for temp files that a second attempt (a task re-run
         # after its worker was lost) may leave after the decision: (time decided, final path).
         self._decided: deque[tuple[float, str]] = deque()
@@ -162,6 +167,19 @@ class DaskEngine:
         self.stats = Stats()
         self._log = log.get("watcher.cluster")
         self._log_level = log_level
+        # Outages: since when (this clock) the scheduler cannot be reached, or the cluster has
+        # no worker while tasks wait; a reconnection in progress (its own thread: a connect
+        # may take its whole timeout) and when the next one may start.
+        self._outage_since: float | None = None
+        self._outage_why = ""
+        self._idle_since: float | None = None
+        self._connect: concurrent.futures.Future[Any] | None = None
+        self._connector = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="dask-connect")
+        self._next_connect = 0.0
+        self._connect_delay = RECONNECT_FIRST
+        # 0: wait for ever (the daemon); a batch gives up after this many seconds
+        self._wait = settings.cluster_wait or 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -183,7 +201,7 @@ class DaskEngine:
                 self._client = Client(self._cluster)
         else:
             try:
-                self._client = Client(s.scheduler, timeout="20s")
+                self._client = Client(s.scheduler)  # distributed.comm.timeouts.connect
             except OSError as exc:
                 raise EngineError(f"cannot reach the Dask scheduler at {s.scheduler}: "
                                   f"{exc}") from exc
@@ -228,6 +246,10 @@ class DaskEngine:
         Timeouts are enforced by ``_kill_stuck`` (Dask restarts the worker), and a task's thread
         cannot outlive its worker process here, so the one thing to report is a cluster left
         with no worker while tasks wait. No call to the cluster is made (cached figures)."""
+        if self._outage_since is not None:
+            return [f"the Dask scheduler at {self._address()} cannot be reached "
+                    f"({self._outage_why}) for {time.monotonic() - self._outage_since:.0f} s; "
+                    f"{len(self._tasks)} task(s) wait; reconnecting"]
         if self._client is not None and self._intake and self._tasks and self._workers == 0:
             return [f"the cluster has no worker; {len(self._tasks)} task(s) wait"]
         return []
@@ -261,7 +283,8 @@ class DaskEngine:
             for seq, fut in list(self._futures.items()):
                 task = self._tasks.get(seq)
                 if task is not None and task.path not in running and not fut.done():
-                    fut.cancel()
+                    with contextlib.suppress(Exception):  # a client that lost its scheduler
+                        fut.cancel()
                     self._forget(seq)
                     withdrawn.append(task)
         for t in withdrawn:
@@ -276,7 +299,7 @@ class DaskEngine:
             self.stop_intake()
         deadline = time.monotonic() + grace
         while self._tasks and self._client is not None and time.monotonic() < deadline \
-                and not (abort and abort()):
+                and self._outage_since is None and not (abort and abort()):
             results += self.poll(min(0.1, max(0.0, deadline - time.monotonic())))
         for seq, fut in list(self._futures.items()):
             with contextlib.suppress(Exception):
@@ -290,6 +313,7 @@ class DaskEngine:
             results.append(_failure(t, "cancelled", "the run stopped before this input finished"))
         self._tasks.clear()
         self._rpc.shutdown(wait=False, cancel_futures=True)
+        self._connector.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.close(timeout=10)
@@ -324,13 +348,15 @@ class DaskEngine:
         with contextlib.suppress(OSError):
             while os.read(self._wake_r, 4096):
                 pass
+        self._watch_connection()
         done = []
         while True:
             try:
                 done.append(self._done.get_nowait())
             except queue.Empty:
                 break
-        fetched = self._gather([f for _, f in done if f.status == "finished"])
+        fetched = self._gather([f for _, f in done if f.status == "finished"]) \
+            if self._outage_since is None else {}
         for key, fut in done:
             self._finished(key, fut, fetched)
         self._kill_stuck()
@@ -389,6 +415,10 @@ class DaskEngine:
             self._log.debug("engine.duplicate_result", key=key)
             return
         task = self._tasks[seq]
+        if status == "cancelled" and self._client.status != "running":
+            self._watch_connection()  # lost with the scheduler: back in line, uncharged
+            if seq not in self._futures:
+                return
         self._forget(seq)
         if status == "cancelled":
             self._lost_attempt(task, "the cluster cancelled it (its worker was lost)")
@@ -438,6 +468,7 @@ class DaskEngine:
             return
         _remove_all_temps([o.path for o in task.outputs])
         self.stats.requeued += 1
+        self._rerun.add(task.seq)
         self._pending.appendleft(task)
         self._log.info("file.requeued", path=task.path, why=why)
 
@@ -488,9 +519,12 @@ class DaskEngine:
         from dataclasses import replace  # noqa: PLC0415
 
         self._ready.append(replace(result, outputs=tuple(written), staged=()))
+        if task.seq in self._rerun:
+            self._rerun.discard(task.seq)
+            remove_dead_temps([o.path for o in task.outputs], task.root)
 
     def _feed(self) -> None:
-        if not self._intake or self._client is None:
+        if not self._intake or self._client is None or self._outage_since is not None:
             return
         self._refresh()
         room = self.settings.tasks_per_worker * max(1, self._threads) - len(self._futures)
@@ -509,7 +543,7 @@ class DaskEngine:
     def _kill_stuck(self) -> None:
         """Charge ``timeout`` to a task running past the limit: cancel it, restart its worker."""
         now = time.monotonic()
-        if not self._futures:
+        if not self._futures or self._outage_since is not None:
             return
         if self._look is None:
             if now - self._last_look < MONITOR_INTERVAL:
@@ -558,6 +592,102 @@ class DaskEngine:
                 self._ready.append(_failure(task, "timeout", f"still running after {limit:g} "
                                             f"s; its worker {addr} was restarted", worker=pid))
 
+    # --- outages --------------------------------------------------------------------------------
+
+    def _address(self) -> str:
+        if self._cluster is not None:
+            with contextlib.suppress(Exception):
+                return str(self._cluster.scheduler_address)
+        return self.settings.scheduler
+
+    def _watch_connection(self) -> None:
+        """Notice a lost scheduler (the client reconnecting, or closed after its own tries),
+        put the tasks it held back in line uncharged, reconnect with back-off, and resume; give
+        up on the tasks in hand after ``cluster_wait`` seconds of outage (or of no worker)."""
+        if self._client is None:
+            return
+        now = time.monotonic()
+        if self._connect is not None:
+            if self._connect.done():
+                fut, self._connect = self._connect, None
+                try:
+                    client = fut.result()
+                except Exception as exc:  # noqa: BLE001 - not back yet: try again later
+                    self._next_connect = now + self._connect_delay
+                    self._connect_delay = min(RECONNECT_MAX, self._connect_delay * 2)
+                    self._log.debug("cluster.reconnect_failed", error=f"{exc}"[:200])
+                else:
+                    old, self._client = self._client, client
+                    with contextlib.suppress(Exception):
+                        old.close(timeout=1)
+                    self._outage_over("a new connection")
+                    return
+        else:
+            status = self._client.status
+            if status == "running":
+                if self._outage_since is not None:
+                    self._outage_over("the client reconnected")
+                self._check_wait(now)
+                return
+            if self._outage_since is None:
+                self._outage_began(status)
+            if status in ("closed", "closing") and now >= self._next_connect:
+                self._connect = self._connector.submit(self._connect_again)
+        self._check_wait(now)
+
+    def _connect_again(self) -> Any:
+        """In the connector's thread: a new client of the same scheduler."""
+        from distributed import Client  # noqa: PLC0415
+
+        return Client(self._address(), timeout=CONNECT_TIMEOUT)
+
+    def _outage_began(self, status: str) -> None:
+        self._outage_since = time.monotonic()
+        self._outage_why = f"client {status}"
+        back = [self._tasks[q] for q in list(self._futures) if q in self._tasks]
+        for seq in list(self._futures):
+            self._forget(seq)
+        self._pending.extendleft(reversed(back))
+        self._rerun.update(t.seq for t in back)
+        self.stats.requeued += len(back)
+        self._workers = 0
+        self._log.warning("cluster.lost", scheduler=self._address(), status=status,
+                          requeued=len(back), waiting=len(self._tasks),
+                          wait_s=self._wait or "for ever",
+                          why="the scheduler cannot be reached: its tasks are kept and run "
+                              "again, uncharged, once it is back")
+
+    def _outage_over(self, how: str) -> None:
+        since = self._outage_since or time.monotonic()
+        self._outage_since = None
+        self._connect_delay, self._next_connect = RECONNECT_FIRST, 0.0
+        self._refresh(force=True)
+        self._log.info("cluster.reconnected", scheduler=self._address(), how=how,
+                       after_s=round(time.monotonic() - since, 1), workers=self._workers,
+                       waiting=len(self._tasks))
+        self._feed()
+
+    def _check_wait(self, now: float) -> None:
+        """After ``cluster_wait`` seconds without a scheduler, or without a worker, the tasks in
+        hand are given up (cancelled: not the inputs' fault)."""
+        since = self._outage_since if self._outage_since is not None else self._idle_since
+        if not self._wait or since is None or now - since <= self._wait or not self._tasks:
+            return
+        what = "its scheduler could not be reached" if self._outage_since is not None \
+            else "it had no worker"
+        self._log.error("cluster.gave_up", scheduler=self._address(), tasks=len(self._tasks),
+                        why=f"{what} for {self._wait:g} s (cluster_wait)")
+        for seq in list(self._futures):
+            with contextlib.suppress(Exception):
+                self._futures[seq].cancel()
+            self._forget(seq)
+        self._pending.clear()
+        for task in list(self._tasks.values()):
+            self._ready.append(_failure(task, "cancelled", f"the Dask cluster at "
+                                        f"{self._address()}: {what} for {self._wait:g} s "
+                                        "(cluster_wait)"))
+        self._tasks.clear()
+
     # --- helpers --------------------------------------------------------------------------------
 
     def _forget(self, seq: int) -> None:
@@ -572,10 +702,21 @@ class DaskEngine:
         if self._client is None or (not force and now - getattr(self, "_sized", 0.0) < 1.0):
             return
         self._sized = now
+        if self._outage_since is not None:
+            return
         with contextlib.suppress(Exception):
             info = self._client.scheduler_info(n_workers=-1)["workers"]
             self._workers = len(info)
             self._threads = sum(int(w.get("nthreads", 1)) for w in info.values()) or 1
+        if self._workers == 0 and self._tasks and self._idle_since is None:
+            self._idle_since = now
+            self._log.warning("cluster.no_workers", scheduler=self._address(),
+                              waiting=len(self._tasks),
+                              why="the cluster has no worker; its tasks wait for one")
+        elif self._workers and self._idle_since is not None:
+            self._log.info("cluster.workers_back", workers=self._workers,
+                           after_s=round(now - self._idle_since, 1))
+            self._idle_since = None
 
 
 def _absolute(task: Task) -> Task:

@@ -46,6 +46,10 @@ class EngineSettings:
     # Bytes one worker process may use (see watcher.memory); 0: derived from the memory this
     # service may use (the machine's or its cgroup's limit, less a reserve) and ``workers``.
     max_worker_memory: int = 0
+    # Seconds a Dask cluster that cannot be reached (its scheduler gone, or no worker left) is
+    # waited for, reconnecting with back-off, before the inputs in hand are given up; 0: for
+    # ever. None: the mode's default (a batch 300 s, the daemon for ever).
+    cluster_wait: float | None = None
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -441,7 +445,7 @@ def parse(doc: Mapping[str, Any], name: str = "watcher.toml") -> Settings:
     eng = _table(doc, "engine", where)
     _reject_unknown(eng, {"workers", "timeout", "max_tasks_per_worker", "crash_retries", "grace",
                           "start_method", "executor", "scheduler", "tasks_per_worker",
-                          "max_worker_memory"},
+                          "max_worker_memory", "cluster_wait"},
                     where("engine"))
     engine = EngineSettings()
     e: dict[str, Any] = {}
@@ -457,6 +461,9 @@ def parse(doc: Mapping[str, Any], name: str = "watcher.toml") -> Settings:
                                     10)
     if "grace" in eng:
         e["grace"] = _typed(eng["grace"], float, where("engine.grace"), 0.0)
+    if "cluster_wait" in eng:
+        e["cluster_wait"] = _typed(eng["cluster_wait"], float, where("engine.cluster_wait"),
+                                   0.0)
     if "start_method" in eng:
         if eng["start_method"] not in START_METHODS:
             raise ConfigError(where("engine.start_method"),
@@ -563,7 +570,8 @@ ENV_PREFIX = "WATCHER_"
 ENV_OTHER = {"WORKERS": "workers", "TIMEOUT": "timeout", "MAX_TASKS_PER_WORKER":
              "max_tasks_per_worker", "PIXEL_LIMIT": "pixel_limit", "MAX_FILE_SIZE":
              "max_file_size", "GRACE": "grace", "EXECUTOR": "executor",
-             "SCHEDULER": "scheduler", "MAX_WORKER_MEMORY": "max_worker_memory"}
+             "SCHEDULER": "scheduler", "MAX_WORKER_MEMORY": "max_worker_memory",
+             "CLUSTER_WAIT": "cluster_wait"}
 
 
 def from_environment(s: Settings, env: Mapping[str, str]) -> Settings:
@@ -587,7 +595,7 @@ def from_environment(s: Settings, env: Mapping[str, str]) -> Settings:
         if key in ("executor", "scheduler"):
             other[key] = raw.strip()
             continue
-        kind = float if key in ("timeout", "grace") else int
+        kind = float if key in ("timeout", "grace", "cluster_wait") else int
         try:
             other[key] = kind(raw.strip())
         except ValueError:
@@ -648,8 +656,11 @@ def apply_overrides(s: Settings, *, workers: int | None = None, timeout: float |
                     grace: float | None = None, pixel_limit: int | None = None,
                     max_file_size: int | None = None, start_method: str | None = None,
                     executor: str | None = None, scheduler: str | None = None,
-                    max_worker_memory: int | str | None = None) -> Settings:
+                    max_worker_memory: int | str | None = None,
+                    cluster_wait: float | None = None) -> Settings:
     engine, limits = s.engine, s.limits
+    if cluster_wait is not None:
+        engine = replace(engine, cluster_wait=_typed(cluster_wait, float, "cluster_wait", 0.0))
     if max_worker_memory is not None:
         engine = replace(engine, max_worker_memory=worker_memory(max_worker_memory,
                                                                  "max_worker_memory"))
