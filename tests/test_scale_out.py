@@ -231,7 +231,8 @@ class CliCluster:
     """`dask scheduler` on a fixed port and `dask worker` processes, each killable and
     restartable, as an operator's cluster is: the scheduler comes back on the same address."""
 
-    def __init__(self, tmp_path: Path, workers: int = 2) -> None:
+    def __init__(self, tmp_path: Path, workers: int = 2,
+                 env: dict[str, str] | None = None) -> None:
         self.dask = Path(sys.executable).parent / "dask"
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -239,7 +240,7 @@ class CliCluster:
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.n = workers
         self.env = {**os.environ, "PYTHONPATH": str(ROOT),
-                    "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
+                    "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0", **(env or {})}
         self.cwd = tmp_path / "cluster-cwd"
         self.cwd.mkdir()
         self.log = open(tmp_path / "dask.log", "a")  # noqa: SIM115
@@ -417,3 +418,50 @@ def test_a_batch_in_an_outage_ends_with_its_report(tmp_path: Path, end: str) -> 
     assert any(i["status"] == "cancelled" for i in items)
     if end == "cluster_wait":
         assert "cluster.gave_up" in [e.get("event") for e in json_lines(out)]
+
+
+@needs_dask
+@pytest.mark.timeout(180)
+def test_only_the_tasks_a_dead_worker_had_started_are_charged(tmp_path: Path) -> None:
+    """Three slow inputs on two workers of one thread: Dask assigns the third to one of them
+    to wait. With allowed-failures 0 every death is final for the tasks Dask holds on that
+    worker; both workers are SIGKILLed (their nannies start new ones): the two that were
+    running are charged ``worker-crashed`` with their worker's pid, the one that waited is run
+    again uncharged and made."""
+    token = (os.getpid() + 17) % 256
+    for m in crashers.started_markers(token):
+        os.unlink(m)
+    cluster = CliCluster(tmp_path, env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
+    proc = None
+    try:
+        src = tmp_path / "in"
+        src.mkdir()
+        for i in range(3):
+            crashers.slow_marked_image(str(src / f"{i}.png"), 6.0, token)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "batch", str(src), "--out", str(tmp_path / "out"),
+             "--ops", "tests.crashers.slow_marked", "--executor", "dask", "--scheduler",
+             cluster.address, "--report", str(tmp_path / "r.json"), "--no-progress",
+             "--log-format", "json", "--log-level", "info"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        started = wait_until(lambda: len(crashers.started_markers(token)) >= 2 and
+                             crashers.started_markers(token), 60, "two tasks to start")
+        pids = {int(Path(m).name.split(".")[-2]) for m in started}
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cluster.close()
+        for m in crashers.started_markers(token):
+            os.unlink(m)
+    items = json.loads((tmp_path / "r.json").read_text())["items"]
+    crashed = [i for i in items if i["reason"] == "worker-crashed"]
+    assert len(crashed) == 2, items
+    assert {i["worker"] for i in crashed} == pids, (items, pids)
+    assert [i["status"] for i in items].count("ok") == 1, out[-3000:]

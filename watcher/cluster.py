@@ -73,11 +73,25 @@ def run_task(task: Task, key: str, digest: str, cfg_bytes: bytes) -> Result:
         proc = _PROCESSORS[digest] = Processor(cfg["pipelines"], cfg["limits"],
                                                        cfg.get("memory_cap", 0))
     _RUNNING[key] = (time.time(), os.getpid(), HOST)
+    _announce(key)
     try:
         result = proc.stage(proc.prepare(task))
     finally:
         _RUNNING.pop(key, None)
     return replace(result, peak_rss_kb=memory.peak() // 1024)
+
+
+START_TOPIC = "watcher-task-started"  # the event a task sends when it starts (see _announce)
+
+
+def _announce(key: str) -> None:
+    """Tell the coordinator, through the scheduler's event log, that this attempt started here:
+    a worker's death is then charged only to the tasks that had started on it (Dask counts it
+    against every task assigned to it, queued ones too)."""
+    with contextlib.suppress(Exception):
+        from distributed import get_worker  # noqa: PLC0415
+
+        get_worker().log_event(START_TOPIC, {"key": key, "pid": os.getpid(), "host": HOST})
 
 
 def running_tasks() -> dict[str, tuple[float, int, str]]:
@@ -145,6 +159,11 @@ class DaskEngine:
         # key of an attempt -> when (this clock) a look first found it running (timeouts)
         self._running_since: dict[str, float] = {}
         self._lost: dict[int, int] = {}  # seq -> attempts lost with their workers
+        # key -> [(pid, host)] of each start of that attempt's task (Dask may start one key
+        # again elsewhere after its worker died), from the tasks' START_TOPIC events; written
+        # by the client's thread
+        self._starts: dict[str, list[tuple[int, str]]] = {}
+        self._unstarted_deaths: dict[int, int] = {}  # seq -> deaths charged to nobody
         # tasks run again after a lost attempt (an outage, a dead worker): once decided, the
         # temp files the lost attempts' dead processes left for their outputs are removed
         self._rerun: set[int] = set()
@@ -212,6 +231,7 @@ class DaskEngine:
             raise EngineError(f"Dask workers cannot load the pipelines: {type(exc).__name__}: "
                               f"{exc} (install watcher and the transforms' modules on every "
                               "worker)") from exc
+        self._subscribe()
         self._refresh(force=True)
         self.stats.started = self._workers
         self._log.info("cluster.connected", executor=s.executor,
@@ -403,6 +423,7 @@ class DaskEngine:
     def _finished(self, key: str, fut: Any, fetched: Mapping[str, Any]) -> None:
         seq = self._keys.get(key)
         status = fut.status
+        starts = self._starts.get(key, [])
         if status == "cancelled" and (seq is None or seq not in self._tasks):
             return  # cancelled here (a timeout, shutdown): already decided
         if seq is None or seq not in self._tasks:
@@ -439,17 +460,33 @@ class DaskEngine:
         exc = fut.exception(timeout=RPC_TIMEOUT)
         from distributed import KilledWorker  # noqa: PLC0415
 
+        if isinstance(exc, KilledWorker) and not starts and self._intake and \
+                self._unstarted_deaths.get(seq, 0) < LOST_RETRIES:
+            # Its workers died while it waited on them, never started: not its fault. Run again
+            # under a new key (a fresh count of Dask's), a bounded number of times (a task whose
+            # start event was lost with a worker that it killed at once is charged after that).
+            self._unstarted_deaths[seq] = self._unstarted_deaths.get(seq, 0) + 1
+            _remove_all_temps([o.path for o in task.outputs])
+            self.stats.requeued += 1
+            self._rerun.add(seq)
+            self._pending.appendleft(task)
+            self._log.info("file.requeued", path=task.path, why="the worker(s) it was assigned "
+                           "to died before it started; not charged")
+            return
         del self._tasks[seq]
+        self._unstarted_deaths.pop(seq, None)
         if isinstance(exc, KilledWorker):
             self.stats.crashes += 1
-            tries = self.settings.crash_retries + 1 if self.settings.executor == "dask-local" \
-                else None
+            pid = starts[-1][0] if starts else 0
             self._ready.append(Result(
                 task.seq, task.path, False, (), "worker-crashed",
-                f"the worker died processing this input, on every try ({exc})", "KilledWorker",
-                0.0, 0, tries or task.attempt))
+                f"the worker died processing this input, {len(starts) or 'on every'} "
+                f"time(s) it started ({exc})", "KilledWorker", 0.0, pid,
+                max(1, len(starts))))
             _remove_all_temps([o.path for o in task.outputs])
-            self._log.warning("worker.died", held=task.path, how=str(exc))
+            self._log.warning("worker.died", held=task.path, worker=pid,
+                              host=starts[-1][1] if starts else None, attempts=len(starts),
+                              how=str(exc))
         else:
             self._ready.append(_failure(task, "internal-error",
                                         f"the task failed on the cluster: "
@@ -620,6 +657,7 @@ class DaskEngine:
                     old, self._client = self._client, client
                     with contextlib.suppress(Exception):
                         old.close(timeout=1)
+                    self._subscribe()
                     self._outage_over("a new connection")
                     return
         else:
@@ -656,6 +694,17 @@ class DaskEngine:
                           wait_s=self._wait or "for ever",
                           why="the scheduler cannot be reached: its tasks are kept and run "
                               "again, uncharged, once it is back")
+
+    def _subscribe(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.subscribe_topic(START_TOPIC, self._on_start)
+
+    def _on_start(self, event: Any) -> None:
+        """Runs in the client's thread: a task attempt started on a worker."""
+        with contextlib.suppress(Exception):
+            msg = event[1]
+            self._starts.setdefault(str(msg["key"]), []).append((int(msg["pid"]),
+                                                                 str(msg["host"])))
 
     def _outage_over(self, how: str) -> None:
         since = self._outage_since or time.monotonic()
@@ -695,6 +744,7 @@ class DaskEngine:
         if fut is not None:
             self._keys.pop(fut.key, None)
             self._running_since.pop(fut.key, None)
+            self._starts.pop(fut.key, None)
 
     def _refresh(self, force: bool = False) -> None:
         """The cluster's size, looked up at most once a second (back-pressure, health)."""
