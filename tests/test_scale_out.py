@@ -465,3 +465,43 @@ def test_only_the_tasks_a_dead_worker_had_started_are_charged(tmp_path: Path) ->
     assert len(crashed) == 2, items
     assert {i["worker"] for i in crashed} == pids, (items, pids)
     assert [i["status"] for i in items].count("ok") == 1, out[-3000:]
+    assert_no_temps(tmp_path / "out")
+
+
+@needs_dask
+@pytest.mark.timeout(180)
+def test_a_killed_coordinator_leaves_no_temp_after_the_rerun(tmp_path: Path) -> None:
+    """SIGKILL the batch (the coordinator) while its tasks run on a CLI cluster: the cluster
+    drops its tasks (those running write nothing, or remove what they wrote), and the rerun of
+    the same batch makes every output and leaves no temp file."""
+    token = (os.getpid() + 19) % 256
+    for m in crashers.started_markers(token):
+        os.unlink(m)
+    cluster = CliCluster(tmp_path)
+    try:
+        src = tmp_path / "in"
+        src.mkdir()
+        for i in range(4):
+            crashers.slow_marked_image(str(src / f"{i}.png"), 2.0, token)
+        cmd = [sys.executable, "-m", "watcher", "batch", str(src), "--out", str(tmp_path / "out"),
+               "--ops", "tests.crashers.slow_marked", "--executor", "dask", "--scheduler",
+               cluster.address, "--report", str(tmp_path / "r.json"), "--no-progress"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, env=env)
+        wait_until(lambda: len(crashers.started_markers(token)) >= 2 or None, 60,
+                   "two tasks to start")
+        first.kill()
+        first.wait(30)
+        time.sleep(3)  # the running tasks end meanwhile, cancelled
+        assert_no_temps(tmp_path / "out")
+        again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env,
+                               timeout=120, check=False)
+        assert again.returncode == 0, again.stderr[-3000:]
+    finally:
+        cluster.close()
+        for m in crashers.started_markers(token):
+            os.unlink(m)
+    assert json.loads((tmp_path / "r.json").read_text())["totals"]["succeeded"] == 4
+    assert len(list((tmp_path / "out").glob("*.png"))) == 4
+    assert_no_temps(tmp_path / "out")

@@ -25,7 +25,7 @@ from .codec import OutputOptions
 from .config import Settings
 from .engine import create_engine
 from .errors import ConfigError
-from .files import fsync_dir, walk_images
+from .files import fsync_dir, remove_dead_temps, walk_images
 from .naming import OutputNames
 from .pil import Image
 from .pipeline import Pipeline
@@ -252,6 +252,9 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
     try:
         engine.start()
         p = plan(inputs, out_dir, pipelines, settings.on_conflict, settings.limits.formats)
+        # what an earlier run of these outputs left half-written (it was killed, or its workers)
+        for path in remove_dead_temps([o.path for t in p.tasks for o in t.outputs], out_dir):
+            logger.info("file.temp_removed", path=path, why="left by a process that is gone")
     except BaseException:
         engine.close(0)
         raise

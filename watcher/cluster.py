@@ -50,6 +50,7 @@ RPC_TIMEOUT = 10.0  # a cluster call that takes longer is skipped this tick, not
 FETCH_TIMEOUT = 3.0  # a finished task's result not fetched by then was lost with its worker
 SWEEP_DELAY = 60.0  # seconds after a decision that late duplicates' temp files are swept
 LOST_RETRIES = 3  # a task whose result was lost with its worker is run again this many times
+UNSTARTED_RETRIES = 1  # ... and one whose workers all died before it started
 RECONNECT_FIRST, RECONNECT_MAX = 1.0, 30.0  # back-off between reconnections to a lost scheduler
 CONNECT_TIMEOUT = "10s"  # one reconnection attempt
 
@@ -75,10 +76,31 @@ def run_task(task: Task, key: str, digest: str, cfg_bytes: bytes) -> Result:
     _RUNNING[key] = (time.time(), os.getpid(), HOST)
     _announce(key)
     try:
-        result = proc.stage(proc.prepare(task))
+        prep = proc.prepare(task)
+        if _cancelled(key):  # the coordinator gave it up (a timeout, a stop, it is gone)
+            for st in prep.staged:
+                st.discard()
+            return _failure(task, "cancelled", "cancelled by its coordinator")
+        result = proc.stage(prep)
+        if _cancelled(key):  # ... while it was being written: nobody will publish it
+            _remove_staged(result)
+            return _failure(task, "cancelled", "cancelled by its coordinator")
     finally:
         _RUNNING.pop(key, None)
     return replace(result, peak_rss_kb=memory.peak() // 1024)
+
+
+def _cancelled(key: str) -> bool:
+    """Whether this worker was told to drop the task ``key`` while running it (Dask cannot stop
+    a running task: it marks it cancelled and lets it run): its outputs are then not written,
+    or removed, so that no temp file outlives a coordinator that stopped or died."""
+    try:
+        from distributed import get_worker  # noqa: PLC0415
+
+        ts = get_worker().state.tasks.get(key)
+    except Exception:  # noqa: BLE001 - not in a worker (tests), or another Dask version
+        return False
+    return ts is None or ts.state in ("cancelled", "released", "forgotten")
 
 
 START_TOPIC = "watcher-task-started"  # the event a task sends when it starts (see _announce)
@@ -345,9 +367,9 @@ class DaskEngine:
         now = time.monotonic()
         for r in results:
             self._decided.extend((now, o.path) for o in self._outputs_of(r))
-        # This run's tasks are all decided or cancelled: their outputs need no temp file now.
-        self._sweep(now, 0.0 if self._cluster is None and self.settings.executor == "dask-local"
-                    else SWEEP_DELAY)
+        # This run's tasks are all decided or cancelled (a cancelled task still running removes
+        # what it writes itself: see run_task): their outputs need no temp file now.
+        self._sweep(now, 0.0)
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -461,10 +483,10 @@ class DaskEngine:
         from distributed import KilledWorker  # noqa: PLC0415
 
         if isinstance(exc, KilledWorker) and not starts and self._intake and \
-                self._unstarted_deaths.get(seq, 0) < LOST_RETRIES:
+                self._unstarted_deaths.get(seq, 0) < UNSTARTED_RETRIES:
             # Its workers died while it waited on them, never started: not its fault. Run again
-            # under a new key (a fresh count of Dask's), a bounded number of times (a task whose
-            # start event was lost with a worker that it killed at once is charged after that).
+            # under a new key (a fresh count of Dask's), once: a task that kills its worker at
+            # once can take its start event with it, and is charged the second time.
             self._unstarted_deaths[seq] = self._unstarted_deaths.get(seq, 0) + 1
             _remove_all_temps([o.path for o in task.outputs])
             self.stats.requeued += 1
@@ -478,11 +500,13 @@ class DaskEngine:
         if isinstance(exc, KilledWorker):
             self.stats.crashes += 1
             pid = starts[-1][0] if starts else 0
+            # dask-local sets allowed-failures itself, so its tries are known
+            tries = self.settings.crash_retries + 1 if self.settings.executor == "dask-local" \
+                else 1
             self._ready.append(Result(
                 task.seq, task.path, False, (), "worker-crashed",
-                f"the worker died processing this input, {len(starts) or 'on every'} "
-                f"time(s) it started ({exc})", "KilledWorker", 0.0, pid,
-                max(1, len(starts))))
+                f"the worker died processing this input, on every try ({exc})",
+                "KilledWorker", 0.0, pid, max(tries, len(starts))))
             _remove_all_temps([o.path for o in task.outputs])
             self._log.warning("worker.died", held=task.path, worker=pid,
                               host=starts[-1][1] if starts else None, attempts=len(starts),
@@ -794,7 +818,9 @@ def _remove_staged_pairs(pairs: list[tuple[str, str]]) -> None:
 
 def _remove_all_temps(finals: list[str], min_age: float = 0.0) -> None:
     """Temp files any attempt left for these outputs (workers that died, tasks run twice),
-    untouched for ``min_age`` seconds. One directory scan per folder."""
+    untouched for ``min_age`` seconds. One directory scan per folder, by descriptor (a folder
+    of the path swapped for a link is not entered)."""
+    from . import safefs  # noqa: PLC0415
     from .files import temp_owner  # noqa: PLC0415
 
     by_folder: dict[str, set[str]] = {}
@@ -803,15 +829,23 @@ def _remove_all_temps(finals: list[str], min_age: float = 0.0) -> None:
         by_folder.setdefault(folder or ".", set()).add(name)
     now = time.time()
     for folder, names in by_folder.items():
-        with contextlib.suppress(OSError), os.scandir(folder) as it:
-            for entry in it:
-                owner = temp_owner(entry.name)
-                if owner is None or entry.name[1:].rsplit(".", 3)[0] not in names:
+        try:
+            found = safefs.locate(folder)
+            fd = safefs.open_dir(found[0], found[1]) if found is not None else \
+                os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            for name in os.listdir(fd):
+                if temp_owner(name) is None or name[1:].rsplit(".", 3)[0] not in names:
                     continue
-                with contextlib.suppress(FileNotFoundError):
-                    if min_age and now - entry.stat(follow_symlinks=False).st_mtime < min_age:
+                with contextlib.suppress(OSError):
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if min_age and now - st.st_mtime < min_age:
                         continue
-                    os.unlink(entry.path)
+                    os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
 
 
 AnyEngine = Engine | DaskEngine
