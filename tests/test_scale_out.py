@@ -465,6 +465,7 @@ def test_only_the_tasks_a_dead_worker_had_started_are_charged(tmp_path: Path) ->
     assert len(crashed) == 2, items
     assert {i["worker"] for i in crashed} == pids, (items, pids)
     assert [i["status"] for i in items].count("ok") == 1, out[-3000:]
+    assert "worker.died" in [e.get("event") for e in json_lines(out)]
     assert_no_temps(tmp_path / "out")
 
 

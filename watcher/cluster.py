@@ -202,6 +202,7 @@ class DaskEngine:
         self._ready: list[Result] = []
         self._threads = 1
         self._workers = 0
+        self._addresses: set[str] = set()  # the workers the last look found
         self._last_look = 0.0
         self._rpc = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dask-rpc")
         self._look: concurrent.futures.Future[Any] | None = None
@@ -780,6 +781,12 @@ class DaskEngine:
             return
         with contextlib.suppress(Exception):
             info = self._client.scheduler_info(n_workers=-1)["workers"]
+            gone = sorted(set(self._addresses) - set(info))
+            if gone:
+                self._log.warning("worker.died", workers=gone, left=len(info),
+                                  why="the scheduler lost these workers; their tasks run "
+                                      "again (only those that had started are charged)")
+            self._addresses = set(info)
             self._workers = len(info)
             self._threads = sum(int(w.get("nthreads", 1)) for w in info.values()) or 1
         if self._workers == 0 and self._tasks and self._idle_since is None:
