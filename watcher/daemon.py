@@ -641,7 +641,7 @@ class Daemon:
         c = self.claims.pop(r.seq, None)
         if c is None:
             return  # a late duplicate: the fate was decided already
-        common = {"input": c.rel, "outputs": list(r.outputs), "worker": r.worker,
+        common = {"input": c.rel, "claim": c.token, "outputs": list(r.outputs), "worker": r.worker,
                   "duration_ms": round(r.duration * 1000, 1), "attempt": r.attempt}
         if r.reason not in ("cancelled", "missing") and _identity(c.work_path) != c.seen:
             # A writer still had it open and changed it after it was claimed: the result (an
@@ -656,7 +656,7 @@ class Daemon:
             self._log.info("file.left", input=c.rel, where=c.work_path, why=r.error)
         elif r.reason == "missing":
             self._forget(c)
-            self._log.warning("file.vanished", input=c.rel, why=r.error)
+            self._log.warning("file.vanished", input=c.rel, claim=c.token, why=r.error)
             lifecycle.drop_record(c)
         elif r.reason == "write-failed" and "[Errno 36]" in r.error:  # ENAMETOOLONG
             self._quarantine(c, "path-too-long", r.error, r.error_type, list(r.outputs), r)
@@ -708,17 +708,18 @@ class Daemon:
               "writing this line"
         if fate == "processed":
             self.counts["processed"] += 1
-            self._log.info("file.processed", input=c.rel, outputs=outputs,
+            self._log.info("file.processed", input=c.rel, claim=c.token, outputs=outputs,
                            on_success=self.settings.watch.on_success, recovered=True, why=why)
         elif fate == "quarantined":
             self.counts["quarantined"] += 1
-            self._log.error("file.quarantined", input=c.rel, reason=doc.get("reason"),
+            self._log.error("file.quarantined", input=c.rel, claim=c.token,
+                            reason=doc.get("reason"),
                             error=doc.get("error"), error_type=doc.get("error_type"),
                             quarantined_as=os.path.join(self.folders.quarantine,
                                                         str(doc.get("quarantined_as", ""))),
                             recovered=True, why=why)
         elif fate == "vanished":
-            self._log.warning("file.vanished", input=c.rel, recovered=True,
+            self._log.warning("file.vanished", input=c.rel, claim=c.token, recovered=True,
                               why="its claim's file is gone from the work folder and not "
                                   "every output it planned exists")
         lifecycle.drop_record(c)
@@ -775,7 +776,8 @@ class Daemon:
             self._forget(c)
             self.counts["quarantined"] += 1
             self.metrics.quarantined.labels(reason).inc()
-            self._log.error("file.quarantined", input=c.rel, reason=reason, error=error,
+            self._log.error("file.quarantined", input=c.rel, claim=c.token, reason=reason,
+                            error=error,
                             error_type=error_type, quarantined_as=dest,
                             worker=r.worker if r else None, attempt=r.attempt if r else 0)
             lifecycle.drop_record(c)
