@@ -21,7 +21,7 @@ from PIL import Image
 from tests import crashers
 from tests.conftest import ROOT, json_lines, make_image, run_cli, wait_until
 from tests.test_cli import tagged_processes
-from tests.test_watch import Daemon, assert_no_temps, files
+from tests.test_watch import Daemon, assert_no_temps, claimed, files
 from watcher import lifecycle
 from watcher.health import HEARTBEAT
 
@@ -506,3 +506,41 @@ def test_a_killed_coordinator_leaves_no_temp_after_the_rerun(tmp_path: Path) -> 
     assert json.loads((tmp_path / "r.json").read_text())["totals"]["succeeded"] == 4
     assert len(list((tmp_path / "out").glob("*.png"))) == 4
     assert_no_temps(tmp_path / "out")
+
+
+@needs_dask
+@pytest.mark.timeout(180)
+def test_a_daemon_sigterm_during_an_outage_exits_0_and_keeps_its_claims(tmp_path: Path) -> None:
+    """SIGTERM to the daemon while its cluster is gone: it exits 0 at once (no traceback), the
+    input it held stays claimed in the work folder, and a later start on a live cluster gives it
+    its one fate."""
+    cluster = CliCluster(tmp_path)
+    root = tmp_path / "d"
+    root.mkdir()
+    cfg = root / "conf.toml"
+    cfg.write_text(f'[engine]\nexecutor = "dask"\nscheduler = "{cluster.address}"\n')
+    try:
+        d = Daemon(root, "-c", str(cfg), env=FAST_CONNECT)
+        try:
+            cluster.kill()
+            d.wait_for("cluster.lost", timeout=30)
+            make_image(root / "stage" / "held.png", size=(200, 150), seed=3)
+            os.rename(root / "stage" / "held.png", root / "inbox" / "held.png")
+            d.wait_for("file.queued", input="held.png", timeout=30)
+            time.sleep(4)  # past the client's own reconnection: watcher's is under way
+        finally:
+            code = d.stop(timeout=30)
+        assert code == 0
+        d.stderr = open(root / f"stderr-{d.tag}.log")  # noqa: SIM115 - read what it said
+        assert "Traceback" not in d.stderr.read()
+        d.stderr.close()
+        assert claimed(root) == ["held.png"]
+        cluster.start()
+        d2 = Daemon(root, "-c", str(cfg))
+        try:
+            d2.wait_for("file.processed", input="held.png", timeout=60)
+        finally:
+            assert d2.stop() == 0
+    finally:
+        cluster.close()
+    assert_no_temps(root)
