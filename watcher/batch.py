@@ -253,7 +253,8 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
         engine.start()
         p = plan(inputs, out_dir, pipelines, settings.on_conflict, settings.limits.formats)
         # what an earlier run of these outputs left half-written (it was killed, or its workers)
-        for path in remove_dead_temps([o.path for t in p.tasks for o in t.outputs], out_dir):
+        for path in remove_dead_temps([o.path for t in p.tasks for o in t.outputs], out_dir,
+                                      getattr(engine, "writer_gone", None)):
             logger.info("file.temp_removed", path=path, why="left by a process that is gone")
     except BaseException:
         engine.close(0)

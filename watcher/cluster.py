@@ -140,6 +140,11 @@ def _quiet_polls() -> None:
         worker_log.addFilter(_POLL_FILTER)
 
 
+def _whoami() -> tuple[str, int]:
+    """Run on each worker: its host, as temp names carry it, and its pid."""
+    return HOST, os.getpid()
+
+
 def check_worker(digest: str, cfg_bytes: bytes) -> str:
     """Run on each worker at start: the pipelines must unpickle (their transforms import)."""
     _quiet_polls()
@@ -203,6 +208,7 @@ class DaskEngine:
         self._threads = 1
         self._workers = 0
         self._addresses: set[str] = set()  # the workers the last look found
+        self._worker_pids: dict[str, set[int]] | None = None  # host -> its workers' pids
         self._last_look = 0.0
         self._rpc = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dask-rpc")
         self._look: concurrent.futures.Future[Any] | None = None
@@ -260,6 +266,28 @@ class DaskEngine:
         self._log.info("cluster.connected", executor=s.executor,
                        scheduler=self._client.scheduler.address, workers=self._workers,
                        threads=self._threads, hosts=sorted(set(hosts.values())))
+
+    def writer_gone(self, host: str, pid: int) -> bool:
+        """Whether the process ``pid`` of ``host`` that a temp file names is gone: on this host,
+        when it no longer runs; on a host of the cluster, when it is none of its workers now
+        (only cluster workers write there for a cluster's tasks); elsewhere, not known (no)."""
+        from .files import running  # noqa: PLC0415
+
+        if host == HOST:
+            return not running(pid)
+        if self._client is None:
+            return False
+        if self._worker_pids is None:
+            try:
+                found = self._client.run(_whoami, on_error="return")
+                self._worker_pids = {}
+                for v in found.values():
+                    if isinstance(v, tuple):
+                        self._worker_pids.setdefault(v[0], set()).add(v[1])
+            except Exception:  # noqa: BLE001 - not known: nothing is judged gone
+                return False
+        pids = self._worker_pids.get(host)
+        return pids is not None and pid not in pids
 
     @property
     def outstanding(self) -> int:

@@ -518,10 +518,16 @@ def remove_temps(paths: Sequence[str], pid: int, root: str = "") -> list[str]:
     return removed
 
 
-def remove_dead_temps(finals: Sequence[str], root: str = "") -> list[str]:
-    """Remove the temp files that processes of this host no longer running left for these
-    outputs (the workers of a killed daemon whose claims another instance adopted); one listing
-    per folder, by descriptor below ``root``. A live process's temp file is never touched."""
+def remove_dead_temps(finals: Sequence[str], root: str = "",
+                      gone: Callable[[str, int], bool] | None = None) -> list[str]:
+    """Remove the temp files that processes no longer running left for these outputs (the
+    workers of a killed daemon whose claims another instance adopted, a killed batch's); one
+    listing per folder, by descriptor below ``root``. ``gone(host, pid)`` says whether that
+    writer is gone (default: a process of this host that no longer runs; another host's is
+    never judged gone). A live process's temp file is never touched."""
+    if gone is None:
+        def gone(host: str, pid: int) -> bool:
+            return host == HOST and not running(pid)
     by_folder: dict[str, set[str]] = {}
     for final in finals:
         by_folder.setdefault(os.path.dirname(final) or ".", set()).add(final)
@@ -537,10 +543,10 @@ def remove_dead_temps(finals: Sequence[str], root: str = "") -> list[str]:
         try:
             for name in os.listdir(dirfd):
                 owner = temp_owner(name)
-                if owner is None or owner[0] != HOST or running(owner[1]):
+                if owner is None or not gone(*owner):
                     continue
                 for final in wanted:
-                    if name == os.path.basename(temp_name(final, owner[1])):
+                    if name == os.path.basename(temp_name(final, owner[1], owner[0])):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(name, dir_fd=dirfd)
                             removed.append(os.path.join(head, name))
