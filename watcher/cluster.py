@@ -52,7 +52,6 @@ SWEEP_DELAY = 60.0  # seconds after a decision that late duplicates' temp files 
 LOST_RETRIES = 3  # a task whose result was lost with its worker is run again this many times
 UNSTARTED_RETRIES = 1  # ... and one whose workers all died before it started
 RECONNECT_FIRST, RECONNECT_MAX = 1.0, 30.0  # back-off between reconnections to a lost scheduler
-CONNECT_TIMEOUT = "10s"  # one reconnection attempt
 
 # --- the worker side (runs inside Dask worker processes) ----------------------------------------
 
@@ -730,7 +729,7 @@ class DaskEngine:
         """In the connector's thread: a new client of the same scheduler."""
         from distributed import Client  # noqa: PLC0415
 
-        return Client(self._address(), timeout=CONNECT_TIMEOUT)
+        return Client(self._address())  # distributed.comm.timeouts.connect, as at start
 
     def _outage_began(self, status: str) -> None:
         self._outage_since = time.monotonic()
@@ -742,6 +741,7 @@ class DaskEngine:
         self._rerun.update(t.seq for t in back)
         self.stats.requeued += len(back)
         self._workers = 0
+        self._addresses = set()  # whatever comes back is a new cluster: no worker.died for it
         self._log.warning("cluster.lost", scheduler=self._address(), status=status,
                           requeued=len(back), waiting=len(self._tasks),
                           wait_s=self._wait or "for ever",
