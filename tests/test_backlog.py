@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import make_image
 from tests.test_watch import Daemon
-from watcher import sources
+from watcher.watch import sources
 
 pytestmark = pytest.mark.integration
 

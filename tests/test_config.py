@@ -168,7 +168,7 @@ def test_instance_names_the_work_folder(tmp_path: Path) -> None:
     cfg = tmp_path / "watcher.toml"
     cfg.write_text('[watch]\nwork = "w"\ninstance = "{host}-2"\n')
     ws = config.load(cfg).watch
-    from watcher.files import HOST
+    from watcher.fs.files import HOST
 
     assert ws.folders()["work"] == str(tmp_path / "w" / f"{HOST}-2")
     cfg.write_text('[watch]\ninstance = "a/b"\n')

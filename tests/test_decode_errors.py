@@ -18,10 +18,11 @@ from PIL import Image
 
 from tests.conftest import make_image
 from tests.test_fuzz import grey_png_bomb, make_seeds
-from watcher import batch, codec, config, pipeline
-from watcher.codec import DecodeLimits, OutputOptions
+from watcher import batch, config
 from watcher.errors import REASONS, TRANSIENT_REASONS
-from watcher.pipeline import Processor
+from watcher.imaging import codec, pipeline
+from watcher.imaging.codec import DecodeLimits, OutputOptions
+from watcher.imaging.pipeline import Processor
 from watcher.samples import picture
 from watcher.tasks import OutputPlan, Result, Task
 

@@ -17,9 +17,9 @@ import pytest
 from tests import crashers
 from tests.conftest import make_image, wait_until
 from watcher import config
-from watcher.codec import DecodeLimits
 from watcher.config import EngineSettings
-from watcher.engine import Engine, EngineError
+from watcher.engine.supervisor import Engine, EngineError
+from watcher.imaging.codec import DecodeLimits
 from watcher.tasks import OutputPlan, Result, Task
 
 pytestmark = pytest.mark.integration

@@ -21,9 +21,9 @@ from tests import crashers
 from tests.conftest import make_image, wait_until
 from tests.test_engine import poison, run_all, tasks_for
 from watcher import batch, config
-from watcher.codec import DecodeLimits
 from watcher.config import EngineSettings
-from watcher.engine import create_engine
+from watcher.engine.supervisor import create_engine
+from watcher.imaging.codec import DecodeLimits
 from watcher.tasks import OutputPlan, Result, Task
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ from PIL import Image
 from tests import crashers
 from tests.conftest import fill, make_image, run_cli, wait_until
 from tests.test_watch import SLOW_TOML, Daemon, claimed, drop, files
-from watcher import lifecycle
+from watcher.watch import lifecycle
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from watcher import files
 from watcher.errors import RejectedInput
+from watcher.fs import files
 
 
 def test_atomic_write_publishes_complete_file(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_overwrite_replaces(tmp_path: Path) -> None:
 
 KILLER = """
 import os, signal, sys
-from watcher import files
+from watcher.fs import files
 def write(f):
     f.write(b"a" * int(sys.argv[2]))
     f.flush()
@@ -135,8 +135,8 @@ def _noise_task(tmp_path: Path, out_dir: Path) -> tuple[Any, Any]:
     from PIL import Image
 
     from watcher import config
-    from watcher.codec import DecodeLimits
-    from watcher.pipeline import Processor
+    from watcher.imaging.codec import DecodeLimits
+    from watcher.imaging.pipeline import Processor
     from watcher.tasks import OutputPlan, Task
 
     src = tmp_path / "noise.png"
@@ -184,8 +184,8 @@ def _group(tmp_path: Path, out_dir: Path, names: list[str], *, overwrite: bool =
 
     from tests.conftest import make_image
     from watcher import config
-    from watcher.codec import DecodeLimits
-    from watcher.pipeline import Processor
+    from watcher.imaging.codec import DecodeLimits
+    from watcher.imaging.pipeline import Processor
     from watcher.tasks import OutputPlan, Task
 
     proc = Processor({"p": config.pipeline_from(["grayscale"], "p", "p")}, DecodeLimits())

@@ -4,8 +4,8 @@ Every case is a real file: a valid seed made here with Pillow (every format, mod
 watcher opens), mutated deterministically by a ``random.Random`` (bit flips, byte overwrites,
 truncation, chunk/segment duplication and deletion, junk, splices of two seeds, and targeted
 header edits: sizes bumped to bombs, frame counts, TIFF IFD offsets and counts), plus a fixed
-set of hostile files. Each goes through the real ``watcher.pipeline.Processor`` with the default
-limits and pipelines of every output format.
+set of hostile files. Each goes through the real ``Processor`` (watcher.imaging.pipeline) with
+the default limits and pipelines of every output format.
 
 Pass: every case either succeeds (each output exists and decodes) or fails with a documented
 reason that is neither ``internal-error`` nor transient (a mutated file on a healthy disk is
@@ -43,10 +43,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from watcher import batch, config, memory
-from watcher.codec import DecodeLimits, OutputOptions
+from watcher import batch, config
 from watcher.errors import REASONS, TRANSIENT_REASONS
-from watcher.pipeline import Pipeline, Processor
+from watcher.imaging import memory
+from watcher.imaging.codec import DecodeLimits, OutputOptions
+from watcher.imaging.pipeline import Pipeline, Processor
 from watcher.samples import picture
 from watcher.tasks import OutputPlan, Task
 

@@ -23,7 +23,7 @@ from PIL import Image
 from tests import crashers
 from tests.conftest import ROOT, _cmdline, wait_until
 from tests.test_cli import tagged_processes
-from watcher.files import HOST
+from watcher.fs.files import HOST
 
 pytestmark = pytest.mark.integration
 

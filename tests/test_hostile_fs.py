@@ -25,10 +25,11 @@ import pytest
 
 from tests.conftest import ROOT, make_image, wait_until
 from tests.test_watch import Daemon, assert_no_temps, files
-from watcher import lifecycle, safefs, sources
-from watcher.codec import open_regular
 from watcher.errors import RejectedInput
-from watcher.files import HOST, NAME_MAX, PATH_MAX, remove_output
+from watcher.fs import safefs
+from watcher.fs.files import HOST, NAME_MAX, PATH_MAX, remove_output
+from watcher.imaging.codec import open_regular
+from watcher.watch import lifecycle, sources
 
 FOLDERS = ("inbox", "processed", "archive", "quarantine", "work")
 DEPTH, WIDTH = 50, 100  # 50 nested folders of 100-byte names: a 5,000-byte path
@@ -186,7 +187,8 @@ def test_scan_skips_an_unreadable_folder(tmp_path: Path) -> None:
     (base / "inbox/open/b.jpg").write_bytes(b"b")
     os.chmod(base, 0o755)
     os.chmod(base / "inbox/locked", 0)
-    code = ("import sys, json; from watcher import sources; print(json.dumps(list(sources.scan("
+    code = ("import sys, json; from watcher.watch import sources; "
+            "print(json.dumps(list(sources.scan("
             f"{str(base / 'inbox')!r}, recursive=True, patterns=()))))")
     prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
         if os.geteuid() == 0 else []

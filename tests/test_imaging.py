@@ -14,9 +14,10 @@ from PIL import Image, ImageCms
 
 from tests import crashers
 from tests.iccgen import rgb_profile
-from watcher import codec, config
-from watcher.codec import DecodeLimits, OutputOptions
-from watcher.pipeline import Pipeline, Processor, plan_shrink
+from watcher import config
+from watcher.imaging import codec
+from watcher.imaging.codec import DecodeLimits, OutputOptions
+from watcher.imaging.pipeline import Pipeline, Processor, plan_shrink
 from watcher.samples import picture
 from watcher.tasks import OutputPlan, Task
 

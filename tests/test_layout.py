@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from watcher import lifecycle
 from watcher.errors import ConfigError
+from watcher.watch import lifecycle
 
 KEYS = ("inbox", "output", "archive", "quarantine", "work")
 

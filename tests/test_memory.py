@@ -1,4 +1,4 @@
-"""The memory governor (watcher.memory): the cap, the estimate before decoding, the ceiling.
+"""The memory governor (watcher.imaging.memory): the cap, the estimate before decoding, the ceiling.
 
 Real images, real worker processes, real limits: a worker's data segment really is limited
 (RLIMIT_DATA), a real cgroup's limit really sets the default cap, and the estimate is checked
@@ -22,8 +22,9 @@ from PIL import Image
 
 from tests.conftest import ROOT, make_image, run_cli
 from tests.test_watch import Daemon
-from watcher import config, memory
+from watcher import config
 from watcher.errors import ConfigError
+from watcher.imaging import memory
 
 MiB = 2**20
 
@@ -95,9 +96,10 @@ def test_a_real_cgroup_limit_sets_the_default_cap(tmp_path: Path) -> None:
 
 PROBE = textwrap.dedent("""
     import json, os, sys, tempfile
-    from watcher import config, memory
-    from watcher.codec import DecodeLimits
-    from watcher.pipeline import Pipeline, Processor
+    from watcher import config
+    from watcher.imaging import memory
+    from watcher.imaging.codec import DecodeLimits
+    from watcher.imaging.pipeline import Pipeline, Processor
     from watcher.tasks import OutputPlan, Task
     from PIL import Image
     src, ops, fmt, frames = sys.argv[1:5]
@@ -243,7 +245,8 @@ def test_what_the_estimate_misses_is_stopped_by_the_ceiling_and_charges_nobody_e
 
 def test_the_ceiling_is_the_data_segment_limit() -> None:
     """set_ceiling really limits this process's heap (in a child, not the test process)."""
-    code = ("import sys; from watcher import memory; assert memory.set_ceiling(200 * 2**20)\n"
+    code = ("import sys; from watcher.imaging import memory\n"
+            "assert memory.set_ceiling(200 * 2**20)\n"
             "try:\n    b = bytearray(400 * 2**20)\nexcept MemoryError:\n    sys.exit(7)\n")
     done = subprocess.run([sys.executable, "-c", code], timeout=60, check=False,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -260,9 +263,10 @@ def test_an_encoder_out_of_memory_under_the_ceiling_is_too_large(tmp_path: Path)
         src, compress_level=1)
     code = textwrap.dedent(f"""
         import json
-        from watcher import config, memory
-        from watcher.codec import DecodeLimits
-        from watcher.pipeline import Pipeline, Processor
+        from watcher import config
+        from watcher.imaging import memory
+        from watcher.imaging.codec import DecodeLimits
+        from watcher.imaging.pipeline import Pipeline, Processor
         from watcher.tasks import OutputPlan, Task
         opts = config.output_options({{"format": "webp", "lossless": True}}, "o")
         proc = Processor({{"p": Pipeline("p", (), "x", opts)}}, DecodeLimits())

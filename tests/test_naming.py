@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from watcher import naming
-from watcher.files import NAME_MAX
+from watcher.fs import naming
+from watcher.fs.files import NAME_MAX
 
 
 def test_counter_on_collision_in_the_run_and_on_disk(tmp_path: Path) -> None:

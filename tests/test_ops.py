@@ -18,8 +18,8 @@ import pytest
 
 from tests.conftest import ROOT, wait_until
 from tests.test_watch import Daemon, drop
-from watcher import health
-from watcher.notify import Notifier
+from watcher.ops import health
+from watcher.ops.notify import Notifier
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ from tests import crashers
 from tests.conftest import ROOT, json_lines, make_image, run_cli, wait_until
 from tests.test_cli import tagged_processes
 from tests.test_watch import Daemon, assert_no_temps, claimed, files
-from watcher import lifecycle
-from watcher.health import HEARTBEAT
+from watcher.ops.health import HEARTBEAT
+from watcher.watch import lifecycle
 
 pytestmark = pytest.mark.integration
 

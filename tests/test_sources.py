@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from watcher import config, files, lifecycle, safefs, sources
+from watcher import config
 from watcher.errors import ConfigError
+from watcher.fs import files, safefs
+from watcher.watch import lifecycle, sources
 
 
 class FakeFS:
@@ -364,7 +366,8 @@ def test_observer_reports_close_and_move_and_restarts_after_its_thread_dies(
 
 NO_INOTIFY = """
 import json, sys
-from watcher import log, sources
+from watcher import log
+from watcher.watch import sources
 log.configure("test", "json", "info")
 obs = sources.InboxObserver(sys.argv[1], kind="inotify", recursive=False, poll_interval=0.1,
                             wake=lambda: None)

@@ -23,8 +23,8 @@ from PIL import Image
 from tests import crashers
 from tests.conftest import ROOT, make_image, wait_until
 from tests.test_cli import tagged_processes
-from watcher import lifecycle
 from watcher.samples import picture
+from watcher.watch import lifecycle
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import make_image
-from watcher import config, worker
-from watcher.codec import DecodeLimits
-from watcher.pipeline import Processor
+from watcher import config
+from watcher.engine import worker
+from watcher.imaging.codec import DecodeLimits
+from watcher.imaging.pipeline import Processor
 from watcher.tasks import OutputPlan, Task
 
 

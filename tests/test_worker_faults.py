@@ -18,8 +18,8 @@ import pytest
 from tests import crashers
 from tests.conftest import make_image, run_cli, wait_until
 from tests.test_engine import engine_for, run_all, tasks_for
-from watcher import engine as engine_mod
-from watcher import worker
+from watcher.engine import supervisor as engine_mod
+from watcher.engine import worker
 from watcher.tasks import Result
 
 pytestmark = pytest.mark.integration

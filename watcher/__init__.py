@@ -12,20 +12,20 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, ExitCode, RejectedInput, WatcherError
+from watcher.errors import ConfigError, ExitCode, RejectedInput, WatcherError
 
 if TYPE_CHECKING:
-    from .batch import ItemReport, Report
-    from .codec import OutputOptions
+    from watcher.batch import ItemReport, Report
+    from watcher.imaging.codec import OutputOptions
 else:
     def __getattr__(name: str) -> Any:
-        """Lazy exports: a worker process imports watcher.worker without the batch stack."""
+        """Lazy exports: a worker process imports watcher.engine.worker without the batch stack."""
         if name in ("ItemReport", "Report"):
-            from . import batch  # noqa: PLC0415
+            from watcher import batch  # noqa: PLC0415
 
             return getattr(batch, name)
         if name == "OutputOptions":
-            from .codec import OutputOptions  # noqa: PLC0415
+            from watcher.imaging.codec import OutputOptions  # noqa: PLC0415
 
             return OutputOptions
         raise AttributeError(name)
@@ -60,9 +60,9 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
     """
     from dataclasses import replace  # noqa: PLC0415
 
-    from . import batch, log  # noqa: PLC0415
-    from . import config as cfg  # noqa: PLC0415
-    from .codec import OutputOptions  # noqa: PLC0415
+    from watcher import batch, log  # noqa: PLC0415
+    from watcher import config as cfg  # noqa: PLC0415
+    from watcher.imaging.codec import OutputOptions  # noqa: PLC0415
 
     if not log.is_configured():
         log.configure("main", "auto", "warning")

@@ -1,5 +1,5 @@
 """``python -m watcher``: the same as the ``watcher`` command."""
 
-from .launch import run
+from watcher.launch import run
 
 run()

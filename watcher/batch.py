@@ -20,16 +20,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from . import codec, log
-from .codec import OutputOptions
-from .config import Settings
-from .engine import create_engine
-from .errors import ConfigError
-from .files import fsync_dir, remove_dead_temps, walk_images
-from .naming import OutputNames
-from .pil import Image
-from .pipeline import Pipeline
-from .tasks import OutputPlan, Result, Task
+from watcher import log
+from watcher.config import Settings
+from watcher.engine.supervisor import create_engine
+from watcher.errors import ConfigError
+from watcher.fs.files import fsync_dir, remove_dead_temps, walk_images
+from watcher.fs.naming import OutputNames
+from watcher.imaging import codec
+from watcher.imaging.codec import OutputOptions
+from watcher.imaging.pil import Image
+from watcher.imaging.pipeline import Pipeline
+from watcher.tasks import OutputPlan, Result, Task
 
 _KEEP_EXT = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff",
              ".gif"}

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any, NoReturn
 
-from . import __version__, batch, codec, config, log, transforms
-from .errors import REASONS, ConfigError, ExitCode, WatcherError
-from .launch import start_forkserver
+from watcher import __version__, batch, config, log, transforms
+from watcher.errors import REASONS, ConfigError, ExitCode, WatcherError
+from watcher.imaging import codec
+from watcher.launch import start_forkserver
 
 EPILOG = """exit codes:
   0    every input succeeded (or was skipped because its outputs exist)
@@ -228,7 +229,7 @@ def watch_loader(args: argparse.Namespace) -> Any:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .daemon import Daemon  # noqa: PLC0415
+    from watcher.watch.daemon import Daemon  # noqa: PLC0415
 
     fmt = log.resolve_format(args.log_format, sys.stdout)
     log.configure("daemon", fmt, args.log_level, stream=sys.stdout)
@@ -236,7 +237,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from . import health  # noqa: PLC0415
+    from watcher.ops import health  # noqa: PLC0415
 
     work = args.work
     if not work:
@@ -248,7 +249,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from .lifecycle import Folders, recover_claims, requeue  # noqa: PLC0415
+    from watcher.watch.lifecycle import Folders, recover_claims, requeue  # noqa: PLC0415
 
     claims = bool(args.claims_of or args.stale_claims)
     if claims and (args.paths or args.all):
@@ -407,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "transforms":
             return cmd_transforms()
         if args.command == "make-samples":
-            from .samples import make_samples  # noqa: PLC0415
+            from watcher.samples import make_samples  # noqa: PLC0415
 
             for path in make_samples(args.folder, args.count):
                 print(path)

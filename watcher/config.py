@@ -15,11 +15,12 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any
 
-from . import codec, transforms
-from .codec import DecodeLimits, OutputOptions
-from .errors import ConfigError
-from .pipeline import Pipeline, Step
-from .transforms import join
+from watcher import transforms
+from watcher.errors import ConfigError
+from watcher.imaging import codec
+from watcher.imaging.codec import DecodeLimits, OutputOptions
+from watcher.imaging.pipeline import Pipeline, Step
+from watcher.transforms import join
 
 CONFLICT_POLICIES = ("skip", "overwrite", "rename")
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
@@ -43,7 +44,7 @@ class EngineSettings:
     executor: str = "local"
     scheduler: str = ""  # tcp://HOST:8786 for executor = "dask"
     tasks_per_worker: int = 4  # back-pressure: tasks handed to the executor per worker at most
-    # Bytes one worker process may use (see watcher.memory); 0: derived from the memory this
+    # Bytes one worker process may use (see watcher.imaging.memory); 0: derived from the memory this
     # service may use (the machine's or its cgroup's limit, less a reserve) and ``workers``.
     max_worker_memory: int = 0
     # Seconds a Dask cluster that cannot be reached (its scheduler gone, or no worker left) is
@@ -104,7 +105,7 @@ class WatchSettings:
 
     @property
     def instance_name(self) -> str:
-        from .files import HOST  # noqa: PLC0415
+        from watcher.fs.files import HOST  # noqa: PLC0415
 
         return self.instance.replace("{host}", HOST)
 
@@ -327,7 +328,7 @@ def parse_size(value: Any, where: str) -> int:
 def worker_memory(value: Any, where: str) -> int:
     """``max_worker_memory``: a size (``"1.5 GiB"``, bytes) of at least memory.MIN_CAP, or
     ``"auto"`` / 0 for the default."""
-    from . import memory  # noqa: PLC0415
+    from watcher.imaging import memory  # noqa: PLC0415
 
     if value == "auto":
         return 0

@@ -12,11 +12,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-# What the worker forkserver imports before forking workers: first ``watcher.preload`` (it
+# What the worker forkserver imports before forking workers: first ``watcher.engine.preload`` (it
 # makes the forkserver ignore SIGTERM/SIGINT sent to the process group, and loads Pillow and its
 # default plugins), then the worker loop. The engine asks for the same list (a forkserver serves
 # one preload).
-PRELOAD = ["watcher.preload", "watcher.worker"]
+PRELOAD = ["watcher.engine.preload", "watcher.engine.worker"]
 
 
 # A warnings filter for the helper interpreters multiprocessing starts (the resource tracker,
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] == "watch" and not {"-h", "--help"} & set(args):
         start_forkserver()
-    from .cli import main as cli_main  # noqa: PLC0415
+    from watcher.cli import main as cli_main  # noqa: PLC0415
 
     return cli_main(args)
 

@@ -18,7 +18,7 @@ Every line is one object in JSON mode, whoever logs it, and reaches the file in 
   processors and renderer (``_StdlibHandler``, installed on the root logger when the program has
   configured no handler of its own), and so do exceptions that end a thread;
 - a worker's native libraries, which write to descriptor 2 themselves, are captured by the
-  worker (``watcher.capture``) and logged here as events.
+  worker (``watcher.engine.capture``) and logged here as events.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class _LineLogger:
         self._stream = stream
         self._fd = fd  # given by the caller (a worker's original stderr); else the stream's
         # around a progress bar only when writing to the stream itself (a worker writes to a
-        # descriptor of its own: its stream is read back by watcher.capture, see worker.py)
+        # descriptor of its own: its stream is read back by watcher.engine.capture, see worker.py)
         same = fd < 0 or _fileno(stream) == fd
         self._bar = _BarAwareStream(stream) if same and stream.isatty() else None
 

@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
-from .pil import Image, ImageColor, ImageEnhance, ImageFilter, ImageOps
+from watcher.errors import ConfigError
+from watcher.imaging.pil import Image, ImageColor, ImageEnhance, ImageFilter, ImageOps
 
 Size = tuple[int, int]
 LANCZOS = 1  # Image.Resampling.LANCZOS, without loading Pillow to read it
@@ -35,7 +35,7 @@ def _working(im: Image.Image) -> Image.Image:
     """Bring a rare mode to L/LA/RGB/RGBA so filters and enhancers accept it."""
     if im.mode in ("L", "LA", "RGB", "RGBA"):
         return im
-    from .codec import to_working  # noqa: PLC0415 - the one mode normalisation
+    from watcher.imaging.codec import to_working  # noqa: PLC0415 - the one mode normalisation
 
     return to_working(im, None, "keep", [])
 

@@ -8,7 +8,7 @@ sends each result back on its own pipe. It ignores SIGINT and SIGHUP (the termin
 the whole process group; the supervisor decides), finishes its current task on SIGTERM (and exits
 with EXIT_TERMINATED), and exits when its parent is gone.
 
-Its descriptors 1 and 2 are read back by a thread (``watcher.capture``): what native libraries
+Its descriptors 1 and 2 are read back by a thread (``capture``): what native libraries
 write there (libtiff's messages) becomes a ``codec.message`` event naming the input being
 processed, and is added to that input's result as a warning; the worker's own log lines go to
 the original stderr.
@@ -39,12 +39,13 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
-from . import log, memory
-from .capture import Capture
-from .codec import DecodeLimits
-from .files import Staged, pid_alive
-from .pipeline import Pipeline, Prepared, Processor
-from .tasks import Result, Task
+from watcher import log
+from watcher.engine.capture import Capture
+from watcher.fs.files import Staged, pid_alive
+from watcher.imaging import memory
+from watcher.imaging.codec import DecodeLimits
+from watcher.imaging.pipeline import Pipeline, Prepared, Processor
+from watcher.tasks import Result, Task
 
 # Slot layout (a shared array of doubles, one per worker). SEQ: the task being decoded and
 # encoded, since STARTED. TAKEN: how many of the tasks sent to this worker it has started (it
@@ -118,7 +119,7 @@ class Worker:
 
     def worn(self) -> str | None:
         """Why this worker should end after its task for its memory's sake (see
-        ``watcher.memory``), or None: a task ran out of memory (what is left of the heap is not
+        ``memory``), or None: a task ran out of memory (what is left of the heap is not
         to be trusted), or the resident size stayed above half the cap."""
         if self.processor.exhausted:
             return "a task ran out of memory"
@@ -161,7 +162,7 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
     ``inherited``: descriptors a forked worker inherited from the engine (the engine's ends of
     its own and other workers' pipes), closed first. ``log_setup``: (format, level) of its log
     lines, known before the configuration unpickles. ``keep``: descriptors it holds open until
-    it ends, never used (the daemon's run lock, see ``watcher.runlock``). A committer thread
+    it ends, never used (the daemon's run lock, see ``watcher.engine.runlock``). A committer thread
     that fails ends the process with EXIT_COMMIT_FAILED (see Committer); a main thread that
     raises, with EXIT_MAIN_FAILED (or the code a SystemExit carries), after logging the
     traceback.
@@ -215,7 +216,7 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
 
 
 def _capture(logger: Any, log_setup: tuple[str, str]) -> Capture | None:
-    """Read this worker's descriptors 1 and 2 back (see ``watcher.capture``) and log to the
+    """Read this worker's descriptors 1 and 2 back (see ``watcher.engine.capture``) and log to the
     original stderr; None (logging to stderr as it is) where they cannot be redirected."""
     fmt, level = log_setup
 

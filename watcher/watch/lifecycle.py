@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import safefs
-from .errors import ConfigError
-from .files import (
+from watcher.errors import ConfigError
+from watcher.fs import safefs
+from watcher.fs.files import (
     HOST,
     NAME_MAX,
     TEMP_SUFFIX,
@@ -36,7 +36,7 @@ from .files import (
     temp_name,
     temp_owner,
 )
-from .health import HEARTBEAT
+from watcher.ops.health import HEARTBEAT
 
 SIDECAR = ".error.json"
 RECORD_SUFFIX = ".claim"  # a claim's record, beside it in the work folder

@@ -11,7 +11,7 @@ Two things happen here, once, in the forkserver:
   install their own handlers first thing (``worker.worker_main``); multiprocessing's resource
   tracker ignores SIGTERM and SIGINT by itself.
 - Pillow and the default formats' plugins are loaded, so a worker starts with them (see
-  ``watcher.pil``).
+  ``watcher.imaging.pil``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,6 @@ def shield_forkserver() -> bool:
 
 shield_forkserver()
 
-from .pil import load_plugins  # noqa: E402 - after the signals: a group signal may come early
+from watcher.imaging.pil import load_plugins  # noqa: E402 - after the signals: a group signal may come early
 
 load_plugins()

@@ -247,7 +247,7 @@ def estimate(size: tuple[int, int], mode: str, fmt: str, n_frames: int,
     and its encoder's buffers. ``alpha``: the image has (or gets) an alpha band;
     ``orientation``: its EXIF orientation (a turn is a copy).
     """
-    from . import codec  # noqa: PLC0415 - codec imports Pillow; this module must not
+    from watcher.imaging import codec  # noqa: PLC0415 - codec imports Pillow; this module must not
 
     w, h = size
     px = w * h
@@ -291,7 +291,7 @@ def _pipeline_peak(size: tuple[int, int], bpp: int, p: Any, alpha: bool,
                    turn: bool) -> tuple[float, float, int]:
     """(peak bytes while the steps run, bytes of the final image, its pixels), with the
     pipeline's input not counted (the caller holds it)."""
-    from . import transforms  # noqa: PLC0415
+    from watcher import transforms  # noqa: PLC0415
 
     w, h = size
     cur = 0.0  # bytes of the current image when it is not the pipeline's input

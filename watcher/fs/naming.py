@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable, Iterable
 
-from .files import NAME_MAX, TEMP_SUFFIX, short_name
+from watcher.fs.files import NAME_MAX, TEMP_SUFFIX, short_name
 
 # Room kept in each output name for its temp file's decorations (``.{name}.{host}.{pid}`` and
 # the temp suffix), so temp names shorten only in the rarest cases.

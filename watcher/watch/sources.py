@@ -45,7 +45,8 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
-from . import log, safefs
+from watcher import log
+from watcher.fs import safefs
 
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs", "ceph", "glusterfs",
               "lustre", "afs", "sshfs", "davfs", "vboxsf", "vmhgfs", "prl_fs")
@@ -105,7 +106,7 @@ def _skipped(rel: str, exc: BaseException) -> None:
            errno.EACCES: "permission denied", errno.EPERM: "permission denied",
            errno.EMFILE: "out of file descriptors (a very deep tree?)",
            errno.ENFILE: "out of file descriptors"}.get(err or 0, str(exc))
-    logger = log.get("watcher.sources")
+    logger = log.get("watcher.watch.sources")
     if err in (errno.ENOENT, errno.ENOTDIR):
         logger.debug("scan.folder_skipped", folder=rel, why="vanished" if err == errno.ENOENT
                      else why)

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import IO, Any
 
-from .errors import RejectedInput
-from .pil import Image, ImageCms, ImageColor, UnidentifiedImageError, load_plugins
+from watcher.errors import RejectedInput
+from watcher.imaging.pil import Image, ImageCms, ImageColor, UnidentifiedImageError, load_plugins
 
 
 def ensure_formats(formats: tuple[str, ...]) -> None:
@@ -168,7 +168,7 @@ class InputFile:
         return self._system(os.fstat, self._raw.fileno()).st_size  # type: ignore[no-any-return]
 
     def fileno(self) -> int:
-        raise io.UnsupportedOperation("fileno: the input is read through watcher.codec")
+        raise io.UnsupportedOperation("fileno: the input is read through watcher.imaging.codec")
 
     def seekable(self) -> bool:
         return True

@@ -25,8 +25,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
-from . import safefs
-from .errors import RejectedInput
+from watcher.errors import RejectedInput
+from watcher.fs import safefs
 
 TEMP_SUFFIX = ".watcher-tmp"
 NAME_MAX = 255  # bytes in one file name (Linux file systems, most others)

@@ -36,14 +36,14 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from . import log
-from .codec import DecodeLimits
-from .config import EngineSettings
-from .engine import Engine, EngineError, Stats, _failure
-from .errors import RejectedInput
-from .files import HOST, fsync_dir, publish, remove_dead_temps, temp_name
-from .pipeline import Pipeline
-from .tasks import Result, Task
+from watcher import log
+from watcher.config import EngineSettings
+from watcher.engine.supervisor import Engine, EngineError, Stats, _failure
+from watcher.errors import RejectedInput
+from watcher.fs.files import HOST, fsync_dir, publish, remove_dead_temps, temp_name
+from watcher.imaging.codec import DecodeLimits
+from watcher.imaging.pipeline import Pipeline
+from watcher.tasks import Result, Task
 
 MONITOR_INTERVAL = 1.0  # seconds between looks at the workers' running tasks (timeouts)
 RPC_TIMEOUT = 10.0  # a cluster call that takes longer is skipped this tick, not waited on
@@ -63,11 +63,11 @@ def run_task(task: Task, key: str, digest: str, cfg_bytes: bytes) -> Result:
     """The function the cluster runs: prepare and stage one task; publish nothing."""
     from dataclasses import replace  # noqa: PLC0415
 
-    from . import memory  # noqa: PLC0415
+    from watcher.imaging import memory  # noqa: PLC0415
 
     proc = _PROCESSORS.get(digest)
     if proc is None:
-        from .pipeline import Processor  # noqa: PLC0415
+        from watcher.imaging.pipeline import Processor  # noqa: PLC0415
 
         cfg = pickle.loads(cfg_bytes)  # noqa: S301 - our own coordinator's bytes
         proc = _PROCESSORS[digest] = Processor(cfg["pipelines"], cfg["limits"],
@@ -148,7 +148,7 @@ def check_worker(digest: str, cfg_bytes: bytes) -> str:
     """Run on each worker at start: the pipelines must unpickle (their transforms import)."""
     _quiet_polls()
     cfg = pickle.loads(cfg_bytes)  # noqa: S301
-    from .pipeline import Processor  # noqa: PLC0415
+    from watcher.imaging.pipeline import Processor  # noqa: PLC0415
 
     _PROCESSORS[digest] = Processor(cfg["pipelines"], cfg["limits"], cfg.get("memory_cap", 0))
     return HOST
@@ -212,7 +212,7 @@ class DaskEngine:
         self._rpc = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dask-rpc")
         self._look: concurrent.futures.Future[Any] | None = None
         self.stats = Stats()
-        self._log = log.get("watcher.cluster")
+        self._log = log.get("watcher.engine.cluster")
         self._log_level = log_level
         # Outages: since when (this clock) the scheduler cannot be reached, or the cluster has
         # no worker while tasks wait; a reconnection in progress (its own thread: a connect
@@ -270,7 +270,7 @@ class DaskEngine:
         """Whether the process ``pid`` of ``host`` that a temp file names is gone: on this host,
         when it no longer runs; on a host of the cluster, when it is none of its workers now
         (only cluster workers write there for a cluster's tasks); elsewhere, not known (no)."""
-        from .files import running  # noqa: PLC0415
+        from watcher.fs.files import running  # noqa: PLC0415
 
         if host == HOST:
             return not running(pid)
@@ -832,7 +832,7 @@ def _absolute(task: Task) -> Task:
     """``task`` with every path absolute, as this process sees it."""
     from dataclasses import replace  # noqa: PLC0415
 
-    from .tasks import OutputPlan  # noqa: PLC0415
+    from watcher.tasks import OutputPlan  # noqa: PLC0415
 
     return replace(task, path=os.path.abspath(task.path),
                    outputs=tuple(OutputPlan(o.pipeline, os.path.abspath(o.path))
@@ -855,8 +855,8 @@ def _remove_all_temps(finals: list[str], min_age: float = 0.0) -> None:
     """Temp files any attempt left for these outputs (workers that died, tasks run twice),
     untouched for ``min_age`` seconds. One directory scan per folder, by descriptor (a folder
     of the path swapped for a link is not entered)."""
-    from . import safefs  # noqa: PLC0415
-    from .files import temp_owner  # noqa: PLC0415
+    from watcher.fs import safefs  # noqa: PLC0415
+    from watcher.fs.files import temp_owner  # noqa: PLC0415
 
     by_folder: dict[str, set[str]] = {}
     for final in finals:

@@ -27,19 +27,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from . import batch, files, health, lifecycle, log, naming, runlock, safefs, sources
-from .config import Settings
-from .engine import create_engine
-from .errors import TRANSIENT_REASONS, ConfigError
-from .lifecycle import Claim, Folders, NotClaimed
-from .metrics import Metrics, MetricsServer
-from .naming import OutputNames
-from .notify import Notifier
-from .pipeline import Pipeline
-from .tasks import OutputPlan, Result, Task
+from watcher import batch, log
+from watcher.config import Settings
+from watcher.engine import runlock
+from watcher.engine.supervisor import create_engine
+from watcher.errors import TRANSIENT_REASONS, ConfigError
+from watcher.fs import files, naming, safefs
+from watcher.fs.naming import OutputNames
+from watcher.imaging.pipeline import Pipeline
+from watcher.ops import health
+from watcher.ops.metrics import Metrics, MetricsServer
+from watcher.ops.notify import Notifier
+from watcher.tasks import OutputPlan, Result, Task
+from watcher.watch import lifecycle, sources
+from watcher.watch.lifecycle import Claim, Folders, NotClaimed
 
 if TYPE_CHECKING:
-    from .cluster import AnyEngine
+    from watcher.engine.cluster import AnyEngine
 
 TICK = 0.25  # longest wait between ticks; events, results and signals wake the loop sooner
 # Failures not the input's fault, after each of which other inputs succeeded: this many, and the
@@ -57,7 +61,7 @@ class Daemon:
         self.folders = _folders(self.settings)
         self._log_format = log_format
         self._log_level = log_level
-        self._log = log.get("watcher.daemon")
+        self._log = log.get("watcher.watch.daemon")
         self.engine: AnyEngine | None = None
         self._draining: list[AnyEngine] = []
         self.claims: dict[int, Claim] = {}  # claimed, not yet decided
@@ -128,7 +132,7 @@ class Daemon:
     def run(self) -> int:
         ws = self.settings.watch
         self.folders.check()
-        self._runlock = runlock.acquire(self.folders)  # held for the run (see watcher.runlock)
+        self._runlock = runlock.acquire(self.folders)  # held for the run (see engine.runlock)
         for path in lifecycle.remove_stale_temps(self.folders,
                                                  stale_mine=runlock.stale(self._runlock)):
             self._log.info("file.temp_removed", path=path, why="left by a process that is gone")

@@ -20,12 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import codec, memory, transforms
-from .codec import DecodeLimits, OutputOptions, Source
-from .errors import RejectedInput
-from .files import Staged, fsync_dir, sync_files
-from .pil import Image
-from .tasks import Result, Task
+from watcher import transforms
+from watcher.errors import RejectedInput
+from watcher.fs.files import Staged, fsync_dir, sync_files
+from watcher.imaging import codec, memory
+from watcher.imaging.codec import DecodeLimits, OutputOptions, Source
+from watcher.imaging.pil import Image
+from watcher.tasks import Result, Task
 
 Size = tuple[int, int]
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
@@ -157,7 +158,7 @@ class Processor:
     """Turns tasks into results with a fixed set of pipelines (what a worker holds).
 
     ``memory_cap`` (bytes, 0: none) is the worker's ``max_worker_memory``: an input whose
-    estimate (``watcher.memory``) does not fit in it is refused as ``too-large`` before it is
+    estimate (``memory``) does not fit in it is refused as ``too-large`` before it is
     decoded. ``exhausted`` is set once a task ran out of memory (the worker should end).
     """
 

@@ -46,15 +46,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from . import log, memory, runlock
-from .codec import DecodeLimits
-from .config import EngineSettings
-from .errors import WatcherError
-from .files import remove_temps
-from .launch import PRELOAD, start_helpers
-from .pipeline import Pipeline
-from .tasks import Result, Task
-from .worker import (
+from watcher import log
+from watcher.config import EngineSettings
+from watcher.engine import runlock
+from watcher.engine.worker import (
     COMMIT_FROM,
     COMMIT_SEQ,
     COMMIT_STARTED,
@@ -74,6 +69,13 @@ from .worker import (
     WorkerConfig,
     worker_main,
 )
+from watcher.errors import WatcherError
+from watcher.fs.files import remove_temps
+from watcher.imaging import memory
+from watcher.imaging.codec import DecodeLimits
+from watcher.imaging.pipeline import Pipeline
+from watcher.launch import PRELOAD, start_helpers
+from watcher.tasks import Result, Task
 
 # How many tasks a worker holds at once: the one it processes, the ones its committer thread
 # gathers into a commit group (about GROUP_WAIT seconds of work, at most GROUP_MAX) and
@@ -91,7 +93,7 @@ LOCK_WAIT = 1.0  # seconds to wait for a worker's slot lock (a worker killed hol
 
 
 if TYPE_CHECKING:
-    from .cluster import AnyEngine
+    from watcher.engine.cluster import AnyEngine
 
 
 class EngineError(WatcherError):
@@ -173,7 +175,7 @@ class Engine:
         self._poller = select.poll()
         self._fds: dict[int, _Slot | None] = {}
         self.stats = Stats()
-        self._log = log.get("watcher.engine")
+        self._log = log.get("watcher.engine.supervisor")
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -733,7 +735,7 @@ def create_engine(settings: EngineSettings, pipelines: Mapping[str, Pipeline],
     and the libraries it needs, is imported only then)."""
     if settings.executor == "local":
         return Engine(settings, pipelines, limits, **kw)
-    from .cluster import DaskEngine  # noqa: PLC0415
+    from watcher.engine.cluster import DaskEngine  # noqa: PLC0415
 
     engine = DaskEngine(settings, pipelines, limits, **kw)
     log.adopt_stream_handlers()  # distributed's own plain-text handlers: ours render its lines
