@@ -20,9 +20,9 @@ from tests.conftest import make_image
 from tests.test_fuzz import grey_png_bomb, make_seeds
 from watcher import batch, config
 from watcher.errors import REASONS, TRANSIENT_REASONS
-from watcher.imaging import codec, pipeline
+from watcher.imaging import codec, encode, inputfile
 from watcher.imaging.codec import DecodeLimits, OutputOptions
-from watcher.imaging.pipeline import Processor
+from watcher.imaging.processor import Processor
 from watcher.samples import picture
 from watcher.tasks import OutputPlan, Result, Task
 
@@ -35,7 +35,8 @@ def _run(src: Path, out: Path, *, fmt: str = "same", frames: str = "first",
     out.mkdir(exist_ok=True)
     ext = batch.output_ext(p.output, str(src), limits.formats)
     target = out / (name or f"{src.stem}_p{ext}")
-    return Processor({"p": p}, limits).run(Task(1, str(src), (OutputPlan("p", str(target)),)))
+    return Processor({"p": p}, limits).run(
+        Task(seq=1, path=str(src), outputs=(OutputPlan(pipeline="p", path=str(target)),)))
 
 
 def _permanent(r: Result, reason: str) -> None:
@@ -159,16 +160,16 @@ def test_a_read_that_fails_midway_is_io_error_and_the_same_bytes_cut_there_are_n
     src = tmp_path / name
     data = make_seeds()[name]
     src.write_bytes(data)
-    real = codec.open_regular
+    real = inputfile.open_regular
 
     def failing(path: str, **kw: Any) -> tuple[Any, int]:
         f, size = real(path, **kw)
         return _Failing(f.detach()), size  # the same descriptor, read through _Failing
 
-    monkeypatch.setattr(codec, "open_regular", failing)
+    monkeypatch.setattr(inputfile, "open_regular", failing)
     r = _run(src, tmp_path / "out")
     assert not r.ok and r.reason == "io-error", (r.reason, r.error)
-    monkeypatch.setattr(codec, "open_regular", real)
+    monkeypatch.setattr(inputfile, "open_regular", real)
     cut = tmp_path / f"cut-{name}"
     cut.write_bytes(data[:_Failing.limit])
     r = _run(cut, tmp_path / "out")
@@ -176,7 +177,7 @@ def test_a_read_that_fails_midway_is_io_error_and_the_same_bytes_cut_there_are_n
 
 
 def test_an_errno_from_the_parser_is_the_data_s_fault(tmp_path: Path) -> None:
-    f = codec.InputFile(open(make_image(tmp_path / "a.png"), "rb"))  # noqa: SIM115
+    f = inputfile.InputFile(open(make_image(tmp_path / "a.png"), "rb"))  # noqa: SIM115
     try:
         with pytest.raises(ValueError, match="negative"):
             f.seek(-5)
@@ -198,13 +199,14 @@ class _FullDisk(io.BytesIO):
 
 def _source() -> tuple[list[tuple[Image.Image, int]], codec.Source]:
     im = picture(64, 48)
-    return [(im, 0)], codec.Source(im, "PNG", im.size, 1, 0, None, None, None)
+    return [(im, 0)], codec.Source(image=im, format="PNG", size=im.size, n_frames=1, bytes_in=0,
+                                   icc=None, exif=None, xmp=None)
 
 
 def test_an_errno_from_the_output_file_is_write_failed() -> None:
     images, src = _source()
     with pytest.raises(OSError, match="No space left") as caught:
-        pipeline._encode(images, _FullDisk(), "PNG", OutputOptions(), src, False, [], "x.png")
+        encode.encode(images, _FullDisk(), "PNG", OutputOptions(), src, False, [], "x.png")
     assert caught.value.errno == errno.ENOSPC
 
 
@@ -215,19 +217,20 @@ def test_an_encoder_error_is_encode_failed_even_with_an_errno(
     def save(*args: Any, **kw: Any) -> None:  # an encoder that reports EINVAL of its own
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr(codec, "save", save)
-    with pytest.raises(pipeline._EncodeError):
-        pipeline._encode(images, io.BytesIO(), "PNG", OutputOptions(), src, False, [], "x.png")
+    monkeypatch.setattr(encode, "save", save)
+    with pytest.raises(encode.EncodeError):
+        encode.encode(images, io.BytesIO(), "PNG", OutputOptions(), src, False, [], "x.png")
 
 
 def test_the_worker_refuses_a_hard_linked_input_on_its_open_descriptor(tmp_path: Path) -> None:
     src = make_image(tmp_path / "a.png")
     os.link(src, tmp_path / "other-name.png")  # two links: its data may be a file elsewhere
     proc = Processor({"p": config.pipeline_from(["grayscale"], "p", "p")}, DecodeLimits())
-    out = OutputPlan("p", str(tmp_path / "out" / "a_p.png"))
-    r = proc.run(Task(1, str(src), (out,), nofollow=True, max_links=1))
+    out = OutputPlan(pipeline="p", path=str(tmp_path / "out" / "a_p.png"))
+    r = proc.run(Task(seq=1, path=str(src), outputs=(out,), nofollow=True, max_links=1))
     assert (r.ok, r.reason) == (False, "hard-link") and not Path(out.path).exists()
-    ok = proc.run(Task(2, str(src), (out,), nofollow=True))  # batch mode: no link limit
+    # batch mode: no link limit
+    ok = proc.run(Task(seq=2, path=str(src), outputs=(out,), nofollow=True))
     assert ok.ok, ok
 
 

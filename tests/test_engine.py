@@ -49,7 +49,8 @@ def slow(path: Path, seconds: float) -> Path:
 
 
 def tasks_for(paths: list[Path], out: Path) -> list[Task]:
-    return [Task(i, str(p), (OutputPlan("p", str(out / f"{p.stem}_p.png")),))
+    return [Task(seq=i, path=str(p),
+                 outputs=(OutputPlan(pipeline="p", path=str(out / f"{p.stem}_p.png")),))
             for i, p in enumerate(paths)]
 
 
@@ -167,7 +168,7 @@ def test_idle_worker_killed_from_outside_is_replaced_and_work_goes_on(
         victim = e.pids[0]
         os.kill(victim, signal.SIGKILL)  # idle: waiting on its task pipe
         more = tasks_for(images[2:], tmp_path / "out2")
-        more = [Task(t.seq + 100, t.path, t.outputs) for t in more]
+        more = [Task(seq=t.seq + 100, path=t.path, outputs=t.outputs) for t in more]
         results = run_all(e, more, timeout=30)
     finally:
         e.close()
@@ -268,7 +269,7 @@ def test_duplicate_result_is_dropped(tmp_path: Path, images: list[Path]) -> None
     try:
         task = tasks_for(images[:1], tmp_path / "out")[0]
         first = run_all(e, [task])
-        late = Result(task.seq, task.path, True)
+        late = Result(seq=task.seq, path=task.path, ok=True)
         assert e._accept(late) is None
     finally:
         e.close()

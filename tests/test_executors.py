@@ -108,8 +108,9 @@ def test_a_file_that_kills_every_worker_is_charged_worker_crashed(
     try:
         results = run_all(e, tasks_for([*images, bad], tmp_path / "out"))
         # the cluster (or the pool) still serves other files afterwards
-        more = [Task(t.seq + 100, t.path, (OutputPlan("p", str(tmp_path / "more" /
-                                                             f"{Path(t.path).stem}.png")),))
+        more = [Task(seq=t.seq + 100, path=t.path,
+                     outputs=(OutputPlan(pipeline="p", path=str(tmp_path / "more" /
+                                                                f"{Path(t.path).stem}.png")),))
                 for t in tasks_for(images[:2], tmp_path)]
         again = run_all(e, more)
     finally:
@@ -152,8 +153,9 @@ def test_hung_task_times_out_and_its_worker_is_replaced(executor: str, tmp_path:
     e.start()
     try:
         results = run_all(e, tasks_for([bad, *images], tmp_path / "out"))
-        after = run_all(e, [Task(50, str(images[0]),
-                                 (OutputPlan("p", str(tmp_path / "after.png")),))])
+        after = run_all(e, [Task(seq=50, path=str(images[0]),
+                                 outputs=(OutputPlan(pipeline="p",
+                                                     path=str(tmp_path / "after.png")),))])
     finally:
         e.close()
     r = results[str(bad)]

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from watcher.errors import RejectedInput
-from watcher.fs import files
+from watcher.fs import durable, files, staging
 
 
 def test_atomic_write_publishes_complete_file(tmp_path: Path) -> None:
     final = tmp_path / "sub" / "out.bin"
-    n = files.atomic_write(str(final), lambda f: f.write(b"x" * 1000), overwrite=False)
+    n = staging.atomic_write(str(final), lambda f: f.write(b"x" * 1000), overwrite=False)
     assert n == 1000 and final.read_bytes() == b"x" * 1000
     assert [p.name for p in final.parent.iterdir()] == ["out.bin"]
 
@@ -31,7 +31,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        files.atomic_write(str(final), boom, overwrite=False)
+        staging.atomic_write(str(final), boom, overwrite=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -39,7 +39,7 @@ def test_no_clobber_refuses_different_content(tmp_path: Path) -> None:
     final = tmp_path / "out.bin"
     final.write_bytes(b"theirs")
     with pytest.raises(RejectedInput) as e:
-        files.atomic_write(str(final), lambda f: f.write(b"mine"), overwrite=False)
+        staging.atomic_write(str(final), lambda f: f.write(b"mine"), overwrite=False)
     assert e.value.reason == "output-conflict"
     assert final.read_bytes() == b"theirs"
     assert list(tmp_path.iterdir()) == [final]
@@ -48,25 +48,25 @@ def test_no_clobber_refuses_different_content(tmp_path: Path) -> None:
 def test_no_clobber_accepts_identical_content(tmp_path: Path) -> None:
     final = tmp_path / "out.bin"
     final.write_bytes(b"same")
-    files.atomic_write(str(final), lambda f: f.write(b"same"), overwrite=False)
+    staging.atomic_write(str(final), lambda f: f.write(b"same"), overwrite=False)
     assert final.read_bytes() == b"same"
 
 
 def test_overwrite_replaces(tmp_path: Path) -> None:
     final = tmp_path / "out.bin"
     final.write_bytes(b"old")
-    files.atomic_write(str(final), lambda f: f.write(b"new"), overwrite=True)
+    staging.atomic_write(str(final), lambda f: f.write(b"new"), overwrite=True)
     assert final.read_bytes() == b"new"
 
 
 KILLER = """
 import os, signal, sys
-from watcher.fs import files
+from watcher.fs import staging
 def write(f):
     f.write(b"a" * int(sys.argv[2]))
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
-files.atomic_write(sys.argv[1], write, overwrite=True)
+staging.atomic_write(sys.argv[1], write, overwrite=True)
 """
 
 
@@ -81,7 +81,7 @@ def test_kill_9_mid_write_leaves_no_visible_output(tmp_path: Path) -> None:
     # Past the in-memory limit the output is being written to its temp file when killed.
     final = tmp_path / "out.jpg"
     final.write_bytes(b"previous good result")
-    kill_mid_write(final, files.SPOOL_LIMIT + 100_000)
+    kill_mid_write(final, staging.SPOOL_LIMIT + 100_000)
     assert final.read_bytes() == b"previous good result"  # never a partial file under the name
     leftovers = [p.name for p in tmp_path.iterdir() if p != final]
     assert len(leftovers) == 1 and leftovers[0].startswith(".out.jpg.")  # hidden temp only
@@ -106,13 +106,13 @@ def test_output_is_encoded_in_memory_and_spills_past_the_limit(tmp_path: Path) -
     def write(f: object) -> None:
         f.write(b"x" * 1000)  # type: ignore[attr-defined]
         seen.append(any(tmp_path.iterdir()))  # no file yet: the committer creates it
-        f.write(b"y" * files.SPOOL_LIMIT)  # type: ignore[attr-defined]
+        f.write(b"y" * staging.SPOOL_LIMIT)  # type: ignore[attr-defined]
         seen.append(any(p.name.endswith(files.TEMP_SUFFIX) for p in tmp_path.iterdir()))
         f.seek(0)  # type: ignore[attr-defined]
         f.write(b"z")  # type: ignore[attr-defined]
 
-    st = files.Staged(str(tmp_path / "big.bin"), write)
-    assert seen == [False, True] and st.size == 1000 + files.SPOOL_LIMIT
+    st = staging.Staged(str(tmp_path / "big.bin"), write)
+    assert seen == [False, True] and st.size == 1000 + staging.SPOOL_LIMIT
     assert st.commit(overwrite=False) == st.size
     data = (tmp_path / "big.bin").read_bytes()
     assert len(data) == st.size and data[:2] == b"zx" and data[-1:] == b"y"
@@ -136,14 +136,15 @@ def _noise_task(tmp_path: Path, out_dir: Path) -> tuple[Any, Any]:
 
     from watcher import config
     from watcher.imaging.codec import DecodeLimits
-    from watcher.imaging.pipeline import Processor
+    from watcher.imaging.processor import Processor
     from watcher.tasks import OutputPlan, Task
 
     src = tmp_path / "noise.png"
     Image.frombytes("RGB", (512, 512), os.urandom(512 * 512 * 3)).save(src)  # ~800 kB as PNG
     p = config.pipeline_from(["grayscale"], "p", "p")
     proc = Processor({"p": p}, DecodeLimits())
-    return proc, Task(1, str(src), (OutputPlan("p", str(out_dir / "noise_p.png")),))
+    return proc, Task(seq=1, path=str(src),
+                      outputs=(OutputPlan(pipeline="p", path=str(out_dir / "noise_p.png")),))
 
 
 @pytest.fixture
@@ -185,7 +186,7 @@ def _group(tmp_path: Path, out_dir: Path, names: list[str], *, overwrite: bool =
     from tests.conftest import make_image
     from watcher import config
     from watcher.imaging.codec import DecodeLimits
-    from watcher.imaging.pipeline import Processor
+    from watcher.imaging.processor import Processor
     from watcher.tasks import OutputPlan, Task
 
     proc = Processor({"p": config.pipeline_from(["grayscale"], "p", "p")}, DecodeLimits())
@@ -197,7 +198,8 @@ def _group(tmp_path: Path, out_dir: Path, names: list[str], *, overwrite: bool =
             Image.frombytes("RGB", (512, 512), os.urandom(512 * 512 * 3)).save(src)
         else:
             make_image(src, seed=seq)
-        task = Task(seq, str(src), (OutputPlan("p", str(out_dir / f"{name}_p.png")),),
+        task = Task(seq=seq, path=str(src),
+                    outputs=(OutputPlan(pipeline="p", path=str(out_dir / f"{name}_p.png")),),
                     overwrite=overwrite, sync_dir=False)
         preps.append(proc.prepare(task))
     return proc, preps
@@ -205,13 +207,13 @@ def _group(tmp_path: Path, out_dir: Path, names: list[str], *, overwrite: bool =
 
 def test_a_group_is_made_durable_with_one_syncfs_and_published(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if files._SYNCFS is None:
+    if durable._SYNCFS is None:
         pytest.skip("no syncfs here: each output gets its own fsync")
     out = tmp_path / "out"
     out.mkdir()
     proc, preps = _group(tmp_path, out, ["a", "b", "c", "d"])
     calls = {"syncfs": 0, "fsync": 0}
-    real_syncfs, real_fsync = files._SYNCFS, os.fsync
+    real_syncfs, real_fsync = durable._SYNCFS, os.fsync
 
     def syncfs(fd: int) -> int:  # the real call, counted
         calls["syncfs"] += 1
@@ -221,10 +223,10 @@ def test_a_group_is_made_durable_with_one_syncfs_and_published(
         calls["fsync"] += 1
         real_fsync(fd)
 
-    monkeypatch.setattr(files, "_SYNCFS", syncfs)
+    monkeypatch.setattr(durable, "_SYNCFS", syncfs)
     monkeypatch.setattr(os, "fsync", fsync)
     # however much other programs have left unwritten on this machine just now
-    monkeypatch.setattr(files, "OTHERS_DIRTY_LIMIT", 1 << 62)
+    monkeypatch.setattr(durable, "OTHERS_DIRTY_LIMIT", 1 << 62)
     results = proc.commit_many(preps)
     assert [r.ok for r in results] == [True] * 4
     assert [r.seq for r in results] == [0, 1, 2, 3]
@@ -272,7 +274,7 @@ def test_when_the_group_sync_fails_each_file_is_fsynced_to_find_the_bad_one(
             raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
 
-    monkeypatch.setattr(files, "_SYNCFS", lambda fd: -1)
+    monkeypatch.setattr(durable, "_SYNCFS", lambda fd: -1)
     monkeypatch.setattr(os, "fsync", fsync)
     results = proc.commit_many(preps)
     assert [r.ok for r in results] == [True, False, True]
@@ -282,12 +284,12 @@ def test_when_the_group_sync_fails_each_file_is_fsynced_to_find_the_bad_one(
 
 def test_sync_files_without_syncfs_fsyncs_each_file(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(files, "_SYNCFS", None)
+    monkeypatch.setattr(durable, "_SYNCFS", None)
     synced: list[int] = []
     monkeypatch.setattr(os, "fsync", synced.append)
     fds = [os.open(tmp_path / f"{i}", os.O_CREAT | os.O_WRONLY) for i in range(3)]
     try:
-        assert files.sync_files(fds) == [None, None, None]
+        assert durable.sync_files(fds) == [None, None, None]
         assert synced == fds
     finally:
         for fd in fds:
@@ -312,8 +314,8 @@ def test_with_much_else_unwritten_a_group_gets_an_fsync_per_file(
 
     # 1 GiB of other programs' data waiting to be written (read from /proc/meminfo, faked):
     # syncfs would write it all before returning
-    monkeypatch.setattr(files, "unwritten_bytes", lambda: 1 << 30)
-    monkeypatch.setattr(files, "_SYNCFS", syncfs)
+    monkeypatch.setattr(durable, "unwritten_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(durable, "_SYNCFS", syncfs)
     monkeypatch.setattr(os, "fsync", fsync)
     results = proc.commit_many(preps)
     assert [r.ok for r in results] == [True] * 3
@@ -327,7 +329,7 @@ def test_unwritten_bytes_reads_the_page_cache_figures() -> None:
     fields = dict(line.split(":", 1) for line in text.splitlines())
     expected = sum(int(fields[k].split()[0]) * 1024 for k in ("Dirty", "Writeback"))
     # both are read at about the same moment; the kernel's figures move a little meanwhile
-    assert abs(files.unwritten_bytes() - expected) <= 64 * 1024 * 1024
+    assert abs(durable.unwritten_bytes() - expected) <= 64 * 1024 * 1024
 
 
 @pytest.mark.parametrize("name", ["a.jpg", "i" * 226 + ".jpg", "t" * 251 + ".jpg",
@@ -350,7 +352,7 @@ def test_temp_names_fit_name_max_and_keep_host_and_pid(tmp_path: Path, name: str
 
 def test_a_long_name_is_written_atomically_and_no_temp_is_left(tmp_path: Path) -> None:
     final = tmp_path / ("o" * 251 + ".bin")
-    files.atomic_write(str(final), lambda f: f.write(b"data"), overwrite=False)
+    staging.atomic_write(str(final), lambda f: f.write(b"data"), overwrite=False)
     assert final.read_bytes() == b"data"
     assert [p.name for p in tmp_path.iterdir()] == [final.name]
     assert files.remove_temps([str(final)], os.getpid()) == []

@@ -47,7 +47,8 @@ from watcher import batch, config
 from watcher.errors import REASONS, TRANSIENT_REASONS
 from watcher.imaging import memory
 from watcher.imaging.codec import DecodeLimits, OutputOptions
-from watcher.imaging.pipeline import Pipeline, Processor
+from watcher.imaging.pipeline import Pipeline
+from watcher.imaging.processor import Processor
 from watcher.samples import picture
 from watcher.tasks import OutputPlan, Task
 
@@ -526,10 +527,10 @@ def plan_task(seq: int, path: str, pipes: dict[str, Pipeline], out_dir: str,
               limits: DecodeLimits) -> Task:
     """The task the batch planner would make (output names from ``batch.output_ext``)."""
     stem = os.path.splitext(os.path.basename(path))[0]
-    outputs = tuple(OutputPlan(p.name, os.path.join(
+    outputs = tuple(OutputPlan(pipeline=p.name, path=os.path.join(
         out_dir, f"{stem}_{p.suffix}{batch.output_ext(p.output, path, limits.formats)}"))
         for p in pipes.values())
-    return Task(seq, path, outputs, overwrite=True, sync_dir=False)
+    return Task(seq=seq, path=path, outputs=outputs, overwrite=True, sync_dir=False)
 
 
 def check_outputs(paths: tuple[str, ...]) -> str:

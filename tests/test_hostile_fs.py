@@ -28,7 +28,7 @@ from tests.test_watch import Daemon, assert_no_temps, files
 from watcher.errors import RejectedInput
 from watcher.fs import safefs
 from watcher.fs.files import HOST, NAME_MAX, PATH_MAX, remove_output
-from watcher.imaging.codec import open_regular
+from watcher.imaging.inputfile import open_regular
 from watcher.watch import lifecycle, sources
 
 FOLDERS = ("inbox", "processed", "archive", "quarantine", "work")

@@ -17,7 +17,8 @@ from tests.iccgen import rgb_profile
 from watcher import config
 from watcher.imaging import codec
 from watcher.imaging.codec import DecodeLimits, OutputOptions
-from watcher.imaging.pipeline import Pipeline, Processor, plan_shrink
+from watcher.imaging.pipeline import Pipeline, plan_shrink
+from watcher.imaging.processor import Processor
 from watcher.samples import picture
 from watcher.tasks import OutputPlan, Task
 
@@ -32,7 +33,9 @@ def pipe(*steps: Any, name: str = "p", **opts: Any) -> Pipeline:
 def run(src: Path, out: Path, pipeline: Pipeline, limits: DecodeLimits | None = None,
         nofollow: bool = False) -> Any:
     proc = Processor({pipeline.name: pipeline}, limits or DecodeLimits())
-    return proc.run(Task(1, str(src), (OutputPlan(pipeline.name, str(out)),), nofollow=nofollow))
+    return proc.run(Task(seq=1, path=str(src),
+                         outputs=(OutputPlan(pipeline=pipeline.name, path=str(out)),),
+                         nofollow=nofollow))
 
 
 def px(path: Path, xy: tuple[int, int] = (0, 0)) -> Any:

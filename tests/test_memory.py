@@ -99,7 +99,8 @@ PROBE = textwrap.dedent("""
     from watcher import config
     from watcher.imaging import memory
     from watcher.imaging.codec import DecodeLimits
-    from watcher.imaging.pipeline import Pipeline, Processor
+    from watcher.imaging.pipeline import Pipeline
+    from watcher.imaging.processor import Processor
     from watcher.tasks import OutputPlan, Task
     from PIL import Image
     src, ops, fmt, frames = sys.argv[1:5]
@@ -108,7 +109,8 @@ PROBE = textwrap.dedent("""
     opts = config.output_options({"format": fmt, "frames": frames, "lossless": lossless,
                                   "quality": 100}, "o")
     steps = [config.parse_step(x, "ops") for x in config.split_ops(ops)] if ops else []
-    p = config.pipeline_from(steps, "p", "x", opts) if steps else Pipeline("p", (), "x", opts)
+    p = config.pipeline_from(steps, "p", "x", opts) if steps else \\
+        Pipeline(name="p", steps=(), suffix="x", output=opts)
     ext = {"jpeg": ".jpg", "webp": ".webp", "png": ".png", "avif": ".avif", "gif": ".gif"}[fmt]
     proc = Processor({"p": p}, DecodeLimits(), memory_cap=64 * 2**30)
     seen = {}
@@ -120,7 +122,8 @@ PROBE = textwrap.dedent("""
     Image.open(src).close()
     base = memory.rss()
     out = os.path.join(tempfile.mkdtemp(), "o" + ext)
-    r = proc.run(Task(1, src, (OutputPlan("p", out),), overwrite=True))
+    r = proc.run(Task(seq=1, path=src, outputs=(OutputPlan(pipeline="p", path=out),),
+                      overwrite=True))
     # VmHWM, not ru_maxrss: that one keeps the peak of the process image before exec (pytest)
     hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     peak = int(hwm.split()[1]) * 1024 - base
@@ -266,12 +269,15 @@ def test_an_encoder_out_of_memory_under_the_ceiling_is_too_large(tmp_path: Path)
         from watcher import config
         from watcher.imaging import memory
         from watcher.imaging.codec import DecodeLimits
-        from watcher.imaging.pipeline import Pipeline, Processor
+        from watcher.imaging.pipeline import Pipeline
+        from watcher.imaging.processor import Processor
         from watcher.tasks import OutputPlan, Task
         opts = config.output_options({{"format": "webp", "lossless": True}}, "o")
-        proc = Processor({{"p": Pipeline("p", (), "x", opts)}}, DecodeLimits())
+        proc = Processor({{"p": Pipeline(name="p", steps=(), suffix="x", output=opts)}},
+                         DecodeLimits())
         assert memory.set_ceiling(memory.rss() + 60 * 2**20)  # the decode fits, libwebp not
-        r = proc.run(Task(1, {str(src)!r}, (OutputPlan("p", {str(tmp_path / 'o.webp')!r}),)))
+        r = proc.run(Task(seq=1, path={str(src)!r},
+                          outputs=(OutputPlan(pipeline="p", path={str(tmp_path / 'o.webp')!r}),)))
         print(json.dumps({{"reason": r.reason, "error": r.error, "exhausted": proc.exhausted}}))
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

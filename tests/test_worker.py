@@ -14,7 +14,7 @@ from tests.conftest import make_image
 from watcher import config
 from watcher.engine import worker
 from watcher.imaging.codec import DecodeLimits
-from watcher.imaging.pipeline import Processor
+from watcher.imaging.processor import Processor
 from watcher.tasks import OutputPlan, Task
 
 
@@ -25,7 +25,8 @@ def _committer(tmp_path: Path, n: int) -> tuple[worker.Committer, Any, list[Any]
     preps = []
     for i in range(n):
         src = make_image(tmp_path / "in" / f"{i}.png", seed=i)
-        preps.append(proc.prepare(Task(i, str(src), (OutputPlan("p", str(out / f"{i}.png")),))))
+        preps.append(proc.prepare(Task(seq=i, path=str(src), outputs=(
+            OutputPlan(pipeline="p", path=str(out / f"{i}.png")),))))
     recv, send = multiprocessing.Pipe(duplex=False)
     slot = multiprocessing.RawArray("d", worker.SLOT_SIZE)
     return worker.Committer(proc, send, slot, threading.Lock()), recv, preps, out
@@ -78,8 +79,9 @@ def test_a_failing_commit_reports_its_task_ends_the_thread_and_hand_over_does_no
     proc = Processor({"p": config.pipeline_from(["thumbnail(16, 16)"], "p", "p")},
                      DecodeLimits())
     out = tmp_path / "out"
-    preps = [proc.prepare(Task(i, str(make_image(tmp_path / "in" / f"{i}.png", seed=i)),
-                               (OutputPlan("p", str(out / f"{i}.png")),))) for i in range(2)]
+    preps = [proc.prepare(Task(seq=i, path=str(make_image(tmp_path / "in" / f"{i}.png", seed=i)),
+                               outputs=(OutputPlan(pipeline="p", path=str(out / f"{i}.png")),)))
+             for i in range(2)]
     recv, send = multiprocessing.Pipe(duplex=False)
     slot = multiprocessing.RawArray("d", worker.SLOT_SIZE)
     c = worker.Committer(proc, send, slot, threading.Lock(), on_fatal=fatal.append)

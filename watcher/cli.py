@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from watcher import __version__, batch, config, log, transforms
 from watcher.errors import REASONS, ConfigError, ExitCode, WatcherError
-from watcher.imaging import codec
+from watcher.imaging.formats import OUTPUT_FORMATS
 from watcher.launch import start_forkserver
 
 EPILOG = """exit codes:
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='an ad-hoc pipeline, e.g. "auto_orient, thumbnail(128,128)"')
     b.add_argument("--suffix", help="output name suffix (default: the pipeline's; for --ops, "
                                     "the step names joined by '-')")
-    b.add_argument("--format", choices=["same", *codec.OUTPUT_FORMATS],
+    b.add_argument("--format", choices=["same", *OUTPUT_FORMATS],
                    help="output format for this run (overrides the pipelines')")
     b.add_argument("--quality", type=int, metavar="1-100", help="JPEG/WebP/AVIF quality")
     b.add_argument("-c", "--config", metavar="FILE", help="watcher.toml (default: ./watcher.toml "

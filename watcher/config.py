@@ -19,6 +19,7 @@ from watcher import transforms
 from watcher.errors import ConfigError
 from watcher.imaging import codec
 from watcher.imaging.codec import DecodeLimits, OutputOptions
+from watcher.imaging.formats import OUTPUT_FORMATS
 from watcher.imaging.pipeline import Pipeline, Step
 from watcher.transforms import join
 
@@ -159,10 +160,13 @@ def _steps(*ops: str) -> tuple[Step, ...]:
 
 def builtin_pipelines() -> dict[str, Pipeline]:
     return {
-        "thumbnail": Pipeline("thumbnail", _steps("thumbnail(128, 128)"), "thumbnail"),
-        "web": Pipeline("web", _steps("resize(width=1600, height=1600, upscale=False)"), "web",
-                        OutputOptions(format="jpeg", quality=82, progressive=True)),
-        "processed": Pipeline("processed", _steps("grayscale", "resize_half"), "processed"),
+        "thumbnail": Pipeline(name="thumbnail", steps=_steps("thumbnail(128, 128)"),
+                              suffix="thumbnail"),
+        "web": Pipeline(name="web", steps=_steps("resize(width=1600, height=1600, upscale=False)"),
+                        suffix="web",
+                        output=OutputOptions(format="jpeg", quality=82, progressive=True)),
+        "processed": Pipeline(name="processed", steps=_steps("grayscale", "resize_half"),
+                              suffix="processed"),
     }
 
 
@@ -230,7 +234,7 @@ def make_step(name: str, args: Sequence[Any], kwargs: Mapping[str, Any], where: 
     if "." in name and name not in transforms.REGISTRY:
         return _imported_step(name, args, kwargs, where)
     spec = transforms.lookup(name, f"{where}[{name}]" if where else name)
-    return Step(spec.name, spec.bind(tuple(args), kwargs, where))
+    return Step(name=spec.name, params=spec.bind(tuple(args), kwargs, where))
 
 
 def _imported_step(name: str, args: Sequence[Any], kwargs: Mapping[str, Any],
@@ -254,7 +258,7 @@ def _imported_step(name: str, args: Sequence[Any], kwargs: Mapping[str, Any],
     except TypeError as exc:
         raise ConfigError(where, f"bad arguments for {name}: {exc}") from exc
     params = tuple((k, v) for k, v in list(bound.arguments.items())[1:])
-    return Step(step.name, params, func)
+    return Step(name=step.name, params=params, func=func)
 
 
 def step_from_callable(func: Callable[..., Any], where: str) -> Step:
@@ -262,7 +266,7 @@ def step_from_callable(func: Callable[..., Any], where: str) -> Step:
     to be importable top-level functions, so a worker process can load them."""
     spec = transforms.spec_for_callable(func)
     if spec is not None:
-        return Step(spec.name, spec.bind((), {}, where))
+        return Step(name=spec.name, params=spec.bind((), {}, where))
     if isinstance(func, str):
         return parse_step(func, where)
     qual = getattr(func, "__qualname__", "")
@@ -284,7 +288,7 @@ def step_from_callable(func: Callable[..., Any], where: str) -> Step:
     except Exception as exc:
         raise ConfigError(where, f"{qual} cannot be sent to a worker process ({exc}): "
                                  f"{hint}") from exc
-    return Step(f"{module}.{qual}", (), func)
+    return Step(name=f"{module}.{qual}", func=func)
 
 
 def pipeline_from(items: Sequence[Any], name: str = "processed", suffix: str | None = None,
@@ -301,14 +305,14 @@ def pipeline_from(items: Sequence[Any], name: str = "processed", suffix: str | N
             steps.append(step_from_callable(item, where))
     if not steps:
         raise ConfigError("transforms", "no transforms given")
-    return Pipeline(name, tuple(steps), name if suffix is None else suffix,
-                    output or OutputOptions())
+    return Pipeline(name=name, steps=tuple(steps), suffix=name if suffix is None else suffix,
+                    output=output or OutputOptions())
 
 
 # --- watcher.toml -------------------------------------------------------------------------------
 
 _OUTPUT_KEYS = {f.name for f in fields(OutputOptions)}
-_CHOICES = {"format": ("same", *codec.OUTPUT_FORMATS), "metadata": ("strip", "keep", "copyright"),
+_CHOICES = {"format": ("same", *OUTPUT_FORMATS), "metadata": ("strip", "keep", "copyright"),
             "colour": ("srgb", "keep"), "frames": ("first", "all")}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
@@ -407,7 +411,8 @@ def _pipeline(name: str, table: Any, where: str, defaults: OutputOptions) -> Pip
     if not isinstance(suffix, str) or not re.fullmatch(r"[\w.+-]*", suffix):
         raise ConfigError(f"{where}.suffix", f"letters, digits, '_', '-', '.', '+' only, "
                                              f"got {suffix!r}")
-    return Pipeline(name, tuple(steps), suffix, output_options(table, where, defaults))
+    return Pipeline(name=name, steps=tuple(steps), suffix=suffix,
+                    output=output_options(table, where, defaults))
 
 
 def load(path: str | os.PathLike[str] | None, **overrides: Any) -> Settings:

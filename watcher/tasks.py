@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OutputPlan:
     """One output to write: which pipeline makes it and the final path it gets."""
 
@@ -17,7 +17,7 @@ class OutputPlan:
     path: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Task:
     """Process ``path`` with each planned output. ``seq`` is unique per engine run."""
 
@@ -43,7 +43,7 @@ class Task:
         return replace(self, attempt=self.attempt + 1)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Result:
     """What happened to one task. ``ok`` with ``outputs``, or ``reason`` and ``error``."""
 

@@ -35,7 +35,7 @@ def _working(im: Image.Image) -> Image.Image:
     """Bring a rare mode to L/LA/RGB/RGBA so filters and enhancers accept it."""
     if im.mode in ("L", "LA", "RGB", "RGBA"):
         return im
-    from watcher.imaging.codec import to_working  # noqa: PLC0415 - the one mode normalisation
+    from watcher.imaging.colour import to_working  # noqa: PLC0415 - the one mode normalisation
 
     return to_working(im, None, "keep", [])
 

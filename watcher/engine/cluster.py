@@ -40,7 +40,9 @@ from watcher import log
 from watcher.config import EngineSettings
 from watcher.engine.supervisor import Engine, EngineError, Stats, _failure
 from watcher.errors import RejectedInput
-from watcher.fs.files import HOST, fsync_dir, publish, remove_dead_temps, temp_name
+from watcher.fs.durable import fsync_dir
+from watcher.fs.files import HOST, remove_dead_temps, temp_name
+from watcher.fs.staging import publish
 from watcher.imaging.codec import DecodeLimits
 from watcher.imaging.pipeline import Pipeline
 from watcher.tasks import Result, Task
@@ -67,7 +69,7 @@ def run_task(task: Task, key: str, digest: str, cfg_bytes: bytes) -> Result:
 
     proc = _PROCESSORS.get(digest)
     if proc is None:
-        from watcher.imaging.pipeline import Processor  # noqa: PLC0415
+        from watcher.imaging.processor import Processor  # noqa: PLC0415
 
         cfg = pickle.loads(cfg_bytes)  # noqa: S301 - our own coordinator's bytes
         proc = _PROCESSORS[digest] = Processor(cfg["pipelines"], cfg["limits"],
@@ -148,7 +150,7 @@ def check_worker(digest: str, cfg_bytes: bytes) -> str:
     """Run on each worker at start: the pipelines must unpickle (their transforms import)."""
     _quiet_polls()
     cfg = pickle.loads(cfg_bytes)  # noqa: S301
-    from watcher.imaging.pipeline import Processor  # noqa: PLC0415
+    from watcher.imaging.processor import Processor  # noqa: PLC0415
 
     _PROCESSORS[digest] = Processor(cfg["pipelines"], cfg["limits"], cfg.get("memory_cap", 0))
     return HOST
@@ -532,9 +534,10 @@ class DaskEngine:
             tries = self.settings.crash_retries + 1 if self.settings.executor == "dask-local" \
                 else 1
             self._ready.append(Result(
-                task.seq, task.path, False, (), "worker-crashed",
-                f"the worker died processing this input, on every try ({exc})",
-                "KilledWorker", 0.0, pid, max(tries, len(starts))))
+                seq=task.seq, path=task.path, ok=False, reason="worker-crashed",
+                error=f"the worker died processing this input, on every try ({exc})",
+                error_type="KilledWorker", duration=0.0, worker=pid,
+                attempt=max(tries, len(starts))))
             _remove_all_temps([o.path for o in task.outputs])
             self._log.warning("worker.died", held=task.path, worker=pid,
                               host=starts[-1][1] if starts else None, attempts=len(starts),
@@ -600,10 +603,13 @@ class DaskEngine:
             _remove_staged_pairs(pending)
             reason, error = (exc.reason, exc.detail) if isinstance(exc, RejectedInput) \
                 else ("write-failed", str(exc))
-            self._ready.append(Result(task.seq, task.path, False, tuple(written), reason, error,
-                                      type(exc).__name__, result.duration, result.worker,
-                                      task.attempt, result.bytes_in, 0, result.warnings,
-                                      result.peak_rss_kb))
+            self._ready.append(Result(seq=task.seq, path=task.path, ok=False,
+                                      outputs=tuple(written), reason=reason, error=error,
+                                      error_type=type(exc).__name__, duration=result.duration,
+                                      worker=result.worker, attempt=task.attempt,
+                                      bytes_in=result.bytes_in, bytes_out=0,
+                                      warnings=result.warnings,
+                                      peak_rss_kb=result.peak_rss_kb))
             return
         from dataclasses import replace  # noqa: PLC0415
 
@@ -835,7 +841,7 @@ def _absolute(task: Task) -> Task:
     from watcher.tasks import OutputPlan  # noqa: PLC0415
 
     return replace(task, path=os.path.abspath(task.path),
-                   outputs=tuple(OutputPlan(o.pipeline, os.path.abspath(o.path))
+                   outputs=tuple(OutputPlan(pipeline=o.pipeline, path=os.path.abspath(o.path))
                                  for o in task.outputs),
                    root=os.path.abspath(task.root) if task.root else "")
 

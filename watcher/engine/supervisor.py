@@ -713,7 +713,8 @@ def _how(code: int | None, killed: str = "") -> str:
 
 
 def _failure(task: Task, reason: str, error: str, worker: int = 0) -> Result:
-    return Result(task.seq, task.path, False, (), reason, error, "", 0.0, worker, task.attempt)
+    return Result(seq=task.seq, path=task.path, ok=False, reason=reason, error=error,
+                  error_type="", duration=0.0, worker=worker, attempt=task.attempt)
 
 
 def resolve_start_method(method: str) -> str:

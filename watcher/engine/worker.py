@@ -41,10 +41,12 @@ from typing import Any, NoReturn
 
 from watcher import log
 from watcher.engine.capture import Capture
-from watcher.fs.files import Staged, pid_alive
+from watcher.fs.files import pid_alive
+from watcher.fs.staging import Staged
 from watcher.imaging import memory
 from watcher.imaging.codec import DecodeLimits
-from watcher.imaging.pipeline import Pipeline, Prepared, Processor
+from watcher.imaging.pipeline import Pipeline, Prepared
+from watcher.imaging.processor import Processor
 from watcher.tasks import Result, Task
 
 # Slot layout (a shared array of doubles, one per worker). SEQ: the task being decoded and
@@ -618,8 +620,9 @@ def _commit_failure(prep: Prepared, exc: BaseException) -> Result:
         error = f"committing its outputs raised {type(exc).__name__}: {exc}"
         tb = traceback.format_exception(exc)
         notes.append("".join(tb[:1] + tb[1:][-6:]).strip())  # the header, the last frames
-    return Result(task.seq, task.path, False, (), reason, error, type(exc).__name__,
-                  prep.spent, os.getpid(), task.attempt, prep.bytes_in, 0, tuple(notes))
+    return Result(seq=task.seq, path=task.path, ok=False, reason=reason, error=error,
+                  error_type=type(exc).__name__, duration=prep.spent, worker=os.getpid(),
+                  attempt=task.attempt, bytes_in=prep.bytes_in, bytes_out=0, warnings=tuple(notes))
 
 
 def _let_forkserver_go() -> None:

@@ -33,6 +33,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from watcher.imaging.formats import ALPHA_FORMATS, ANIMATED_FORMATS
+
 MiB = 1024 * 1024
 RESERVE = 256 * MiB  # for the daemon (or batch coordinator), the forkserver and the tracker
 MIN_CAP = 128 * MiB  # below this a worker cannot even hold its libraries and one small photo
@@ -247,8 +249,6 @@ def estimate(size: tuple[int, int], mode: str, fmt: str, n_frames: int,
     and its encoder's buffers. ``alpha``: the image has (or gets) an alpha band;
     ``orientation``: its EXIF orientation (a turn is a copy).
     """
-    from watcher.imaging import codec  # noqa: PLC0415 - codec imports Pillow; this module must not
-
     w, h = size
     px = w * h
     decoded = px * stored_bpp(mode)
@@ -264,7 +264,7 @@ def estimate(size: tuple[int, int], mode: str, fmt: str, n_frames: int,
     frames_held = 1
     for p, out_fmt in pipelines:
         animated = (n_frames > 1 and p.output.frames == "all"
-                    and out_fmt in codec.ANIMATED_FORMATS)
+                    and out_fmt in ANIMATED_FORMATS)
         frames = min(n_frames, p.output.max_frames) if animated else 1
         turn = p.output.auto_orient and orientation not in (0, 1)
         step_peak, out_bytes, out_px = _pipeline_peak((w, h), working_bpp, p, alpha, turn)
@@ -273,7 +273,7 @@ def estimate(size: tuple[int, int], mode: str, fmt: str, n_frames: int,
             enc += out_px * _JPEG_CODED
         if out_fmt == "WEBP" and getattr(p.output, "lossless", False):
             enc += out_px * _WEBP_LOSSLESS
-        if alpha and out_fmt not in codec.ALPHA_FORMATS:
+        if alpha and out_fmt not in ALPHA_FORMATS:
             enc += out_px * _FLATTEN
         if frames > 1:
             # every output frame is kept for the encoder; each source frame is decoded into

@@ -16,10 +16,7 @@ from types import ModuleType
 import PIL  # the package itself is a few lines
 from PIL import UnidentifiedImageError
 
-# The plugins of the default formats (all ~40 would cost a worker's start-up ~30 ms);
-# codec.ensure_formats() loads the rest when a config allows another format.
-PLUGINS = ("JpegImagePlugin", "PngImagePlugin", "GifImagePlugin", "BmpImagePlugin",
-           "TiffImagePlugin", "WebPImagePlugin", "AvifImagePlugin")
+from watcher.imaging.formats import DEFAULT_PLUGINS
 
 
 def _lazy(name: str) -> ModuleType:
@@ -50,18 +47,20 @@ _loaded = False
 
 
 def load_plugins() -> None:
-    """Import Pillow and the default formats' plugins now (a worker, before its first image)."""
+    """Import Pillow and the default formats' plugins now (a worker, before its first image).
+
+    Only those: all ~40 would cost a worker's start-up ~30 ms; ``codec.ensure_formats`` loads
+    the rest when a configuration allows another format."""
     global _loaded
     if _loaded:
         return
-    for name in ("Image", "ImageCms", "ImageColor", "ImageOps", *PLUGINS):
+    for name in ("Image", "ImageCms", "ImageColor", "ImageOps", *DEFAULT_PLUGINS):
         # reading any attribute of a lazy module executes it
         getattr(importlib.import_module(f"PIL.{name}"), "__name__", None)
     _loaded = True
 
 
 __all__ = [
-    "PLUGINS",
     "Image",
     "ImageCms",
     "ImageColor",

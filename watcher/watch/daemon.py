@@ -576,13 +576,13 @@ class Daemon:
         recorded = [p for _, p in c.outputs]
         if c.outputs and [n for n, _ in c.outputs] == [p.name for p in pipes] and \
                 self.names.reuse(recorded, c.seq):
-            return tuple(OutputPlan(n, p) for n, p in c.outputs), not c.adopted
+            return tuple(OutputPlan(pipeline=n, path=p) for n, p in c.outputs), not c.adopted
         self.names.release(c.seq)
         rel_dir, name = os.path.split(c.rel)
         stem = os.path.splitext(name)[0]
         folder = os.path.join(self.folders.output, rel_dir)
         formats = self.settings.limits.formats
-        outputs = tuple(OutputPlan(p.name, self.names.claim(
+        outputs = tuple(OutputPlan(pipeline=p.name, path=self.names.claim(
             folder, stem, p.suffix, batch.output_ext(p.output, c.work_path, formats),
             avoid_existing=True, owner=c.seq)) for p in pipes)
         return outputs, False
@@ -606,7 +606,7 @@ class Daemon:
             self._transient(c, "write-failed", f"cannot record the claim: {exc}",
                             {"input": c.rel})
             return
-        task = Task(c.seq, c.work_path, outputs, overwrite=own, nofollow=True,
+        task = Task(seq=c.seq, path=c.work_path, outputs=outputs, overwrite=own, nofollow=True,
                     max_links=1 if self.settings.watch.hard_links == "quarantine" else 0,
                     root=self.folders.output)
         c.seen = _identity(c.work_path)

@@ -25,17 +25,17 @@ from typing import Any
 
 from watcher.errors import ConfigError
 from watcher.fs import safefs
+from watcher.fs.durable import fsync_dir
 from watcher.fs.files import (
     HOST,
     NAME_MAX,
     TEMP_SUFFIX,
-    atomic_write,
-    fsync_dir,
     pid_alive,
     short_name,
     temp_name,
     temp_owner,
 )
+from watcher.fs.staging import atomic_write
 from watcher.ops.health import HEARTBEAT
 
 SIDECAR = ".error.json"
