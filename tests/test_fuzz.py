@@ -4,7 +4,7 @@ Every case is a real file: a valid seed made here with Pillow (every format, mod
 watcher opens), mutated deterministically by a ``random.Random`` (bit flips, byte overwrites,
 truncation, chunk/segment duplication and deletion, junk, splices of two seeds, and targeted
 header edits: sizes bumped to bombs, frame counts, TIFF IFD offsets and counts), plus a fixed
-set of hostile files. Each goes through the real ``Processor`` (watcher.imaging.pipeline) with
+set of hostile files. Each goes through the real ``Processor`` (watcher.imaging.processor) with
 the default limits and pipelines of every output format.
 
 Pass: every case either succeeds (each output exists and decodes) or fails with a documented

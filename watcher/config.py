@@ -346,7 +346,7 @@ def worker_memory(value: Any, where: str) -> int:
 def _typed(value: Any, kind: type, where: str, lo: float | None = None,
            hi: float | None = None) -> Any:
     """Check one scalar setting; ``where`` is its full location."""
-    return transforms.Param("", kind, min=lo, max=hi).check(value, where)
+    return transforms.Param(name="", kind=kind, min=lo, max=hi).check(value, where)
 
 
 def _reject_unknown(table: Mapping[str, Any], known: set[str], where: str) -> None:
@@ -546,7 +546,7 @@ def watch_value(key: str, value: Any, where: str) -> Any:
             value = kind(value.strip())
         except ValueError:
             raise ConfigError(where, f"expected a number, got {value!r}") from None
-    value = transforms.Param("", kind, min=lo, max=hi).check(value, where)
+    value = transforms.Param(name="", kind=kind, min=lo, max=hi).check(value, where)
     if choices and value not in choices:
         raise ConfigError(where, f"expected one of {', '.join(choices)}, got {value!r}")
     if kind is str and not choices and not value.strip():
@@ -606,7 +606,7 @@ def from_environment(s: Settings, env: Mapping[str, str]) -> Settings:
             other[key] = kind(raw.strip())
         except ValueError:
             raise ConfigError(name, f"expected a number, got {raw!r}") from None
-        transforms.Param("", kind, min=0).check(other[key], name)
+        transforms.Param(name="", kind=kind, min=0).check(other[key], name)
     if other:
         try:
             s = apply_overrides(s, **other)

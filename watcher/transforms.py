@@ -261,7 +261,7 @@ def join(where: str, key: str) -> str:
     return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Param:
     """One parameter of a transform: its type, default and allowed range."""
 
@@ -296,7 +296,7 @@ class Param:
         return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TransformSpec:
     """A registered transform.
 
@@ -357,40 +357,42 @@ def _cross_check(name: str, params: dict[str, Any], where: str) -> None:
 
 def _p(name: str, kind: type, default: Any = _REQUIRED, lo: float | None = None,
        hi: float | None = None, optional: bool = False) -> Param:
-    return Param(name, kind, default, lo, hi, optional)
+    return Param(name=name, kind=kind, default=default, min=lo, max=hi, optional=optional)
 
 
 _MAX_SIDE = 1_000_000
 REGISTRY: dict[str, TransformSpec] = {s.name: s for s in (
-    TransformSpec("auto_orient", auto_orient, orients=True),
-    TransformSpec("grayscale", grayscale, luma=True),
-    TransformSpec("resize", resize, (
+    TransformSpec(name="auto_orient", func=auto_orient, orients=True),
+    TransformSpec(name="grayscale", func=grayscale, luma=True),
+    TransformSpec(name="resize", func=resize, params=(
         _p("width", int, None, 1, _MAX_SIDE, optional=True),
         _p("height", int, None, 1, _MAX_SIDE, optional=True),
         _p("scale", float, None, 1e-4, 100.0, optional=True),
         _p("upscale", bool, True)), size=resize_size, gap=1.9),
-    TransformSpec("resize_half", resize_half, size=half_size, gap=1.0),
-    TransformSpec("thumbnail", thumbnail, (
+    TransformSpec(name="resize_half", func=resize_half, size=half_size, gap=1.0),
+    TransformSpec(name="thumbnail", func=thumbnail, params=(
         _p("width", int, 128, 1, _MAX_SIDE), _p("height", int, 128, 1, _MAX_SIDE)),
         size=lambda size, width=128, height=128: fit_size(size, (width, height)), gap=1.9),
-    TransformSpec("crop", crop, (
+    TransformSpec(name="crop", func=crop, params=(
         _p("width", int, lo=1), _p("height", int, lo=1),
         _p("x", int, None, 0, optional=True), _p("y", int, None, 0, optional=True))),
-    TransformSpec("rotate", rotate, (
+    TransformSpec(name="rotate", func=rotate, params=(
         _p("degrees", float, lo=-360.0, hi=360.0), _p("expand", bool, True),
         _p("fill", str, "#000000"))),
-    TransformSpec("flip", flip),
-    TransformSpec("mirror", mirror),
-    TransformSpec("blur", blur, (_p("radius", float, 2.0, 0.0, 250.0),)),
-    TransformSpec("sharpen", sharpen, (
+    TransformSpec(name="flip", func=flip),
+    TransformSpec(name="mirror", func=mirror),
+    TransformSpec(name="blur", func=blur, params=(_p("radius", float, 2.0, 0.0, 250.0),)),
+    TransformSpec(name="sharpen", func=sharpen, params=(
         _p("radius", float, 2.0, 0.0, 250.0), _p("percent", int, 150, 0, 1000),
         _p("threshold", int, 3, 0, 255))),
-    TransformSpec("edge_enhance", edge_enhance, (_p("more", bool, False),)),
-    TransformSpec("find_edges", find_edges),
-    TransformSpec("autocontrast", autocontrast, (_p("cutoff", float, 0.0, 0.0, 49.0),)),
-    TransformSpec("equalize", equalize),
-    TransformSpec("brightness", brightness, (_p("factor", float, 1.0, 0.0, 100.0),)),
-    TransformSpec("contrast", contrast, (_p("factor", float, 1.0, 0.0, 100.0),)),
+    TransformSpec(name="edge_enhance", func=edge_enhance, params=(_p("more", bool, False),)),
+    TransformSpec(name="find_edges", func=find_edges),
+    TransformSpec(name="autocontrast", func=autocontrast,
+                  params=(_p("cutoff", float, 0.0, 0.0, 49.0),)),
+    TransformSpec(name="equalize", func=equalize),
+    TransformSpec(name="brightness", func=brightness,
+                  params=(_p("factor", float, 1.0, 0.0, 100.0),)),
+    TransformSpec(name="contrast", func=contrast, params=(_p("factor", float, 1.0, 0.0, 100.0),)),
 )}
 
 # Other names users know the same steps by.

@@ -76,7 +76,3 @@ class OutputNames:
         if key not in self._owner or self._owner[key] != owner:
             self._owner[key] = owner
             self._held.setdefault(owner, []).append(path)
-
-
-# The name batch mode has always used.
-NameAllocator = OutputNames

@@ -55,8 +55,8 @@ FORMATS: tuple[Format, ...] = (
     Format(name="tiff", pillow="TIFF", plugin="TiffImagePlugin", extension=".tif",
            other_extensions=(".tiff",), alpha=True, animation=True, exif=True,
            signature=rb"II\*\x00|MM\x00\*|II\+\x00|MM\x00\+"),
-    # A JPEG with extra frames, opened by the JPEG plugin (and so never listed itself), written
-    # as a JPEG.
+    # A JPEG with extra frames, opened by the JPEG plugin (and so not listed by default), written
+    # as a JPEG. (Listed in [input] formats, its own plugin also opens one of a single frame.)
     Format(name="mpo", pillow="MPO", plugin="MpoImagePlugin", extension=".jpg", default=False,
            output=False, scalable=True),
 )

@@ -79,7 +79,7 @@ def stored_bpp(mode: str) -> int:
 
 
 def _working_bpp(mode: str) -> int:
-    """Bytes per pixel of the working mode ``codec.to_working`` makes from ``mode``."""
+    """Bytes per pixel of the working mode ``colour.to_working`` makes from ``mode``."""
     return 1 if mode in ("1", "L") else 4
 
 
@@ -222,7 +222,7 @@ def trim() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Need:
     """An estimate: the peak bytes a task needs beyond the worker's baseline, and what for."""
 
@@ -242,7 +242,7 @@ def estimate(size: tuple[int, int], mode: str, fmt: str, n_frames: int,
     """Peak bytes to decode an image of ``size`` (already reduced, for a drafted JPEG) in
     ``mode`` and ``fmt`` and run ``pipelines`` ((Pipeline, output format) pairs) on it.
 
-    The phases follow ``pipeline.Processor``: decode (the image and the decoder's buffers);
+    The phases follow ``processor.Processor``: decode (the image and the decoder's buffers);
     the working copy (a new image unless the mode is L/LA/RGB/RGBA, and one more for a colour
     conversion); then, with the working image held, each pipeline's steps (each step's input
     and output alive together, and their temporaries), its frames when it keeps an animation,
@@ -271,7 +271,7 @@ def estimate(size: tuple[int, int], mode: str, fmt: str, n_frames: int,
         enc = out_px * _ENCODER.get(out_fmt, 2.0)
         if out_fmt == "JPEG" and (p.output.optimize or p.output.progressive):
             enc += out_px * _JPEG_CODED
-        if out_fmt == "WEBP" and getattr(p.output, "lossless", False):
+        if out_fmt == "WEBP" and p.output.lossless:
             enc += out_px * _WEBP_LOSSLESS
         if alpha and out_fmt not in ALPHA_FORMATS:
             enc += out_px * _FLATTEN
@@ -284,7 +284,7 @@ def estimate(size: tuple[int, int], mode: str, fmt: str, n_frames: int,
         else:
             run = max(step_peak, out_bytes + enc)
         peak = max(peak, base + run)
-    return Need(math.ceil(peak), (w, h), mode, frames_held)
+    return Need(peak=math.ceil(peak), size=(w, h), mode=mode, frames=frames_held)
 
 
 def _pipeline_peak(size: tuple[int, int], bpp: int, p: Any, alpha: bool,
