@@ -28,6 +28,7 @@ from watcher.fs.files import fsync_dir, remove_dead_temps, walk_images
 from watcher.fs.naming import OutputNames
 from watcher.imaging import codec
 from watcher.imaging.codec import OutputOptions
+from watcher.imaging.formats import OUTPUT_FORMATS
 from watcher.imaging.pil import Image
 from watcher.imaging.pipeline import Pipeline
 from watcher.tasks import OutputPlan, Result, Task
@@ -147,7 +148,7 @@ def read_list(stream: Iterable[str]) -> list[str]:
 
 def output_ext(opts: OutputOptions, path: str, allowed: Sequence[str]) -> str:
     if opts.format != "same":
-        return codec.EXTENSIONS[codec.OUTPUT_FORMATS[opts.format]]
+        return codec.EXTENSIONS[OUTPUT_FORMATS[opts.format]]
     ext = os.path.splitext(path)[1]
     if ext.lower() in _KEEP_EXT:
         return ext

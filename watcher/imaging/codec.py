@@ -40,6 +40,7 @@ from typing import IO, Any
 
 from watcher.errors import RejectedInput
 from watcher.imaging.pil import Image, ImageCms, ImageColor, UnidentifiedImageError, load_plugins
+from watcher.settings.schema import DecodeLimits, OutputOptions
 
 
 def ensure_formats(formats: tuple[str, ...]) -> None:
@@ -52,9 +53,6 @@ def ensure_formats(formats: tuple[str, ...]) -> None:
 
 # Formats opened by default (Pillow format names). Configurable per run.
 # (MPO, a JPEG with extra frames, is opened by the JPEG plugin.)
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
-OUTPUT_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "avif": "AVIF", "bmp": "BMP",
-                  "tiff": "TIFF", "gif": "GIF"}
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "AVIF": ".avif", "BMP": ".bmp",
               "TIFF": ".tif", "GIF": ".gif", "MPO": ".jpg"}
 # Output formats that store more than one frame.
@@ -62,13 +60,6 @@ ANIMATED_FORMATS = {"GIF", "WEBP", "PNG", "TIFF", "AVIF"}
 ALPHA_FORMATS = {"PNG", "WEBP", "AVIF", "TIFF", "GIF"}
 ORIENTATION = 0x0112
 COPYRIGHT_TAGS = (0x013B, 0x8298)  # Artist, Copyright
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    formats: tuple[str, ...] = DEFAULT_FORMATS
-    pixel_limit: int = 89_478_485  # Pillow's own MAX_IMAGE_PIXELS
-    max_file_size: int = 0  # 0: no limit
 
 
 @dataclass(frozen=True)
@@ -533,29 +524,6 @@ def _convert_rgb(im: Image.Image, profile: ImageCms.ImageCmsProfile,
 
 
 # --- encoding -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """How a pipeline's output is encoded. Validated by config; defaults are the safe ones."""
-
-    format: str = "same"  # same | jpeg | png | webp | avif | bmp | tiff | gif
-    quality: int = 85
-    metadata: str = "strip"  # strip | keep | copyright
-    colour: str = "srgb"  # srgb | keep
-    background: str = "#ffffff"
-    frames: str = "first"  # first | all
-    max_frames: int = 100
-    auto_orient: bool = True
-    optimize: bool = False
-    progressive: bool = False
-    lossless: bool = False
-
-    def output_format(self, input_format: str) -> str:
-        if self.format == "same":
-            return "JPEG" if input_format == "MPO" else (
-                input_format if input_format in EXTENSIONS else "PNG")
-        return OUTPUT_FORMATS[self.format]
-
 
 def fit_mode(im: Image.Image, fmt: str, background: str) -> Image.Image:
     """Bring ``im`` to a mode ``fmt`` stores, flattening alpha where ``fmt`` has none."""
