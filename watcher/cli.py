@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-WATCH_EPILOG = """Every option can also come from the config file's [watch] table or from an
-environment variable WATCHER_<NAME> (e.g. WATCHER_INBOX, WATCHER_SETTLE, WATCHER_WORKERS,
-WATCHER_PIPELINES=thumbnail,web); flags win over the environment, which wins over the file.
+WATCH_EPILOG = """Every setting flag can also come from its table in the config file or from its
+environment variable (shown in brackets; an unknown WATCHER_* name is refused); flags win over
+the environment, which wins over the file. All settings: docs/configuration.md.
 Signals: SIGTERM/SIGINT drain and exit 0 (a second one stops at once); SIGHUP reloads the config.
 """
 

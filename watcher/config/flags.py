@@ -35,12 +35,16 @@ def _checker(s: Setting) -> Callable[[str], str]:
     return check
 
 
-def help_text(s: Setting) -> str:
+# The commands that read WATCHER_* (a batch takes its file and flags only).
+READS_ENVIRONMENT = ("watch", "requeue", "health", "check-config")
+
+
+def help_text(s: Setting, command: str) -> str:
     default = s.default_doc or s.default_value()
     if isinstance(default, tuple):
         default = ",".join(default)
     extra = f" (default: {default})" if default not in ("", None) else ""
-    env = f" [{s.env}]" if s.env else ""
+    env = f" [{s.env}]" if s.env and command in READS_ENVIRONMENT else ""
     return f"{s.help}{extra}{env}".replace("%", "%%")
 
 
@@ -56,7 +60,7 @@ def add(parser: argparse.ArgumentParser, command: str) -> None:
         for s in settings:
             assert s.flag is not None
             names = [s.short, s.flag] if s.short else [s.flag]
-            kw: dict[str, Any] = {"dest": dest(s), "default": None, "help": help_text(s)}
+            kw: dict[str, Any] = {"dest": dest(s), "default": None, "help": help_text(s, command)}
             if s.kind == "bool":
                 kw["action"] = argparse.BooleanOptionalAction
             elif s.kind == "list":

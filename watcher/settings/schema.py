@@ -95,6 +95,7 @@ FOLDER_COMMANDS = ("watch", "requeue")
 SETTINGS: tuple[Setting, ...] = (
     # -- [engine]: the pool of worker processes ------------------------------------------------
     S(section="engine", name="workers", kind="int", default=_workers, lo=1, hi=1024, short="-j",
+      metavar="N",
       default_doc="one per CPU", help="worker processes"),
     S(section="engine", name="timeout", attr="task_timeout", kind="float", default=300.0,
       lo=0.01, metavar="S", help="seconds one input may take before its worker is killed"),
