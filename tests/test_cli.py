@@ -16,6 +16,7 @@ import sys
 import termios
 import threading
 import time
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def test_exit_code_1_when_an_input_fails_and_report_json(tmp_path: Path) -> None
     (["batch", "x.png", "-o", "o", "--ops", "thumbnail(0)"], "--ops[thumbnail].width"),
     (["batch", "x.png", "-o", "o", "--ops", "blurr"], "unknown transform 'blurr'"),
     (["batch", "x.png", "-o", "o", "--pipeline", "nope"], "no such pipeline"),
-    (["batch", "x.png", "-o", "o", "--workers", "0"], "--workers: must be at least 1"),
+    (["batch", "x.png", "-o", "o", "--workers", "0"], "--workers: must be >= 1"),
     (["batch", "x.png", "-o", "o", "--format", "jpg2000"], "invalid choice"),
     (["batch", "x.png", "-o", "o", "--on-conflict", "clobber"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
@@ -143,7 +144,7 @@ def test_check_config_prints_effective_settings(tmp_path: Path) -> None:
                                      "steps = ['thumbnail(64, 64)']\nformat = 'webp'\n")
     proc = run_cli("check-config", "-c", "w.toml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)
+    doc = tomllib.loads(proc.stdout)
     assert doc["engine"]["workers"] == 3
     assert doc["pipelines"]["t"]["steps"] == ["thumbnail(width=64, height=64)"]
     assert doc["pipelines"]["t"]["format"] == "webp"

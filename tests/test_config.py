@@ -77,7 +77,7 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     ("[pipelines.a]\nsteps = ['grayscale']\nquality = 101", "watcher.toml: pipelines.a.quality"),
     ("[pipelines.a]\nsteps = ['grayscale']\nformat = 'jpg2000'",
      "watcher.toml: pipelines.a.format"),
-    ("[pipelines.a]\nsteps = ['grayscale']\ncolor = 'srgb'", "watcher.toml: pipelines.a.color"),
+    ("[pipelines.a]\nsteps = ['grayscale']\ncolr = 'srgb'", "watcher.toml: pipelines.a.colr"),
     ("[pipelines.a]\nsteps = ['grayscale']\nsuffix = 'a/b'", "watcher.toml: pipelines.a.suffix"),
     ("[engine]\nworkers = 'two'", "watcher.toml: engine.workers"),
     ("[engine]\nworkers = 0", "watcher.toml: engine.workers"),

@@ -21,9 +21,9 @@ from tests.test_fuzz import grey_png_bomb, make_seeds
 from watcher import batch, config
 from watcher.errors import REASONS, TRANSIENT_REASONS
 from watcher.imaging import codec, encode, inputfile
-from watcher.imaging.codec import DecodeLimits, OutputOptions
 from watcher.imaging.processor import Processor
 from watcher.samples import picture
+from watcher.settings.schema import DecodeLimits, OutputOptions
 from watcher.tasks import OutputPlan, Result, Task
 
 

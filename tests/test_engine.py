@@ -19,7 +19,7 @@ from tests.conftest import make_image, wait_until
 from watcher import config
 from watcher.config import EngineSettings
 from watcher.engine.supervisor import Engine, EngineError
-from watcher.imaging.codec import DecodeLimits
+from watcher.settings.schema import DecodeLimits
 from watcher.tasks import OutputPlan, Result, Task
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,7 @@ from tests.test_engine import poison, run_all, tasks_for
 from watcher import batch, config
 from watcher.config import EngineSettings
 from watcher.engine.supervisor import create_engine
-from watcher.imaging.codec import DecodeLimits
+from watcher.settings.schema import DecodeLimits
 from watcher.tasks import OutputPlan, Result, Task
 
 pytestmark = pytest.mark.integration

@@ -135,8 +135,8 @@ def _noise_task(tmp_path: Path, out_dir: Path) -> tuple[Any, Any]:
     from PIL import Image
 
     from watcher import config
-    from watcher.imaging.codec import DecodeLimits
     from watcher.imaging.processor import Processor
+    from watcher.settings.schema import DecodeLimits
     from watcher.tasks import OutputPlan, Task
 
     src = tmp_path / "noise.png"
@@ -185,8 +185,8 @@ def _group(tmp_path: Path, out_dir: Path, names: list[str], *, overwrite: bool =
 
     from tests.conftest import make_image
     from watcher import config
-    from watcher.imaging.codec import DecodeLimits
     from watcher.imaging.processor import Processor
+    from watcher.settings.schema import DecodeLimits
     from watcher.tasks import OutputPlan, Task
 
     proc = Processor({"p": config.pipeline_from(["grayscale"], "p", "p")}, DecodeLimits())

@@ -46,10 +46,10 @@ from PIL import Image
 from watcher import batch, config
 from watcher.errors import REASONS, TRANSIENT_REASONS
 from watcher.imaging import memory
-from watcher.imaging.codec import DecodeLimits, OutputOptions
 from watcher.imaging.pipeline import Pipeline
 from watcher.imaging.processor import Processor
 from watcher.samples import picture
+from watcher.settings.schema import DecodeLimits, OutputOptions
 from watcher.tasks import OutputPlan, Task
 
 ROOT = Path(__file__).resolve().parent.parent

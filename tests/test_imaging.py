@@ -16,10 +16,10 @@ from tests import crashers
 from tests.iccgen import rgb_profile
 from watcher import config
 from watcher.imaging import codec
-from watcher.imaging.codec import DecodeLimits, OutputOptions
 from watcher.imaging.pipeline import Pipeline, plan_shrink
 from watcher.imaging.processor import Processor
 from watcher.samples import picture
+from watcher.settings.schema import DecodeLimits, OutputOptions
 from watcher.tasks import OutputPlan, Task
 
 CMYK_ICC = "/usr/share/color/icc/ghostscript/default_cmyk.icc"

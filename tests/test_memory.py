@@ -98,7 +98,7 @@ PROBE = textwrap.dedent("""
     import json, os, sys, tempfile
     from watcher import config
     from watcher.imaging import memory
-    from watcher.imaging.codec import DecodeLimits
+    from watcher.settings.schema import DecodeLimits
     from watcher.imaging.pipeline import Pipeline
     from watcher.imaging.processor import Processor
     from watcher.tasks import OutputPlan, Task
@@ -268,7 +268,7 @@ def test_an_encoder_out_of_memory_under_the_ceiling_is_too_large(tmp_path: Path)
         import json
         from watcher import config
         from watcher.imaging import memory
-        from watcher.imaging.codec import DecodeLimits
+        from watcher.settings.schema import DecodeLimits
         from watcher.imaging.pipeline import Pipeline
         from watcher.imaging.processor import Processor
         from watcher.tasks import OutputPlan, Task

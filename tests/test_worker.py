@@ -13,8 +13,8 @@ import pytest
 from tests.conftest import make_image
 from watcher import config
 from watcher.engine import worker
-from watcher.imaging.codec import DecodeLimits
 from watcher.imaging.processor import Processor
+from watcher.settings.schema import DecodeLimits
 from watcher.tasks import OutputPlan, Task
 
 

@@ -16,7 +16,7 @@ from watcher.errors import ConfigError, ExitCode, RejectedInput, WatcherError
 
 if TYPE_CHECKING:
     from watcher.batch import ItemReport, Report
-    from watcher.imaging.codec import OutputOptions
+    from watcher.settings.schema import OutputOptions
 else:
     def __getattr__(name: str) -> Any:
         """Lazy exports: a worker process imports watcher.engine.worker without the batch stack."""
@@ -25,7 +25,7 @@ else:
 
             return getattr(batch, name)
         if name == "OutputOptions":
-            from watcher.imaging.codec import OutputOptions  # noqa: PLC0415
+            from watcher.settings.schema import OutputOptions  # noqa: PLC0415
 
             return OutputOptions
         raise AttributeError(name)
@@ -43,9 +43,7 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
                    config: str | os.PathLike[str] | None = None,
                    suffix: str | None = None,
                    output: OutputOptions | Mapping[str, Any] | None = None,
-                   workers: int | None = None, timeout: float | None = None,
-                   on_conflict: str | None = None, progress: bool = False,
-                   max_worker_memory: int | str | None = None) -> Report:
+                   progress: bool = False, **settings: Any) -> Report:
     """Apply transforms to every input in parallel worker processes; write results to
     ``output_dir`` as ``{stem}_{suffix}{ext}``; return a report (never raises for a bad image).
 
@@ -53,8 +51,9 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
     registry names (``"grayscale"``) or step strings (``"thumbnail(256, 256)"``); the output
     suffix is ``suffix`` or ``"processed"``. Without ``transforms``, the named ``pipeline``(s)
     from ``config`` (or the built-ins) are applied. ``inputs`` may be files, folders or globs.
-    ``max_worker_memory``: bytes (or ``"1 GiB"``) one worker may use (default: derived from
-    the machine's memory and ``workers``).
+    ``output``: output options (``{"format": "webp", "quality": 80}``). ``settings``: any
+    ``[engine]``, ``[input]`` or ``[output]`` key of docs/configuration.md, e.g. ``workers=4``,
+    ``timeout=60``, ``on_conflict="rename"``, ``max_worker_memory="1 GiB"``.
     Raises ``ConfigError`` before any work starts for anything that cannot run (a lambda, an
     unknown transform, a bad parameter).
     """
@@ -62,12 +61,11 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
 
     from watcher import batch, log  # noqa: PLC0415
     from watcher import config as cfg  # noqa: PLC0415
-    from watcher.imaging.codec import OutputOptions  # noqa: PLC0415
+    from watcher.settings.schema import OutputOptions  # noqa: PLC0415
 
     if not log.is_configured():
         log.configure("main", "auto", "warning")
-    settings = cfg.load(config, workers=workers, timeout=timeout, on_conflict=on_conflict,
-                        max_worker_memory=max_worker_memory)
+    effective = cfg.load(config, **settings)
     opts = output if isinstance(output, OutputOptions) else cfg.output_options(
         dict(output or {}), "output")
     if transforms is not None:
@@ -76,10 +74,10 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
         pipes = (cfg.pipeline_from(list(transforms), "processed", suffix, opts),)
     else:
         names = [pipeline] if isinstance(pipeline, str) else list(pipeline or ())
-        pipes = settings.select(names)
+        pipes = effective.select(names)
         if suffix is not None or output is not None:
             pipes = tuple(replace(p, suffix=suffix if suffix is not None else p.suffix,
                                   output=opts if output is not None else p.output) for p in pipes)
     found, missing = batch.expand(os.fspath(i) for i in inputs)
-    return batch.run(found, os.fspath(output_dir), pipes, settings, progress=progress,
+    return batch.run(found, os.fspath(output_dir), pipes, effective, progress=progress,
                      failures=missing, log_format=log.resolve_format("auto"))

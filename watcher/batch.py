@@ -28,9 +28,9 @@ from watcher.fs.durable import fsync_dir
 from watcher.fs.files import remove_dead_temps, walk_images
 from watcher.fs.naming import OutputNames
 from watcher.imaging import formats
-from watcher.imaging.codec import OutputOptions
 from watcher.imaging.pil import Image
 from watcher.imaging.pipeline import Pipeline
+from watcher.settings.schema import OutputOptions
 from watcher.tasks import OutputPlan, Result, Task
 
 _GLOB = set("*?[")

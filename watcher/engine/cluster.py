@@ -37,14 +37,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from watcher import log
-from watcher.config import EngineSettings
 from watcher.engine.supervisor import Engine, EngineError, Stats, _failure
 from watcher.errors import RejectedInput
 from watcher.fs.durable import fsync_dir
 from watcher.fs.files import HOST, remove_dead_temps, temp_name
 from watcher.fs.staging import publish
-from watcher.imaging.codec import DecodeLimits
 from watcher.imaging.pipeline import Pipeline
+from watcher.settings.schema import DecodeLimits, EngineSettings
 from watcher.tasks import Result, Task
 
 MONITOR_INTERVAL = 1.0  # seconds between looks at the workers' running tasks (timeouts)

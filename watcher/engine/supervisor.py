@@ -47,7 +47,6 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from watcher import log
-from watcher.config import EngineSettings
 from watcher.engine import runlock
 from watcher.engine.worker import (
     COMMIT_FROM,
@@ -72,9 +71,9 @@ from watcher.engine.worker import (
 from watcher.errors import WatcherError
 from watcher.fs.files import remove_temps
 from watcher.imaging import memory
-from watcher.imaging.codec import DecodeLimits
 from watcher.imaging.pipeline import Pipeline
 from watcher.launch import PRELOAD, start_helpers
+from watcher.settings.schema import DecodeLimits, EngineSettings
 from watcher.tasks import Result, Task
 
 # How many tasks a worker holds at once: the one it processes, the ones its committer thread

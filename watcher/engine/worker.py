@@ -44,9 +44,9 @@ from watcher.engine.capture import Capture
 from watcher.fs.files import pid_alive
 from watcher.fs.staging import Staged
 from watcher.imaging import memory
-from watcher.imaging.codec import DecodeLimits
 from watcher.imaging.pipeline import Pipeline, Prepared
 from watcher.imaging.processor import Processor
+from watcher.settings.schema import DecodeLimits
 from watcher.tasks import Result, Task
 
 # Slot layout (a shared array of doubles, one per worker). SEQ: the task being decoded and

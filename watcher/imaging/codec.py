@@ -16,8 +16,8 @@ Whose fault is a failure (decided by evidence, never by an exception's type or e
 - Writing mirrors it (see ``encode``): ``write-failed`` or ``encode-failed``.
 - ``internal-error`` is left for errors raised by watcher's own code outside these regions.
 
-``DecodeLimits`` and ``OutputOptions`` (how an output is encoded) are the settings of this
-package's work.
+``DecodeLimits`` ([input]) and ``OutputOptions`` (how an output is encoded) are the settings of
+this package's work, declared in ``watcher.settings.schema``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from typing import Any
 
 from watcher.errors import RejectedInput
 from watcher.imaging import inputfile
-from watcher.imaging.formats import DEFAULT_FORMATS, SCALABLE_FORMATS, sniff
+from watcher.imaging.formats import SCALABLE_FORMATS, sniff
 from watcher.imaging.inputfile import InputFile
 from watcher.imaging.pil import Image, UnidentifiedImageError, load_plugins
+from watcher.settings.schema import DecodeLimits
 
 ORIENTATION = 0x0112  # the EXIF tag
 
@@ -45,30 +46,6 @@ def ensure_formats(formats: tuple[str, ...]) -> None:
         load_plugins()
     if any(f not in Image.OPEN for f in formats):
         Image.init()
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    formats: tuple[str, ...] = DEFAULT_FORMATS
-    pixel_limit: int = 89_478_485  # Pillow's own MAX_IMAGE_PIXELS
-    max_file_size: int = 0  # 0: no limit
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """How a pipeline's output is encoded. Validated by config; defaults are the safe ones."""
-
-    format: str = "same"  # same | jpeg | png | webp | avif | bmp | tiff | gif
-    quality: int = 85
-    metadata: str = "strip"  # strip | keep | copyright
-    colour: str = "srgb"  # srgb | keep
-    background: str = "#ffffff"
-    frames: str = "first"  # first | all
-    max_frames: int = 100
-    auto_orient: bool = True
-    optimize: bool = False
-    progressive: bool = False
-    lossless: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

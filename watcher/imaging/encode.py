@@ -17,10 +17,11 @@ import re
 from collections.abc import Callable
 from typing import IO, Any
 
-from watcher.imaging.codec import ORIENTATION, OutputOptions, Source
+from watcher.imaging.codec import ORIENTATION, Source
 from watcher.imaging.colour import output_icc, to_working
 from watcher.imaging.formats import ALPHA_FORMATS, ONE_FRAME_SIZE_FORMATS, OUTPUTS
 from watcher.imaging.pil import Image, ImageColor
+from watcher.settings.schema import OutputOptions
 
 COPYRIGHT_TAGS = (0x013B, 0x8298)  # Artist, Copyright
 

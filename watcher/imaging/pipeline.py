@@ -19,9 +19,9 @@ from watcher import transforms
 from watcher.errors import RejectedInput
 from watcher.fs.staging import Staged
 from watcher.imaging import codec
-from watcher.imaging.codec import OutputOptions
 from watcher.imaging.formats import OUTPUT_EXTENSIONS
 from watcher.imaging.pil import Image
+from watcher.settings.schema import OutputOptions
 from watcher.tasks import Result, Task
 
 Size = tuple[int, int]

@@ -19,7 +19,7 @@ from watcher.errors import RejectedInput
 from watcher.fs.durable import fsync_dir, sync_files
 from watcher.fs.staging import Staged
 from watcher.imaging import codec, memory
-from watcher.imaging.codec import DecodeLimits, Source
+from watcher.imaging.codec import Source
 from watcher.imaging.colour import to_working
 from watcher.imaging.encode import EncodeError, encode
 from watcher.imaging.formats import ANIMATED_FORMATS
@@ -35,6 +35,7 @@ from watcher.imaging.pipeline import (
     output_format,
     plan_shrink,
 )
+from watcher.settings.schema import DecodeLimits
 from watcher.tasks import Result, Task
 
 Size = tuple[int, int]

@@ -1,0 +1,171 @@
+"""Steps and pipelines from text and callables: ``--ops`` strings, TOML step lists, the API's
+transforms, and the built-in pipelines.
+
+A step is a registry name (``grayscale``), a call (``thumbnail(128, 128)``,
+``resize(width=800)``) or ``package.module.function(args)`` (a user transform, imported here);
+each mistake is refused naming where it is, e.g. ``--ops[thumbnail].width``.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from watcher import transforms
+from watcher.errors import ConfigError
+from watcher.imaging.pipeline import Pipeline, Step
+from watcher.settings.schema import OutputOptions
+
+
+def _steps(*ops: str) -> tuple[Step, ...]:
+    return tuple(parse_step(op, "built-in") for op in ops)
+
+
+def builtin_pipelines() -> dict[str, Pipeline]:
+    return {
+        "thumbnail": Pipeline(name="thumbnail", steps=_steps("thumbnail(128, 128)"),
+                              suffix="thumbnail"),
+        "web": Pipeline(name="web", steps=_steps("resize(width=1600, height=1600, upscale=False)"),
+                        suffix="web",
+                        output=OutputOptions(format="jpeg", quality=82, progressive=True)),
+        "processed": Pipeline(name="processed", steps=_steps("grayscale", "resize_half"),
+                              suffix="processed"),
+    }
+
+
+# --- steps and --ops strings --------------------------------------------------------------------
+
+_SPLIT = re.compile(r"[|;]")
+
+
+def split_ops(text: str) -> list[str]:
+    """Split ``"auto_orient, thumbnail(128,128) | blur(1)"`` at separators outside brackets."""
+    items, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if depth == 0 and (ch == "," or _SPLIT.match(ch)):
+            items.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur).strip())
+    return [i for i in items if i]
+
+
+def parse_step(text: str, where: str) -> Step:
+    """``"thumbnail(128, 128)"``, ``"resize(width=800)"`` or ``"grayscale"`` -> a bound Step."""
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError as exc:
+        raise ConfigError(where, f"cannot parse step {text!r}: {exc.msg}") from exc
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    if isinstance(node, ast.Call):
+        func = node.func
+        try:
+            args = [ast.literal_eval(a) for a in node.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}
+        except ValueError as exc:
+            raise ConfigError(where, f"step {text!r}: arguments must be literals") from exc
+        node = func
+    name = _dotted(node)
+    if name is None:
+        raise ConfigError(where, f"step {text!r}: expected NAME, NAME(args) or "
+                                 "package.module.function(args)")
+    return make_step(name, args, kwargs, where)
+
+
+def _dotted(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        head = _dotted(node.value)
+        return f"{head}.{node.attr}" if head else None
+    return None
+
+
+def make_step(name: str, args: Sequence[Any], kwargs: Mapping[str, Any], where: str) -> Step:
+    """A registry name, or ``package.module.function`` (a user transform, imported here)."""
+    if "." in name and name not in transforms.REGISTRY:
+        return _imported_step(name, args, kwargs, where)
+    spec = transforms.lookup(name, f"{where}[{name}]" if where else name)
+    return Step(name=spec.name, params=spec.bind(tuple(args), kwargs, where))
+
+
+def _imported_step(name: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+                   where: str) -> Step:
+    import importlib  # noqa: PLC0415
+    import inspect  # noqa: PLC0415
+
+    where = f"{where}[{name}]" if where else name
+    module, _, attr = name.rpartition(".")
+    try:
+        func = getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        raise ConfigError(where, f"cannot import module {module!r}: {exc}") from exc
+    except AttributeError as exc:
+        raise ConfigError(where, f"module {module!r} has no {attr!r}") from exc
+    step = step_from_callable(func, where)
+    if step.func is None:
+        return step  # it was a built-in after all
+    try:
+        bound = inspect.signature(func).bind(None, *args, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(where, f"bad arguments for {name}: {exc}") from exc
+    params = tuple((k, v) for k, v in list(bound.arguments.items())[1:])
+    return Step(name=step.name, params=params, func=func)
+
+
+def step_from_callable(func: Callable[..., Any], where: str) -> Step:
+    """A Python callable as a step: built-ins map to their registry entry; others are checked
+    to be importable top-level functions, so a worker process can load them."""
+    spec = transforms.spec_for_callable(func)
+    if spec is not None:
+        return Step(name=spec.name, params=spec.bind((), {}, where))
+    if isinstance(func, str):
+        return parse_step(func, where)
+    qual = getattr(func, "__qualname__", "")
+    module = getattr(func, "__module__", None)
+    hint = ("define it with 'def' at the top level of an importable module (not a lambda, a "
+            "nested function or a method), or use a registered name such as 'grayscale'")
+    if not callable(func) or not qual or "<" in qual or "." in qual or module is None:
+        raise ConfigError(where, f"{func!r} cannot be sent to a worker process: {hint}")
+    if module == "__main__":
+        import __main__  # noqa: PLC0415
+
+        if not getattr(__main__, "__file__", None):
+            raise ConfigError(where, f"{qual} is defined in an interactive session, which worker "
+                                     f"processes cannot import: {hint}")
+    import pickle  # noqa: PLC0415
+
+    try:
+        pickle.dumps(func)
+    except Exception as exc:
+        raise ConfigError(where, f"{qual} cannot be sent to a worker process ({exc}): "
+                                 f"{hint}") from exc
+    return Step(name=f"{module}.{qual}", func=func)
+
+
+def pipeline_from(items: Sequence[Any], name: str = "processed", suffix: str | None = None,
+                  output: OutputOptions | None = None) -> Pipeline:
+    """A pipeline from callables, registry names or step strings (the Python API and --ops)."""
+    steps: list[Step] = []
+    for i, item in enumerate(items):
+        where = f"transforms[{i}]"
+        if isinstance(item, Step):
+            steps.append(item)
+        elif isinstance(item, str):
+            steps.extend(parse_step(s, where) for s in split_ops(item))
+        else:
+            steps.append(step_from_callable(item, where))
+    if not steps:
+        raise ConfigError("transforms", "no transforms given")
+    return Pipeline(name=name, steps=tuple(steps), suffix=name if suffix is None else suffix,
+                    output=output or OutputOptions())
+
+
