@@ -39,8 +39,9 @@ from watcher.ops import health
 from watcher.ops.metrics import Metrics, MetricsServer
 from watcher.ops.notify import Notifier
 from watcher.tasks import OutputPlan, Result, Task
-from watcher.watch import lifecycle, sources
-from watcher.watch.lifecycle import Claim, Folders, NotClaimed
+from watcher.watch import claiming, lifecycle, moves, sources
+from watcher.watch.claiming import Claim, NotClaimed
+from watcher.watch.lifecycle import Folders
 
 if TYPE_CHECKING:
     from watcher.engine.cluster import AnyEngine
@@ -142,10 +143,10 @@ class Daemon:
         old = self._install_signals()
         try:
             self.engine = self._new_engine()
-            for c in lifecycle.settled(self.folders):
+            for c in claiming.settled(self.folders):
                 self._log_settled(c)
             recovered = 0
-            for c in lifecycle.leftover(self.folders, self._next_seq, keep_settled=True):
+            for c in claiming.leftover(self.folders, self._next_seq, keep_settled=True):
                 self._rels.add(c.rel)
                 self._dispatch(c)
                 recovered += 1
@@ -443,7 +444,7 @@ class Daemon:
             if self.settings.watch.on_success == "keep" and self._outputs_exist(path, rel):
                 continue
             try:
-                c = lifecycle.claim(self.folders, path, self._next_seq(), time.time())
+                c = claiming.claim(self.folders, path, self._next_seq(), time.time())
             except NotClaimed as exc:
                 if not safefs.exists(self._intake_fd(), rel):
                     self.tracker.forget(path)  # gone, or only reachable through a link now
@@ -526,12 +527,12 @@ class Daemon:
         """A name that became a folder between the look and the claim: back into the inbox,
         where its files are scanned and taken one by one."""
         try:
-            lifecycle.keep(self.folders, c)
+            moves.keep(self.folders, c)
         except OSError as exc:
             self._quarantine(c, "not-a-file", f"a folder, claimed in a race, that could not "
                              f"be put back: {exc}", "", [])
             return
-        lifecycle.drop_record(c)
+        claiming.drop_record(c)
         self._forget(c)
         self._log.warning("file.not_claimed", input=c.rel, why="it is a folder (it replaced "
                           "a file); put back, its files are taken one by one")
@@ -543,7 +544,7 @@ class Daemon:
         output names are planned whole."""
         limit = files.PATH_MAX
         mirrored = [os.path.join(self.folders.archive, c.rel),
-                    os.path.join(self.folders.quarantine, c.rel + lifecycle.SIDECAR)]
+                    os.path.join(self.folders.quarantine, c.rel + moves.SIDECAR)]
         for p in mirrored:
             size = len(os.fsencode(os.path.dirname(p))) + files.NAME_MAX + 1
             if size >= limit:
@@ -601,7 +602,7 @@ class Daemon:
         outputs, own = self._plan(c)
         c.outputs = tuple((o.pipeline, o.path) for o in outputs)
         try:
-            lifecycle.save_record(c)  # durable before any output is written
+            claiming.save_record(c)  # durable before any output is written
         except OSError as exc:
             self._transient(c, "write-failed", f"cannot record the claim: {exc}",
                             {"input": c.rel})
@@ -661,7 +662,7 @@ class Daemon:
         elif r.reason == "missing":
             self._forget(c)
             self._log.warning("file.vanished", input=c.rel, claim=c.token, why=r.error)
-            lifecycle.drop_record(c)
+            claiming.drop_record(c)
         elif r.reason == "write-failed" and "[Errno 36]" in r.error:  # ENAMETOOLONG
             self._quarantine(c, "path-too-long", r.error, r.error_type, list(r.outputs), r)
         elif r.reason == "output-conflict":
@@ -688,25 +689,25 @@ class Daemon:
         self._log.info("file.processed", **common, on_success=self.settings.watch.on_success,
                        moved_to=where, bytes_in=r.bytes_in, bytes_out=r.bytes_out,
                        **({"warnings": list(r.warnings)} if r.warnings else {}))
-        lifecycle.drop_record(c)  # after the line: a kill between leaves it for the next start
+        claiming.drop_record(c)  # after the line: a kill between leaves it for the next start
 
     def _success(self, c: Claim) -> str | None:
         mode = self.settings.watch.on_success
         if mode == "delete":
-            lifecycle.delete(c)
+            moves.delete(c)
             return None
         if mode == "keep":
-            dest = lifecycle.keep(self.folders, c)
+            dest = moves.keep(self.folders, c)
             st = os.lstat(dest)
             self._kept[os.path.relpath(dest, self.folders.inbox)] = (st.st_size, st.st_mtime_ns)
             return dest
-        return lifecycle.archive(self.folders, c)
+        return moves.archive(self.folders, c)
 
     def _log_settled(self, c: Claim) -> None:
         """The fate line a killed run never wrote: its claim's file had left the work folder
         (archived, quarantined, deleted) but its record was still there. Marked
         ``recovered``; the record goes after it."""
-        fate, doc = lifecycle.fate_of(self.folders, c)
+        fate, doc = claiming.fate_of(self.folders, c)
         outputs = [path for _, path in c.outputs]
         why = "logged at this start: the run that carried out the fate was killed before " \
               "writing this line"
@@ -726,7 +727,7 @@ class Daemon:
             self._log.warning("file.vanished", input=c.rel, claim=c.token, recovered=True,
                               why="its claim's file is gone from the work folder and not "
                                   "every output it planned exists")
-        lifecycle.drop_record(c)
+        claiming.drop_record(c)
 
     def _transient(self, c: Claim, reason: str, error: str, common: dict[str, Any]) -> None:
         ws = self.settings.watch
@@ -757,7 +758,7 @@ class Daemon:
         c.retry_at = time.monotonic() + delay
         self._retry.append(c)
         with contextlib.suppress(OSError):
-            lifecycle.save_record(c)  # the count survives a restart
+            claiming.save_record(c)  # the count survives a restart
         self.counts["retried"] += 1
         self.metrics.retried.labels(reason).inc()
         self._log.warning("file.retried", **common, reason=reason, error=error,
@@ -776,7 +777,7 @@ class Daemon:
                 "warnings": list(r.warnings) if r else []}
 
         def carry_out() -> None:
-            dest = lifecycle.quarantine(self.folders, c, info)
+            dest = moves.quarantine(self.folders, c, info)
             self._forget(c)
             self.counts["quarantined"] += 1
             self.metrics.quarantined.labels(reason).inc()
@@ -784,7 +785,7 @@ class Daemon:
                             error=error,
                             error_type=error_type, quarantined_as=dest,
                             worker=r.worker if r else None, attempt=r.attempt if r else 0)
-            lifecycle.drop_record(c)
+            claiming.drop_record(c)
 
         self._carry_out(c, "quarantine", carry_out)
 
@@ -882,7 +883,7 @@ class Daemon:
                 self._fate(r)
         self._draining.clear()
         self.engine = None
-        left = len(list(lifecycle.leftover_claims(self.folders)))
+        left = len(list(claiming.leftover_claims(self.folders)))
         with contextlib.suppress(OSError):
             health.write(health.heartbeat_path(self.folders.work), {"state": "stopped"})
         self._log.info("daemon.stopped", **self.counts, left_in_work=left,
