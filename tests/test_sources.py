@@ -17,7 +17,7 @@ from tests.conftest import make_image
 from watcher import config
 from watcher.errors import ConfigError
 from watcher.fs import files, safefs
-from watcher.watch import claiming, lifecycle, moves, sources
+from watcher.watch import claiming, lifecycle, moves, observer, sources
 
 
 class FakeFS:
@@ -187,12 +187,12 @@ MOUNTINFO = """22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
     ("/mnt/share/local/in", "tmpfs", False), ("/mnt/shared", "ext4", False),
 ])
 def test_fs_type_from_mountinfo(path: str, kind: str, poll: bool) -> None:
-    got = sources.fs_type(path, MOUNTINFO)
-    assert got == kind and sources.wants_polling(got) is poll
+    got = observer.fs_type(path, MOUNTINFO)
+    assert got == kind and observer.wants_polling(got) is poll
 
 
 def test_fs_type_of_a_real_folder(tmp_path: Path) -> None:
-    assert sources.fs_type(str(tmp_path)) not in ("", "unknown")
+    assert observer.fs_type(str(tmp_path)) not in ("", "unknown")
 
 
 def folders(tmp_path: Path, **over: str) -> lifecycle.Folders:
@@ -333,7 +333,7 @@ def test_observer_reports_close_and_move_and_restarts_after_its_thread_dies(
     import time
 
     woke = threading.Event()
-    obs = sources.InboxObserver(str(tmp_path), kind="inotify", recursive=True,
+    obs = observer.InboxObserver(str(tmp_path), kind="inotify", recursive=True,
                                 poll_interval=0.1, wake=woke.set)
     obs.start()
     try:
@@ -367,10 +367,10 @@ def test_observer_reports_close_and_move_and_restarts_after_its_thread_dies(
 NO_INOTIFY = """
 import json, sys
 from watcher import log
-from watcher.watch import sources
+from watcher.watch import observer
 log.configure("test", "json", "info")
-obs = sources.InboxObserver(sys.argv[1], kind="inotify", recursive=False, poll_interval=0.1,
-                            wake=lambda: None)
+obs = observer.InboxObserver(sys.argv[1], kind="inotify", recursive=False, poll_interval=0.1,
+                             wake=lambda: None)
 obs.start()
 print(json.dumps({"kind": obs.kind, "healthy": obs.healthy()}))
 obs.stop()
@@ -448,14 +448,14 @@ def test_the_observer_walks_never_follow_a_folder_swapped_for_a_link(tmp_path: P
     os.symlink(tmp_path / "private", inbox / "sw")
     safefs.root(str(inbox))
     real = [(r, sorted(d), sorted(f)) for r, d, f in os.walk(inbox / "real")]
-    ours = [(r, sorted(d), sorted(f)) for r, d, f in sources._walk_no_links(str(inbox / "real"))]
+    ours = [(r, sorted(d), sorted(f)) for r, d, f in observer._walk_no_links(str(inbox / "real"))]
     assert ours == [(str(r), d, f) for r, d, f in real]
-    assert list(sources._walk_no_links(os.fsencode(inbox / "sw"))) == []
+    assert list(observer._walk_no_links(os.fsencode(inbox / "sw"))) == []
     assert list(os.walk(inbox / "sw"))  # what watchdog's own walk would have listed
-    assert stat.S_ISLNK(sources._lstat_below(str(inbox / "sw")).st_mode)
+    assert stat.S_ISLNK(observer._lstat_below(str(inbox / "sw")).st_mode)
     with pytest.raises(NotADirectoryError):
-        sources._listdir_below(str(inbox / "sw"))
-    assert [e.name for e in sources._listdir_below(str(inbox / "real"))] == ["sub"]
+        observer._listdir_below(str(inbox / "sw"))
+    assert [e.name for e in observer._listdir_below(str(inbox / "real"))] == ["sub"]
 
 
 def test_counter_names_fit_with_their_sidecar_and_moves_cross_file_systems(

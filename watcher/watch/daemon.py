@@ -39,7 +39,7 @@ from watcher.ops import health
 from watcher.ops.metrics import Metrics, MetricsServer
 from watcher.ops.notify import Notifier
 from watcher.tasks import OutputPlan, Result, Task
-from watcher.watch import claiming, lifecycle, moves, sources
+from watcher.watch import claiming, lifecycle, moves, observer, sources
 from watcher.watch.claiming import Claim, NotClaimed
 from watcher.watch.lifecycle import Folders
 
@@ -79,7 +79,7 @@ class Daemon:
         self._seq = 0
         self._stopping = 0
         self.tracker = sources.Stability(self.settings.watch.settle)
-        self.observer: sources.InboxObserver | None = None
+        self.observer: observer.InboxObserver | None = None
         self.counts = {"processed": 0, "quarantined": 0, "retried": 0, "skipped": 0,
                        "reconcile_found": 0, "gave_up": 0, "overflows": 0}
         self.notifier = Notifier()
@@ -151,7 +151,7 @@ class Daemon:
                 self._dispatch(c)
                 recovered += 1
             self._recover_stale_claims()
-            self.observer = sources.InboxObserver(
+            self.observer = observer.InboxObserver(
                 self.folders.inbox, kind=ws.observer, recursive=ws.recursive,
                 poll_interval=ws.poll_interval, wake=self.wake)
             self.observer.start()
