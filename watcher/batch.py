@@ -24,16 +24,12 @@ from watcher import log
 from watcher.config import Settings
 from watcher.engine.supervisor import create_engine
 from watcher.errors import ConfigError
+from watcher.extensions import output_ext
 from watcher.fs.files import fsync_dir, remove_dead_temps, walk_images
 from watcher.fs.naming import OutputNames
-from watcher.imaging import codec
-from watcher.imaging.codec import OutputOptions
-from watcher.imaging.pil import Image
 from watcher.imaging.pipeline import Pipeline
 from watcher.tasks import OutputPlan, Result, Task
 
-_KEEP_EXT = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff",
-             ".gif"}
 _GLOB = set("*?[")
 
 
@@ -144,23 +140,6 @@ def read_list(stream: Iterable[str]) -> list[str]:
 
 
 # --- planning -----------------------------------------------------------------------------------
-
-def output_ext(opts: OutputOptions, path: str, allowed: Sequence[str]) -> str:
-    if opts.format != "same":
-        return codec.EXTENSIONS[codec.OUTPUT_FORMATS[opts.format]]
-    ext = os.path.splitext(path)[1]
-    if ext.lower() in _KEEP_EXT:
-        return ext
-    limit = Image.MAX_IMAGE_PIXELS
-    try:  # an unusual or missing extension: ask the header (no pixels are decoded, so no
-        Image.MAX_IMAGE_PIXELS = None  # pixel limit: the worker applies the run's own)
-        with Image.open(path, formats=allowed) as im:
-            return codec.EXTENSIONS.get(im.format or "", ".png")
-    except Exception:  # noqa: BLE001 - the worker will report what is wrong with it
-        return ext or ".png"
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-
 
 # A batch on a Dask cluster that cannot be reached gives up on its inputs after this (seconds),
 # unless [engine] cluster_wait says otherwise (the daemon waits for ever).
