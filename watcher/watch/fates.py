@@ -178,7 +178,7 @@ class Fates:
                           why="not the input's fault: kept and retried later")
 
     def quarantine(self, c: Claim, reason: str, error: str, error_type: str,
-                    outputs: list[str], r: Result | None = None) -> None:
+                   outputs: list[str], r: Result | None = None) -> None:
         for path in outputs:  # outputs of an input that failed elsewhere would be orphans
             files.remove_output(path, self._ctx.folders.output)
         info = {"reason": reason, "error": error, "error_type": error_type,
