@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from watcher import compat, log
@@ -34,19 +34,21 @@ class Report:
     problems: tuple[str, ...]
     counts: Mapping[str, int]
     status: str  # systemd's STATUS line
-    own_pids: tuple[int, ...]  # the engine's processes: never reaped here
 
 
 class Heartbeat:
-    """Beats for one daemon: ``report`` says what to write, ``work`` is the work folder."""
+    """Beats for one daemon: ``report`` says what to write, ``work`` is the work folder;
+    ``own_pids`` names the engine's processes, which PID 1 never reaps (asked only then: on a
+    cluster it is a round trip to every worker)."""
 
     def __init__(self, work: str, metrics: Metrics, report: Callable[[], Report],
-                 logger: log.Logger) -> None:
+                 own_pids: Callable[[], Iterable[int]], logger: log.Logger) -> None:
         self.path = health.heartbeat_path(work)
         self.notifier = Notifier()
         self.failures = 0  # heartbeat writes failed in a row
         self._metrics = metrics
         self._report = report
+        self._own_pids = own_pids
         self._log = logger
         self._next_beat = 0.0
         self._restarts_seen = 0
@@ -94,7 +96,7 @@ class Heartbeat:
                                   failures=self.failures, touched=touched)
         self.notifier.status(r.status)
         if os.getpid() == 1:
-            compat.reap_orphans(r.own_pids)
+            compat.reap_orphans(self._own_pids())
 
     def stopped(self) -> None:
         """The last heartbeat: the daemon has stopped (a failed write is no matter now)."""

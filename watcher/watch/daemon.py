@@ -61,7 +61,7 @@ class Daemon:
         self.dispatch = Dispatch(self.ctx, self.held, self.fates)
         self.intake = Intake(self.ctx, self.held, self.dispatch, wake=self.signals.wake)
         self.heartbeat = Heartbeat(self.ctx.folders.work, self.ctx.metrics, self._report,
-                                   self._log)
+                                   self._engine_pids, self._log)
         self._server: MetricsServer | None = None
         self._stopping = 0
 
@@ -202,8 +202,10 @@ class Daemon:
                       deferred=len(self.fates.deferred), workers_alive=alive,
                       restarts=engine.stats.restarts if engine is not None else None,
                       problems=tuple(problems), counts=dict(self.ctx.counts),
-                      status=self._status(retrying, problems),
-                      own_pids=tuple(engine.pids) if engine else ())
+                      status=self._status(retrying, problems))
+
+    def _engine_pids(self) -> list[int]:
+        return self.ctx.engine.pids if self.ctx.engine else []
 
     # --- signals, reload, shutdown ----------------------------------------------------------------
 
