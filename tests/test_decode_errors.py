@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.conftest import make_image
 from tests.test_fuzz import grey_png_bomb, make_seeds
-from watcher import batch, config
+from watcher import config, extensions
 from watcher.errors import REASONS, TRANSIENT_REASONS
 from watcher.imaging import codec, encode, inputfile
 from watcher.imaging.processor import Processor
@@ -33,7 +33,7 @@ def _run(src: Path, out: Path, *, fmt: str = "same", frames: str = "first",
     p = config.pipeline_from(list(steps), "p", "p", OutputOptions(format=fmt, frames=frames))
     limits = DecodeLimits()
     out.mkdir(exist_ok=True)
-    ext = batch.output_ext(p.output, str(src), limits.formats)
+    ext = extensions.output_ext(p.output, str(src), limits.formats)
     target = out / (name or f"{src.stem}_p{ext}")
     return Processor({"p": p}, limits).run(
         Task(seq=1, path=str(src), outputs=(OutputPlan(pipeline="p", path=str(target)),)))
@@ -237,5 +237,5 @@ def test_the_worker_refuses_a_hard_linked_input_on_its_open_descriptor(tmp_path:
 def test_a_header_above_the_default_pixel_limit_still_names_its_output(tmp_path: Path) -> None:
     path = tmp_path / "big.data"
     path.write_bytes(grey_png_bomb(13380))
-    assert batch.output_ext(OutputOptions(), str(path), ("PNG",)) == ".png"
+    assert extensions.output_ext(OutputOptions(), str(path), ("PNG",)) == ".png"
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # restored

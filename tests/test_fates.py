@@ -18,7 +18,7 @@ from PIL import Image
 from tests import crashers
 from tests.conftest import fill, make_image, run_cli, wait_until
 from tests.test_watch import SLOW_TOML, Daemon, claimed, drop, files
-from watcher.watch import lifecycle
+from watcher.watch import claiming, lifecycle, moves
 
 pytestmark = pytest.mark.integration
 
@@ -186,10 +186,10 @@ def test_restart_reuses_only_the_outputs_its_claim_recorded(tmp_path: Path) -> N
         ("inbox", "inbox"), ("output", "processed"), ("archive", "archive"),
         ("quarantine", "quarantine"), ("work", "work"))})
     make_image(tmp_path / "inbox" / "a.png", seed=4)
-    c = lifecycle.claim(folders, str(tmp_path / "inbox" / "a.png"), 1, 0.0)
+    c = claiming.claim(folders, str(tmp_path / "inbox" / "a.png"), 1, 0.0)
     own = tmp_path / "processed" / "a_thumbnail.png"
     c.outputs = (("thumbnail", str(own)),)
-    lifecycle.save_record(c)
+    claiming.save_record(c)
     own.write_bytes(b"what the crashed run had published")
     (tmp_path / "processed" / "b_thumbnail.png").write_bytes(b"someone else's file")
     d = Daemon(tmp_path)
@@ -223,22 +223,22 @@ def test_a_fate_carried_out_but_never_logged_is_logged_at_the_next_start(
     folders = _folders(tmp_path)
     # archived after its outputs were published
     make_image(tmp_path / "inbox" / "done.png", seed=1)
-    done = lifecycle.claim(folders, str(tmp_path / "inbox" / "done.png"), 1, time.time())
+    done = claiming.claim(folders, str(tmp_path / "inbox" / "done.png"), 1, time.time())
     out = tmp_path / "processed" / "done_thumbnail.png"
     done.outputs = (("thumbnail", str(out)),)
-    lifecycle.save_record(done)
+    claiming.save_record(done)
     make_image(out, seed=1)
-    lifecycle.archive(folders, done)
+    moves.archive(folders, done)
     # quarantined, sidecar and all
     (tmp_path / "inbox" / "bad.png").write_bytes(b"not a png at all")
-    bad = lifecycle.claim(folders, str(tmp_path / "inbox" / "bad.png"), 2, time.time())
-    lifecycle.quarantine(folders, bad, {"reason": "not-an-image", "error": "no decoder",
+    bad = claiming.claim(folders, str(tmp_path / "inbox" / "bad.png"), 2, time.time())
+    moves.quarantine(folders, bad, {"reason": "not-an-image", "error": "no decoder",
                                         "error_type": "RejectedInput"})
     # a claim being made: its record written, the file not yet renamed in
     make_image(tmp_path / "inbox" / "mid.png", seed=2)
-    mid = lifecycle.Claim(3, "mid.png", str(tmp_path / "work" / "tok-mid.png"),
+    mid = claiming.Claim(3, "mid.png", str(tmp_path / "work" / "tok-mid.png"),
                           detected_at=1.0, claimed_at=2.0, token="tok-mid.png")
-    lifecycle.save_record(mid)
+    claiming.save_record(mid)
     assert len(list((tmp_path / "work").glob("*.claim"))) == 3
     d = Daemon(tmp_path)
     try:

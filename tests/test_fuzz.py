@@ -43,7 +43,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from watcher import batch, config
+from watcher import config, extensions
 from watcher.errors import REASONS, TRANSIENT_REASONS
 from watcher.imaging import memory
 from watcher.imaging.pipeline import Pipeline
@@ -525,10 +525,10 @@ def _deadline(seconds: float) -> Iterator[None]:
 
 def plan_task(seq: int, path: str, pipes: dict[str, Pipeline], out_dir: str,
               limits: DecodeLimits) -> Task:
-    """The task the batch planner would make (output names from ``batch.output_ext``)."""
+    """The task the batch planner would make (output names from ``extensions.output_ext``)."""
     stem = os.path.splitext(os.path.basename(path))[0]
     outputs = tuple(OutputPlan(pipeline=p.name, path=os.path.join(
-        out_dir, f"{stem}_{p.suffix}{batch.output_ext(p.output, path, limits.formats)}"))
+        out_dir, f"{stem}_{p.suffix}{extensions.output_ext(p.output, path, limits.formats)}"))
         for p in pipes.values())
     return Task(seq=seq, path=path, outputs=outputs, overwrite=True, sync_dir=False)
 

@@ -29,7 +29,7 @@ from watcher.errors import RejectedInput
 from watcher.fs import safefs
 from watcher.fs.files import HOST, NAME_MAX, PATH_MAX, remove_output
 from watcher.imaging.inputfile import open_regular
-from watcher.watch import lifecycle, sources
+from watcher.watch import claiming, lifecycle, moves, sources
 
 FOLDERS = ("inbox", "processed", "archive", "quarantine", "work")
 DEPTH, WIDTH = 50, 100  # 50 nested folders of 100-byte names: a 5,000-byte path
@@ -225,18 +225,18 @@ def test_a_claim_through_a_swapped_folder_is_refused(tmp_path: Path) -> None:
     (private / "a.jpg").write_bytes(b"private")
     (tmp_path / "inbox/sw").rename(tmp_path / "elsewhere")
     os.symlink(private, tmp_path / "inbox/sw")
-    with pytest.raises(lifecycle.NotClaimed, match="symbolic link"):
-        lifecycle.claim(folders, "sw/a.jpg", 1, 0.0)
+    with pytest.raises(claiming.NotClaimed, match="symbolic link"):
+        claiming.claim(folders, "sw/a.jpg", 1, 0.0)
     assert (private / "a.jpg").read_bytes() == b"private"
     assert os.listdir(tmp_path / "work") == []  # no record left either
     # a file that became a folder is not claimed: its files are
     (tmp_path / "inbox/x.jpg").mkdir()
-    with pytest.raises(lifecycle.NotClaimed, match="folder"):
-        lifecycle.claim(folders, "x.jpg", 2, 0.0)
+    with pytest.raises(claiming.NotClaimed, match="folder"):
+        claiming.claim(folders, "x.jpg", 2, 0.0)
     # deep: claimed into a short token name
     fd = safefs.root(str(tmp_path / "inbox"))
     write_at(fd, deep_rel() + "/d.jpg", b"deep")
-    c = lifecycle.claim(folders, deep_rel() + "/d.jpg", 3, 0.0)
+    c = claiming.claim(folders, deep_rel() + "/d.jpg", 3, 0.0)
     assert Path(c.work_path).read_bytes() == b"deep"
     assert len(c.work_path) < 400
 
@@ -246,14 +246,14 @@ def test_moves_fit_names_and_reach_any_depth(tmp_path: Path) -> None:
     long = "n" * 251 + ".txt"
     for i in range(3):
         (tmp_path / "work" / f"w{i}").write_bytes(b"%d" % i)
-        c = lifecycle.Claim(i, long, str(tmp_path / "work" / f"w{i}"))
-        dest = lifecycle.quarantine(folders, c, {"reason": "not-an-image"})
-        assert len(os.path.basename(dest + lifecycle.SIDECAR).encode()) <= NAME_MAX
-        assert json.loads(Path(dest + lifecycle.SIDECAR).read_text())["input"] == long
+        c = claiming.Claim(i, long, str(tmp_path / "work" / f"w{i}"))
+        dest = moves.quarantine(folders, c, {"reason": "not-an-image"})
+        assert len(os.path.basename(dest + moves.SIDECAR).encode()) <= NAME_MAX
+        assert json.loads(Path(dest + moves.SIDECAR).read_text())["input"] == long
     assert len(files(tmp_path / "quarantine")) == 6  # three inputs, three sidecars, distinct
     safefs.root(str(tmp_path / "archive"))
     (tmp_path / "work/deep").write_bytes(b"deep")
-    dest = lifecycle.move_no_clobber(str(tmp_path / "work/deep"),
+    dest = moves.move_no_clobber(str(tmp_path / "work/deep"),
                                      str(tmp_path / "archive" / deep_rel()), "deep.jpg")
     assert len(dest.encode()) > PATH_MAX
     assert safefs.lstat(safefs.root(str(tmp_path / "archive")), deep_rel() + "/deep.jpg")
@@ -436,7 +436,7 @@ def test_names_of_230_and_255_bytes(tmp_path: Path) -> None:
     assert files(root / "archive") == [image]
     outputs = files(root / "processed")
     assert outputs and all(o.startswith("i" * 150) and len(o) <= 255 for o in outputs)
-    sidecar = Path(q["quarantined_as"] + lifecycle.SIDECAR)
+    sidecar = Path(q["quarantined_as"] + moves.SIDECAR)
     assert json.loads(sidecar.read_text())["input"] == text
     assert d.seen("file.vanished") == []
     assert files(root / "work") == [] and files(root / "inbox") == []
@@ -455,7 +455,7 @@ def test_an_image_with_a_255_byte_name_is_processed(tmp_path: Path) -> None:
     assert d.seen("file.processed", input=name), d.seen("file.quarantined")
     # archived under its readable start and a hash: the name and a sidecar fit NAME_MAX
     (archived,) = files(root / "archive")
-    assert archived.startswith("m" * 200) and len(archived) + len(lifecycle.SIDECAR) <= NAME_MAX
+    assert archived.startswith("m" * 200) and len(archived) + len(moves.SIDECAR) <= NAME_MAX
     assert_no_temps(root)
 
 
@@ -483,7 +483,7 @@ def test_a_tree_deeper_than_path_max_does_not_stop_the_daemon(tmp_path: Path) ->
         events += d.events
     (q,) = [e for e in events if e["event"] == "file.quarantined"]
     assert q["reason"] == "path-too-long"
-    sidecar = json.loads(Path(q["quarantined_as"] + lifecycle.SIDECAR).read_text())
+    sidecar = json.loads(Path(q["quarantined_as"] + moves.SIDECAR).read_text())
     assert rel in sidecar["error"]
     assert Path(q["quarantined_as"]).parent == root / "quarantine"  # flat, at the top
     assert files(root / "archive") == ["next0.jpg", "next1.jpg"]

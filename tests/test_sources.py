@@ -17,7 +17,7 @@ from tests.conftest import make_image
 from watcher import config
 from watcher.errors import ConfigError
 from watcher.fs import files, safefs
-from watcher.watch import lifecycle, sources
+from watcher.watch import claiming, lifecycle, moves, observer, sources
 
 
 class FakeFS:
@@ -187,12 +187,12 @@ MOUNTINFO = """22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
     ("/mnt/share/local/in", "tmpfs", False), ("/mnt/shared", "ext4", False),
 ])
 def test_fs_type_from_mountinfo(path: str, kind: str, poll: bool) -> None:
-    got = sources.fs_type(path, MOUNTINFO)
-    assert got == kind and sources.wants_polling(got) is poll
+    got = observer.fs_type(path, MOUNTINFO)
+    assert got == kind and observer.wants_polling(got) is poll
 
 
 def test_fs_type_of_a_real_folder(tmp_path: Path) -> None:
-    assert sources.fs_type(str(tmp_path)) not in ("", "unknown")
+    assert observer.fs_type(str(tmp_path)) not in ("", "unknown")
 
 
 def folders(tmp_path: Path, **over: str) -> lifecycle.Folders:
@@ -227,20 +227,20 @@ def test_claim_archive_and_name_collisions(tmp_path: Path) -> None:
     f = folders(tmp_path)
     f.check()
     src = make_image(Path(f.inbox) / "sub" / "a.png")
-    c = lifecycle.claim(f, str(src), 1, 0.0)
+    c = claiming.claim(f, str(src), 1, 0.0)
     assert c.rel == "sub/a.png" and Path(c.work_path).parent == Path(f.work)
     assert Path(c.work_path).name.endswith("-a.png") and Path(c.record).is_file()
     assert not src.exists()
-    assert [(x.rel, x.work_path) for x in lifecycle.leftover(f, lambda: 9)] == [
+    assert [(x.rel, x.work_path) for x in claiming.leftover(f, lambda: 9)] == [
         ("sub/a.png", c.work_path)]
-    with pytest.raises(lifecycle.NotClaimed):
-        lifecycle.claim(f, str(src), 2, 0.0)  # gone: someone else has it
+    with pytest.raises(claiming.NotClaimed):
+        claiming.claim(f, str(src), 2, 0.0)  # gone: someone else has it
     (Path(f.archive) / "sub").mkdir(parents=True)
     (Path(f.archive) / "sub" / "a.png").write_bytes(b"an older one")
-    dest = lifecycle.archive(f, c)
+    dest = moves.archive(f, c)
     assert Path(c.record).exists()  # until the fate's line is written (the daemon drops it)
-    assert [x.rel for x in lifecycle.settled(f)] == ["sub/a.png"]
-    lifecycle.drop_record(c)
+    assert [x.rel for x in claiming.settled(f)] == ["sub/a.png"]
+    claiming.drop_record(c)
     assert not Path(c.record).exists()
     assert Path(dest) == Path(f.archive) / "sub" / "a_2.png"
     assert (Path(f.archive) / "sub" / "a.png").read_bytes() == b"an older one"
@@ -250,14 +250,14 @@ def test_quarantine_writes_sidecar_and_requeue_undoes_it(tmp_path: Path) -> None
     f = folders(tmp_path)
     f.check()
     (Path(f.inbox) / "bad.jpg").write_text("nope")
-    c = lifecycle.claim(f, str(Path(f.inbox) / "bad.jpg"), 1, 0.0)
-    dest = lifecycle.quarantine(f, c, {"reason": "not-an-image", "error": "x", "attempts": 1})
-    side = json.loads(Path(dest + lifecycle.SIDECAR).read_text())
+    c = claiming.claim(f, str(Path(f.inbox) / "bad.jpg"), 1, 0.0)
+    dest = moves.quarantine(f, c, {"reason": "not-an-image", "error": "x", "attempts": 1})
+    side = json.loads(Path(dest + moves.SIDECAR).read_text())
     assert side["reason"] == "not-an-image" and side["input"] == "bad.jpg"
     assert {"detected_at", "claimed_at", "quarantined_at", "host", "attempts"} <= set(side)
     moved = lifecycle.requeue(f)
     assert moved == [(dest, str(Path(f.inbox) / "bad.jpg"))]
-    assert not Path(dest + lifecycle.SIDECAR).exists()
+    assert not Path(dest + moves.SIDECAR).exists()
     with pytest.raises(ConfigError, match="not a quarantined file"):
         lifecycle.requeue(f, [str(Path(f.inbox) / "bad.jpg")])
 
@@ -333,7 +333,7 @@ def test_observer_reports_close_and_move_and_restarts_after_its_thread_dies(
     import time
 
     woke = threading.Event()
-    obs = sources.InboxObserver(str(tmp_path), kind="inotify", recursive=True,
+    obs = observer.InboxObserver(str(tmp_path), kind="inotify", recursive=True,
                                 poll_interval=0.1, wake=woke.set)
     obs.start()
     try:
@@ -367,10 +367,10 @@ def test_observer_reports_close_and_move_and_restarts_after_its_thread_dies(
 NO_INOTIFY = """
 import json, sys
 from watcher import log
-from watcher.watch import sources
+from watcher.watch import observer
 log.configure("test", "json", "info")
-obs = sources.InboxObserver(sys.argv[1], kind="inotify", recursive=False, poll_interval=0.1,
-                            wake=lambda: None)
+obs = observer.InboxObserver(sys.argv[1], kind="inotify", recursive=False, poll_interval=0.1,
+                             wake=lambda: None)
 obs.start()
 print(json.dumps({"kind": obs.kind, "healthy": obs.healthy()}))
 obs.stop()
@@ -448,14 +448,14 @@ def test_the_observer_walks_never_follow_a_folder_swapped_for_a_link(tmp_path: P
     os.symlink(tmp_path / "private", inbox / "sw")
     safefs.root(str(inbox))
     real = [(r, sorted(d), sorted(f)) for r, d, f in os.walk(inbox / "real")]
-    ours = [(r, sorted(d), sorted(f)) for r, d, f in sources._walk_no_links(str(inbox / "real"))]
+    ours = [(r, sorted(d), sorted(f)) for r, d, f in observer._walk_no_links(str(inbox / "real"))]
     assert ours == [(str(r), d, f) for r, d, f in real]
-    assert list(sources._walk_no_links(os.fsencode(inbox / "sw"))) == []
+    assert list(observer._walk_no_links(os.fsencode(inbox / "sw"))) == []
     assert list(os.walk(inbox / "sw"))  # what watchdog's own walk would have listed
-    assert stat.S_ISLNK(sources._lstat_below(str(inbox / "sw")).st_mode)
+    assert stat.S_ISLNK(observer._lstat_below(str(inbox / "sw")).st_mode)
     with pytest.raises(NotADirectoryError):
-        sources._listdir_below(str(inbox / "sw"))
-    assert [e.name for e in sources._listdir_below(str(inbox / "real"))] == ["sub"]
+        observer._listdir_below(str(inbox / "sw"))
+    assert [e.name for e in observer._listdir_below(str(inbox / "real"))] == ["sub"]
 
 
 def test_counter_names_fit_with_their_sidecar_and_moves_cross_file_systems(
@@ -468,9 +468,9 @@ def test_counter_names_fit_with_their_sidecar_and_moves_cross_file_systems(
     for i in range(3):
         src = tmp_path / f"src{i}"
         src.write_bytes(b"%d" % i)
-        dest = lifecycle.move_no_clobber(str(src), str(q), long)
+        dest = moves.move_no_clobber(str(src), str(q), long)
         base = os.path.basename(dest)
-        assert len(os.fsencode(base + lifecycle.SIDECAR)) <= files.NAME_MAX
+        assert len(os.fsencode(base + moves.SIDECAR)) <= files.NAME_MAX
         names.add(base)
     assert len(names) == 3 and (q / long).read_bytes() == b"taken"
     other = Path("/dev/shm")
@@ -483,16 +483,16 @@ def test_counter_names_fit_with_their_sidecar_and_moves_cross_file_systems(
         os.chmod(src, 0o640)
         link = tmp_path / "link"
         os.symlink("/nowhere", link)
-        dest = lifecycle.move_no_clobber(str(src), str(across / "a" / "b"), "x" * 250 + ".jpg")
+        dest = moves.move_no_clobber(str(src), str(across / "a" / "b"), "x" * 250 + ".jpg")
         assert Path(dest).read_bytes() == b"bytes" and not src.exists()
         assert stat.S_IMODE(os.stat(dest).st_mode) == 0o640
-        dest = lifecycle.move_no_clobber(str(link), str(across), "l")
+        dest = moves.move_no_clobber(str(link), str(across), "l")
         assert os.readlink(dest) == "/nowhere" and not os.path.lexists(link)
         hard = tmp_path / "hard"
         hard.write_bytes(b"someone else's")
         os.link(hard, tmp_path / "other-name")
         with pytest.raises(OSError, match="hard links"):
-            lifecycle.move_no_clobber(str(hard), str(across), "h")
+            moves.move_no_clobber(str(hard), str(across), "h")
         assert hard.exists() and not (across / "h").exists()
         assert not [p for p in across.rglob("*") if p.name.endswith(files.TEMP_SUFFIX)]
     finally:

@@ -24,7 +24,7 @@ from tests import crashers
 from tests.conftest import ROOT, make_image, wait_until
 from tests.test_cli import tagged_processes
 from watcher.samples import picture
-from watcher.watch import lifecycle
+from watcher.watch import claiming, lifecycle
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,7 @@ def files(folder: Path) -> list[str]:
 
 def claimed(root: Path) -> list[str]:
     """The inputs claimed in the work folder, by their names in the inbox (from the records)."""
-    return sorted(c.rel for c in lifecycle.leftover(
+    return sorted(c.rel for c in claiming.leftover(
         lifecycle.Folders({k: str(root / v) for k, v in (
             ("inbox", "inbox"), ("output", "processed"), ("archive", "archive"),
             ("quarantine", "quarantine"), ("work", "work"))}), lambda: 0))

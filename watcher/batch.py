@@ -24,13 +24,11 @@ from watcher import log
 from watcher.config import Settings
 from watcher.engine.supervisor import create_engine
 from watcher.errors import ConfigError
+from watcher.extensions import output_ext
 from watcher.fs.durable import fsync_dir
 from watcher.fs.files import remove_dead_temps, walk_images
 from watcher.fs.naming import OutputNames
-from watcher.imaging import formats
-from watcher.imaging.pil import Image
 from watcher.imaging.pipeline import Pipeline
-from watcher.settings.schema import OutputOptions
 from watcher.tasks import OutputPlan, Result, Task
 
 _GLOB = set("*?[")
@@ -144,25 +142,6 @@ def read_list(stream: Iterable[str]) -> list[str]:
 
 # --- planning -----------------------------------------------------------------------------------
 
-def output_ext(opts: OutputOptions, path: str, allowed: Sequence[str]) -> str:
-    """The extension ``path``'s output gets: its format's, or with format "same" the input's
-    own where it names an encoder, else the one of the format its header says."""
-    if opts.format != "same":
-        return formats.OUTPUTS[formats.OUTPUT_FORMATS[opts.format]].extension
-    ext = os.path.splitext(path)[1]
-    if ext.lower() in formats.OUTPUT_EXTENSIONS:
-        return ext
-    limit = Image.MAX_IMAGE_PIXELS
-    try:  # an unusual or missing extension: ask the header (no pixels are decoded, so no
-        Image.MAX_IMAGE_PIXELS = None  # pixel limit: the worker applies the run's own)
-        with Image.open(path, formats=allowed) as im:
-            return formats.extension(im.format or "") or ".png"
-    except Exception:  # noqa: BLE001 - the worker will report what is wrong with it
-        return ext or ".png"
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-
-
 # A batch on a Dask cluster that cannot be reached gives up on its inputs after this (seconds),
 # unless [engine] cluster_wait says otherwise (the daemon waits for ever).
 BATCH_CLUSTER_WAIT = 300.0
@@ -193,14 +172,13 @@ def plan(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline],
             if on_conflict == "skip" and os.path.lexists(path):
                 existing.append(path)
             else:
-                outputs.append(OutputPlan(pipeline=p.name, path=path))
+                outputs.append(OutputPlan(p.name, path))
         if not outputs:
             done.append(ItemReport(inp.path, "skipped", existing, reason="outputs-exist",
                                    error="every output exists (on_conflict=skip)"))
             continue
-        tasks.append(Task(seq=seq, path=inp.path, outputs=tuple(outputs),
-                          overwrite=on_conflict == "overwrite", nofollow=nofollow,
-                          sync_dir=False, root=out_dir))
+        tasks.append(Task(seq, inp.path, tuple(outputs), overwrite=on_conflict == "overwrite",
+                          nofollow=nofollow, sync_dir=False, root=out_dir))
         items[seq] = ItemReport(inp.path, "pending", existing)
     return Plan(tasks, items, done, [i.path for i in inputs])
 
@@ -298,7 +276,7 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
                                    running=engine.outstanding, not_started=len(withdrawn),
                                    grace=settings.engine.grace)
                     for t in withdrawn:
-                        record(Result(seq=t.seq, path=t.path, ok=False, reason="cancelled",
+                        record(Result(t.seq, t.path, False, reason="cancelled",
                                       error="interrupted before it started"))
             finally:
                 for r in engine.close(settings.engine.grace,

@@ -85,8 +85,7 @@ def run() -> None:
     own teardown (freeing every module's objects, about 0.1 s after a batch) does nothing a user
     can see: the exit handlers run, the streams are flushed, and the process ends.
     """
-    import atexit  # noqa: PLC0415
-    import os  # noqa: PLC0415
+    from watcher import compat  # noqa: PLC0415
 
     try:
         code = main()
@@ -97,13 +96,7 @@ def run() -> None:
     elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            code = code or 1  # e.g. stdout was a closed pipe: the output did not get out
-    os._exit(code)
+    compat.quick_exit(code)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Operations: what an operator watches a running daemon by.
 
-``health`` is the heartbeat file and its check, ``metrics`` the Prometheus endpoint, ``notify``
-systemd's readiness and watchdog notifications.
+``heartbeat`` is the daemon's once-a-second beat (and PID-1 reaping), ``health`` the heartbeat
+file and its check, ``metrics`` the Prometheus endpoint, ``notify`` systemd's readiness and
+watchdog notifications.
 """

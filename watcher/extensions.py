@@ -1,0 +1,33 @@
+"""Output extensions: which file extension each output of an input gets, in batch and watch mode
+alike (the rest of its name is ``watcher.fs.naming``'s).
+
+A pipeline that names a format gets that format's extension; with format "same" an output keeps
+the input's extension when it is a known image extension, else the one of the format its header
+says (no pixels decoded), else its own (or ".png").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from watcher.imaging import formats
+from watcher.imaging.pil import Image
+from watcher.settings.schema import OutputOptions
+
+
+def output_ext(opts: OutputOptions, path: str, allowed: Sequence[str]) -> str:
+    if opts.format != "same":
+        return formats.OUTPUTS[formats.OUTPUT_FORMATS[opts.format]].extension
+    ext = os.path.splitext(path)[1]
+    if ext.lower() in formats.OUTPUT_EXTENSIONS:
+        return ext
+    limit = Image.MAX_IMAGE_PIXELS
+    try:  # an unusual or missing extension: ask the header (no pixels are decoded, so no
+        Image.MAX_IMAGE_PIXELS = None  # pixel limit: the worker applies the run's own)
+        with Image.open(path, formats=allowed) as im:
+            return formats.extension(im.format or "") or ".png"
+    except Exception:  # noqa: BLE001 - the worker will report what is wrong with it
+        return ext or ".png"
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
