@@ -172,13 +172,14 @@ def plan(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline],
             if on_conflict == "skip" and os.path.lexists(path):
                 existing.append(path)
             else:
-                outputs.append(OutputPlan(p.name, path))
+                outputs.append(OutputPlan(pipeline=p.name, path=path))
         if not outputs:
             done.append(ItemReport(inp.path, "skipped", existing, reason="outputs-exist",
                                    error="every output exists (on_conflict=skip)"))
             continue
-        tasks.append(Task(seq, inp.path, tuple(outputs), overwrite=on_conflict == "overwrite",
-                          nofollow=nofollow, sync_dir=False, root=out_dir))
+        tasks.append(Task(seq=seq, path=inp.path, outputs=tuple(outputs),
+                          overwrite=on_conflict == "overwrite", nofollow=nofollow,
+                          sync_dir=False, root=out_dir))
         items[seq] = ItemReport(inp.path, "pending", existing)
     return Plan(tasks, items, done, [i.path for i in inputs])
 
@@ -276,7 +277,7 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
                                    running=engine.outstanding, not_started=len(withdrawn),
                                    grace=settings.engine.grace)
                     for t in withdrawn:
-                        record(Result(t.seq, t.path, False, reason="cancelled",
+                        record(Result(seq=t.seq, path=t.path, ok=False, reason="cancelled",
                                       error="interrupted before it started"))
             finally:
                 for r in engine.close(settings.engine.grace,
