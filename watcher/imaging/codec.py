@@ -27,14 +27,16 @@ import io
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from watcher.errors import RejectedInput
 from watcher.imaging import inputfile
 from watcher.imaging.formats import SCALABLE_FORMATS, sniff
 from watcher.imaging.inputfile import InputFile
 from watcher.imaging.pil import Image, UnidentifiedImageError, load_plugins
-from watcher.settings.schema import DecodeLimits
+
+if TYPE_CHECKING:  # the settings types; the schema checks formats with this module
+    from watcher.settings.schema import DecodeLimits
 
 ORIENTATION = 0x0112  # the EXIF tag
 
