@@ -219,3 +219,58 @@ def test_check_config_prints_a_file_that_loads_back_as_the_same_settings(
     assert again.watch.settle == 0.5 and again.use == ("t",)
     assert dump.to_toml(again).splitlines()[1:] == dump.to_toml(first).splitlines()[1:]
     assert tomllib.loads(proc.stdout)["pipelines"]["t"]["colour"] == "keep"
+
+
+# --- what an attacker found (helper-17), each refused or accepted the same way everywhere -------
+
+def test_a_whole_number_setting_takes_whole_numbers_only_wherever_given() -> None:
+    with pytest.raises(ConfigError, match=r"engine\.workers: expected int, got float 3\.0"):
+        config.parse({"engine": {"workers": 3.0}})
+    with pytest.raises(ConfigError, match="WATCHER_WORKERS: expected a whole number"):
+        config.from_environment(config.load(None), {"WATCHER_WORKERS": "3.0"})
+
+
+@pytest.mark.parametrize("big", [10**400, "9" * 400], ids=["toml", "text"])
+def test_a_number_too_large_is_a_config_error_not_a_traceback(big: object) -> None:
+    for section, key in (("engine", "workers"), ("engine", "timeout"), ("watch", "settle")):
+        with pytest.raises(ConfigError) as e:
+            if isinstance(big, str):
+                config.from_environment(config.load(None), {f"WATCHER_{key.upper()}": big})
+            else:
+                config.parse({section: {key: big}})
+        assert len(e.value.message) < 120
+
+
+def test_a_toml_integer_of_thousands_of_digits_is_not_valid_toml(tmp_path: Path) -> None:
+    (tmp_path / "w.toml").write_text("[engine]\nworkers = " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(tmp_path / "w.toml")
+
+
+def test_a_rule_between_settings_sees_every_layer(tmp_path: Path) -> None:
+    (tmp_path / "w.toml").write_text('[engine]\nexecutor = "dask"\n')
+    s = config.from_environment(config.load(tmp_path / "w.toml", final=False),
+                                {"WATCHER_SCHEDULER": "tcp://10.0.0.5:8786"})
+    assert (s.engine.executor, s.engine.scheduler) == ("dask", "tcp://10.0.0.5:8786")
+    with pytest.raises(ConfigError) as e:  # nobody gave one: named as the file names it
+        config.from_environment(config.load(tmp_path / "w.toml", final=False), {})
+    assert e.value.where == f"{tmp_path / 'w.toml'}: engine.scheduler"
+    proc = run_cli("watch", "-c", "w.toml", cwd=tmp_path,
+                   env={"WATCHER_SCHEDULER": "tcp://127.0.0.1:1", "WATCHER_CLUSTER_WAIT": "0.1",
+                        "WATCHER_INBOX": "never-made/x"}, timeout=60)
+    assert "needs the scheduler" not in proc.stderr
+
+
+def test_an_empty_scheduler_implies_nothing() -> None:
+    s = config.parse({"engine": {"scheduler": ""}})
+    assert s.engine.executor == "local"
+    s = config.from_environment(config.load(None), {"WATCHER_SCHEDULER": ""})
+    assert s.engine.executor == "local"
+
+
+def test_text_is_taken_as_given_from_a_file_or_a_variable() -> None:
+    with pytest.raises(ConfigError, match="like tcp://HOST:8786"):
+        config.parse({"engine": {"scheduler": " tcp://a:1 "}})
+    with pytest.raises(ConfigError, match="like tcp://HOST:8786"):
+        config.from_environment(config.load(None), {"WATCHER_SCHEDULER": " tcp://a:1 "})
+    assert config.parse({"engine": {"max_worker_memory": " auto "}}).engine.max_worker_memory == 0

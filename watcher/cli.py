@@ -149,7 +149,7 @@ def watch_loader(args: argparse.Namespace, command: str = "watch") -> Any:
     on SIGHUP."""
     def load() -> config.Settings:
         path = args.config or os.environ.get("WATCHER_CONFIG") or _config_path(None)
-        s = config.from_environment(config.load(path), os.environ)
+        s = config.from_environment(config.load(path, final=False), os.environ, final=False)
         return flags.apply_flags(s, args, command)
     return load
 
@@ -207,7 +207,7 @@ def _config_path(given: str | None) -> str | None:
 def cmd_batch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     fmt = log.resolve_format(args.log_format)
     log.configure("main", fmt, args.log_level)
-    settings = config.load(_config_path(args.config))
+    settings = config.load(_config_path(args.config), final=False)
     if args.ops and getattr(args, "output.pipelines", None):
         parser.error("give --ops or --pipeline, not both")
     try:
@@ -272,7 +272,7 @@ def _run_batch(args: argparse.Namespace, settings: config.Settings, pipes: tuple
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.config or os.environ.get("WATCHER_CONFIG") or _config_path(None)
-    settings = config.from_environment(config.load(path), os.environ)
+    settings = config.from_environment(config.load(path, final=False), os.environ)
     print(dump.to_toml(settings), end="")
     print(f"config OK: {settings.source}", file=sys.stderr)
     return ExitCode.OK

@@ -44,6 +44,9 @@ class Settings:
     output: Any = field(default_factory=OutputSettings)
     watch: Any = field(default_factory=WatchSettings)
     source: str = "<built-in>"
+    # For each key set, how the layer that set it names a setting (for a broken rule).
+    chosen_by: Mapping[str, Callable[[Setting], str]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @property
     def use(self) -> tuple[str, ...]:
@@ -73,9 +76,9 @@ Value = tuple[Setting, Any, str, bool]
 
 
 def apply(s: Settings, values: Iterable[Value], label: Callable[[Setting], str],
-          base: str | None = None) -> Settings:
-    """``s`` with one layer of values checked and applied. ``label`` names a setting of this
-    layer in an error about a rule between settings (executor "dask" needs a scheduler)."""
+          base: str | None = None, *, final: bool = True) -> Settings:
+    """``s`` with one layer of values checked and applied. ``label`` names a setting the way
+    this layer does; with ``final`` (no layer follows) the rules between settings are checked."""
     values = list(values)
     given = {v[0].key for v in values}
     changes: dict[str, dict[str, Any]] = {}
@@ -85,21 +88,28 @@ def apply(s: Settings, values: Iterable[Value], label: Callable[[Setting], str],
         value = setting.parse(raw, where, text=text, base=base)
         changes.setdefault(setting.section, {})[setting.attr] = value
     engine = changes.get("engine", {})
-    if "scheduler" in engine and "engine.executor" not in given and \
+    if engine.get("scheduler") and "engine.executor" not in given and \
             s.engine.executor == "local":
         engine["executor"] = "dask"  # a scheduler given alone implies executor dask
-    out = {}
-    for section, attrs in changes.items():
-        current = getattr(s, _FIELD[section])
-        try:
-            out[_FIELD[section]] = replace(current, **attrs)
-        except ConfigError as exc:  # a rule between settings: name the setting at fault
-            at = next(x for x in schema.in_section(section) if x.attr == exc.where)
-            raise ConfigError(label(at), exc.message) from None
-    s = replace(s, **out)
+        given.add("engine.executor")
+    out: dict[str, Any] = {_FIELD[section]: replace(getattr(s, _FIELD[section]), **attrs)
+                           for section, attrs in changes.items()}
+    s = replace(s, **out, chosen_by={**s.chosen_by, **dict.fromkeys(given, label)})
     if "use" in changes.get("output", {}):
         _check_use(s, next(v for v in values if v[0].attr == "use"))
+    if final:
+        check_rules(s, label)
     return s
+
+
+def check_rules(s: Settings, label: Callable[[Setting], str]) -> None:
+    """The rules between settings (``schema.RULES``) on the effective settings: a broken one is
+    refused naming the key at fault as the layer that made the choice names it."""
+    for section, key, by, rule in schema.RULES:
+        message = rule(getattr(s, _FIELD[section]))
+        if message:
+            at = schema.by_name(section)[key]
+            raise ConfigError(s.chosen_by.get(f"{section}.{by}", label)(at), message)
 
 
 def _check_use(s: Settings, value: Value) -> None:
@@ -120,10 +130,13 @@ def _lookup(section: str, key: str, where: str) -> Setting:
 
 # --- watcher.toml -------------------------------------------------------------------------------
 
-def load(path: str | os.PathLike[str] | None, **overrides: Any) -> Settings:
-    """Settings from a TOML file (or the built-ins), with keyword overrides applied last."""
-    settings = default_settings() if path is None else parse(_read(str(path)), str(path))
-    return apply_overrides(settings, **overrides)
+def load(path: str | os.PathLike[str] | None, *, final: bool = True,
+         **overrides: Any) -> Settings:
+    """Settings from a TOML file (or the built-ins), with keyword overrides applied last;
+    ``final=False`` when more layers (environment, flags) follow."""
+    settings = default_settings() if path is None else parse(_read(str(path)), str(path),
+                                                             final=False)
+    return apply_overrides(settings, final=final, **overrides)
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -132,13 +145,13 @@ def _read(path: str) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError as exc:
         raise ConfigError(path, "config file not found") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, ValueError) as exc:  # ValueError: an int of 4300+ digits
         raise ConfigError(path, f"not valid TOML: {exc}") from exc
     except OSError as exc:
         raise ConfigError(path, f"cannot read: {exc.strerror}") from exc
 
 
-def parse(doc: Mapping[str, Any], name: str = "watcher.toml") -> Settings:
+def parse(doc: Mapping[str, Any], name: str = "watcher.toml", *, final: bool = True) -> Settings:
     def where(key: str) -> str:
         return f"{name}: {key}"
 
@@ -159,7 +172,7 @@ def parse(doc: Mapping[str, Any], name: str = "watcher.toml") -> Settings:
         for key, raw in _table(doc, section, where).items():
             at = where(f"{section}.{key}")
             values.append((_lookup(section, key, at), raw, at, False))
-    return apply(s, values, lambda x: where(x.key), base)
+    return apply(s, values, lambda x: where(x.key), base, final=final)
 
 
 def _table(doc: Mapping[str, Any], key: str, where: Callable[[str], str]) -> dict[str, Any]:
@@ -216,7 +229,7 @@ def _pipeline(name: str, table: Any, where: str, defaults: OutputOptions) -> Pip
 
 # --- WATCHER_* and keywords ---------------------------------------------------------------------
 
-def from_environment(s: Settings, env: Mapping[str, str]) -> Settings:
+def from_environment(s: Settings, env: Mapping[str, str], *, final: bool = True) -> Settings:
     """Apply the WATCHER_* variables (for containers); an unknown WATCHER_* name is refused."""
     by_env = {x.env: x for x in schema.SETTINGS if x.env}
     values: list[Value] = []
@@ -228,7 +241,7 @@ def from_environment(s: Settings, env: Mapping[str, str]) -> Settings:
             raise ConfigError(var, "no such setting" + did_you_mean(var, [*by_env,
                                                                            *schema.OTHER_ENV]))
         values.append((by_env[var], env[var], var, True))
-    return apply(s, values, lambda x: x.env or x.key)
+    return apply(s, values, lambda x: x.env or x.key, final=final)
 
 
 API_SECTIONS = ("engine", "input", "output")
@@ -243,7 +256,7 @@ def overridable(name: str) -> Setting:
     return known[name]
 
 
-def apply_overrides(s: Settings, **overrides: Any) -> Settings:
-    """Keyword values (the API's, or flags given as values); ``None`` means not given."""
+def apply_overrides(s: Settings, *, final: bool = True, **overrides: Any) -> Settings:
+    """Keyword values (the API's); ``None`` means not given."""
     values = [(overridable(k), v, k, False) for k, v in overrides.items() if v is not None]
-    return apply(s, values, lambda x: x.name)
+    return apply(s, values, lambda x: x.name, final=final)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import field, make_dataclass
 from typing import Any
 
@@ -49,7 +50,7 @@ def worker_memory(value: Any, where: str) -> int:
     ``"auto"`` / 0 for the default."""
     from watcher.imaging import memory  # noqa: PLC0415 - Pillow, only when one is set
 
-    if value == "auto":
+    if isinstance(value, str) and value.strip().lower() == "auto":
         return 0
     n = parse_size(value, where)
     if n and n < memory.MIN_CAP:
@@ -243,10 +244,17 @@ def _check_unique() -> None:
             seen[value] = s
 
 
-def _engine_check(self: Any) -> None:
-    if self.executor == "dask" and not self.scheduler:
-        raise ConfigError("scheduler", 'executor "dask" needs the scheduler\'s address, '
-                                       "e.g. tcp://10.0.0.5:8786")
+def _dask_needs_scheduler(engine: Any) -> str | None:
+    if engine.executor == "dask" and not engine.scheduler:
+        return 'executor "dask" needs the scheduler\'s address, e.g. tcp://10.0.0.5:8786'
+    return None
+
+
+# Rules between settings, checked on the effective settings once every layer (file, environment,
+# flags) is applied: (section, the key named when broken, the key whose choice broke it, rule).
+RULES: tuple[tuple[str, str, str, Callable[[Any], str | None]], ...] = (
+    ("engine", "scheduler", "executor", _dask_needs_scheduler),
+)
 
 
 def _instance_name(self: Any) -> str:
@@ -275,8 +283,7 @@ def section_type(section: str, name: str, doc: str, **namespace: Any) -> type:
 
 
 _check_unique()
-EngineSettings = section_type("engine", "EngineSettings", "How the pool of workers runs.",
-                              __post_init__=_engine_check)
+EngineSettings = section_type("engine", "EngineSettings", "How the pool of workers runs.")
 DecodeLimits = section_type("input", "DecodeLimits", "What inputs are decoded at all.")
 OutputSettings = section_type("output", "OutputSettings", "Which pipelines; existing outputs.")
 WatchSettings = section_type("watch", "WatchSettings", "The inbox daemon's folders and ways.",

@@ -108,6 +108,12 @@ class Setting:
                 "list": "list of strings", "path": "folder"}.get(self.kind, self.kind) + bounds
 
 
+def _short(value: Any) -> str:
+    """``repr(value)``, cut short: a 400-digit number is not worth quoting whole."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
@@ -119,20 +125,22 @@ def _number(s: Setting, value: Any, where: str, text: bool) -> Any:
             value = kind(value.strip())
         except ValueError:
             word = "a whole number" if kind is int else "a number"
-            raise ConfigError(where, f"expected {word}, got {value!r}") from None
+            raise ConfigError(where, f"expected {word}, got {_short(value)}") from None
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    elif kind is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(where, "expected a finite number, got a number too large "
+                                     "for a float") from None
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ConfigError(where, f"expected {kind.__name__}, got {type(value).__name__} "
-                                 f"{value!r}")
-    if not math.isfinite(value):
+                                 f"{_short(value)}")
+    if kind is float and not math.isfinite(value):
         raise ConfigError(where, f"expected a finite number, got {value!r}")
     if s.lo is not None and value < s.lo:
-        raise ConfigError(where, f"must be >= {_num(s.lo)}, got {value!r}")
+        raise ConfigError(where, f"must be >= {_num(s.lo)}, got {_short(value)}")
     if s.hi is not None and value > s.hi:
-        raise ConfigError(where, f"must be <= {_num(s.hi)}, got {value!r}")
+        raise ConfigError(where, f"must be <= {_num(s.hi)}, got {_short(value)}")
     return value
 
 
@@ -158,7 +166,7 @@ def _str(s: Setting, value: Any, where: str, text: bool) -> str:
         return low
     if not s.allow_empty and not value.strip():
         raise ConfigError(where, "must not be empty")
-    return value.strip() if text else value
+    return value
 
 
 def _list(s: Setting, value: Any, where: str, text: bool) -> tuple[str, ...]:
