@@ -274,3 +274,52 @@ def test_text_is_taken_as_given_from_a_file_or_a_variable() -> None:
     with pytest.raises(ConfigError, match="like tcp://HOST:8786"):
         config.from_environment(config.load(None), {"WATCHER_SCHEDULER": " tcp://a:1 "})
     assert config.parse({"engine": {"max_worker_memory": " auto "}}).engine.max_worker_memory == 0
+
+
+def test_more_attacks_are_refused_with_the_key_named(tmp_path: Path) -> None:
+    bad = [({"watch": {"archive": "a\x00b"}}, "watch.archive"),
+           ({"watch": {"instance": ".."}}, "watch.instance"),
+           ({"output": {"pipelines": ["web", "web"]}}, "output.pipelines[1]"),
+           ({"engine": {"max_worker_memory": "9000000 TiB"}}, "engine.max_worker_memory"),
+           ({"pipelines": {"a": {"steps": [{"op": "blur", "radius": float("nan")}]}}},
+            "pipelines.a.steps[0][blur].radius"),
+           ({"pipelines": {"a": {"steps": ["watcher.transforms.blur(radius=-9)"]}}},
+            "pipelines.a.steps[0][blur].radius"),
+           ({"pipelines": {"a": {"steps": ["grayscale"], "color": "keep", "colour": "srgb"}}},
+            "pipelines.a.colour"),
+           ({"pipelines": {"a": {"steps": ["grayscale"], "sufix": "x"}}}, "pipelines.a.sufix")]
+    for doc, where in bad:
+        with pytest.raises(ConfigError) as e:
+            config.parse(doc, "w.toml")
+        assert e.value.where == f"w.toml: {where}", (doc, e.value)
+    with pytest.raises(ConfigError, match=r"WATCHER_FORMATS\[0\]"):
+        config.from_environment(config.load(None), {"WATCHER_FORMATS": ",png"})
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        config.from_environment(config.load(None), {"WATCHER_INBOX": "in\udcffbox"})
+    with pytest.raises(ConfigError, match="did you mean 'suffix'"):
+        config.parse({"pipelines": {"a": {"steps": ["grayscale"], "sufix": "x"}}})
+    step = config.parse_step("watcher.transforms.blur(radius=3)", "--ops")
+    assert step.name == "blur" and dict(step.params)["radius"] == 3
+    (tmp_path / "boom.py").write_text("raise RuntimeError('no')\n")
+    (tmp_path / "w.toml").write_text('[pipelines.a]\nsteps = ["boom.f"]\n')
+    proc = run_cli("check-config", "-c", "w.toml", cwd=tmp_path,
+                   env={"PYTHONPATH": f"{ROOT}:{tmp_path}"})
+    assert proc.returncode == 2 and "importing module 'boom' failed" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    (tmp_path / "odd.toml").write_text('[watch]\ninbox = "in\\u007fbox"\n')
+    out = run_cli("check-config", "-c", "odd.toml", cwd=tmp_path)
+    (tmp_path / "back.toml").write_text(out.stdout)
+    assert config.load(tmp_path / "back.toml").watch.inbox == str(tmp_path / "in\x7fbox")
+
+
+def test_suffixes_and_output_options_are_checked_on_every_surface(tmp_path: Path) -> None:
+    proc = run_cli("batch", "x.png", "-o", "o", "--suffix", "a/b", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: watcher")
+    assert "--suffix: letters" in proc.stderr
+    with pytest.raises(ConfigError, match="suffix"):
+        process_images([], tmp_path / "o", ["grayscale"], suffix="../x")
+    with pytest.raises(ConfigError, match=r"output\.quality: must be <= 100"):
+        process_images([], tmp_path / "o", ["grayscale"], output=config.OutputOptions(
+            quality=1000))
+    proc = run_cli("watch", "--formats", "bogus", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: watcher"), proc.stderr

@@ -57,7 +57,7 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
     Raises ``ConfigError`` before any work starts for anything that cannot run (a lambda, an
     unknown transform, a bad parameter).
     """
-    from dataclasses import replace  # noqa: PLC0415
+    from dataclasses import asdict, replace  # noqa: PLC0415
 
     from watcher import batch, log  # noqa: PLC0415
     from watcher import config as cfg  # noqa: PLC0415
@@ -66,18 +66,26 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
     if not log.is_configured():
         log.configure("main", "auto", "warning")
     effective = cfg.load(config, **settings)
-    opts = output if isinstance(output, OutputOptions) else cfg.output_options(
-        dict(output or {}), "output")
+    # An OutputOptions replaces a pipeline's options (checked as a table would be); a mapping
+    # changes only the options it names.
+    table = asdict(output) if isinstance(output, OutputOptions) else dict(output or {})
+    whole = isinstance(output, OutputOptions)
+    cfg.output_options(table, "output")  # refused before anything runs
+    if suffix is not None:
+        cfg.check_suffix(suffix, "suffix")
     if transforms is not None:
         if pipeline is not None:
             raise ConfigError("pipeline", "give transforms or pipeline, not both")
-        pipes = (cfg.pipeline_from(list(transforms), "processed", suffix, opts),)
+        pipes = (cfg.pipeline_from(list(transforms), "processed", suffix,
+                                   cfg.output_options(table, "output")),)
     else:
         names = [pipeline] if isinstance(pipeline, str) else list(pipeline or ())
-        pipes = effective.select(names)
-        if suffix is not None or output is not None:
-            pipes = tuple(replace(p, suffix=suffix if suffix is not None else p.suffix,
-                                  output=opts if output is not None else p.output) for p in pipes)
+        if len(set(names)) != len(names):
+            raise ConfigError("pipeline", "a pipeline is named twice")
+        pipes = tuple(replace(p, suffix=p.suffix if suffix is None else suffix,
+                              output=cfg.output_options(table, "output",
+                                                        None if whole else p.output))
+                      for p in effective.select(names))
     found, missing = batch.expand(os.fspath(i) for i in inputs)
     return batch.run(found, os.fspath(output_dir), pipes, effective, progress=progress,
                      failures=missing, log_format=log.resolve_format("auto"))

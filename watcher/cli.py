@@ -147,8 +147,11 @@ Signals: SIGTERM/SIGINT drain and exit 0 (a second one stops at once); SIGHUP re
 def watch_loader(args: argparse.Namespace, command: str = "watch") -> Any:
     """A function giving the effective settings: file, then WATCHER_*, then flags. Called again
     on SIGHUP."""
+    # The file is chosen once: a reload rereads it, and refuses (keeping the running settings)
+    # if it is gone, rather than falling back to the built-ins.
+    path = args.config or os.environ.get("WATCHER_CONFIG") or _config_path(None)
+
     def load() -> config.Settings:
-        path = args.config or os.environ.get("WATCHER_CONFIG") or _config_path(None)
         s = config.from_environment(config.load(path, final=False), os.environ, final=False)
         return flags.apply_flags(s, args, command)
     return load
@@ -159,7 +162,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     fmt = log.resolve_format(args.log_format, sys.stdout)
     log.configure("daemon", fmt, args.log_level, stream=sys.stdout)
-    return Daemon(watch_loader(args), log_format=fmt, log_level=args.log_level).run()
+    loader = watch_loader(args)
+    try:
+        loader()
+    except ConfigError as exc:
+        if exc.where.startswith("-"):  # a bad flag: a usage error, as in a batch
+            args.subparser.error(str(exc))
+        raise
+    return Daemon(loader, log_format=fmt, log_level=args.log_level).run()
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -221,6 +231,8 @@ def cmd_batch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _pipelines(args: argparse.Namespace, settings: config.Settings,
                parser: argparse.ArgumentParser) -> tuple[Any, ...]:
+    if args.suffix:
+        config.check_suffix(args.suffix, "--suffix")
     if args.ops:
         steps = [config.parse_step(x, "--ops") for x in config.split_ops(args.ops)]
         if not steps:

@@ -284,6 +284,8 @@ class Param:
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise ConfigError(where_key,
                               f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise ConfigError(where_key, f"expected a finite number, got {value!r}")
         if self.min is not None and value < self.min:
             raise ConfigError(where_key, f"must be >= {self.min}, got {value!r}")
         if self.max is not None and value > self.max:

@@ -17,6 +17,7 @@ from watcher.config.loader import (
 )
 from watcher.config.steps import (
     builtin_pipelines,
+    check_suffix,
     parse_step,
     pipeline_from,
     split_ops,
@@ -32,6 +33,6 @@ from watcher.settings.schema import (
 from watcher.settings.setting import parse_size
 
 __all__ = ["DEFAULT_IGNORE", "DecodeLimits", "EngineSettings", "OutputOptions", "Settings",
-           "WatchSettings", "apply_overrides", "builtin_pipelines", "default_settings",
-           "from_environment", "load", "output_options", "parse", "parse_size", "parse_step",
-           "pipeline_from", "split_ops", "step_from_callable"]
+           "WatchSettings", "apply_overrides", "builtin_pipelines", "check_suffix",
+           "default_settings", "from_environment", "load", "output_options", "parse",
+           "parse_size", "parse_step", "pipeline_from", "split_ops", "step_from_callable"]

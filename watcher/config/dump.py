@@ -18,8 +18,8 @@ def value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, str):  # JSON's escapes are TOML's; DEL must be escaped too in TOML
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, tuple | list):
         return "[" + ", ".join(value(x) for x in v) + "]"
     raise TypeError(f"no TOML form for {v!r}")

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from watcher.config.steps import builtin_pipelines, make_step, parse_step, split_ops
+from watcher.config.steps import (
+    builtin_pipelines,
+    check_suffix,
+    make_step,
+    parse_step,
+    split_ops,
+)
 from watcher.errors import ConfigError
 from watcher.imaging.pipeline import Pipeline, Step
 from watcher.settings import schema
@@ -115,6 +121,9 @@ def check_rules(s: Settings, label: Callable[[Setting], str]) -> None:
 def _check_use(s: Settings, value: Value) -> None:
     _setting, _raw, where, text = value
     for i, name in enumerate(s.use):
+        if name in s.use[:i]:
+            raise ConfigError(where if text else f"{where}[{i}]",
+                              f"pipeline {name!r} is named twice")
         if name not in s.pipelines:
             at = where if text else f"{where}[{i}]"
             raise ConfigError(at, f"no such pipeline {name!r}; defined: "
@@ -145,7 +154,7 @@ def _read(path: str) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError as exc:
         raise ConfigError(path, "config file not found") from exc
-    except (tomllib.TOMLDecodeError, ValueError) as exc:  # ValueError: an int of 4300+ digits
+    except (tomllib.TOMLDecodeError, ValueError) as exc:  # an int of 4300+ digits, not UTF-8
         raise ConfigError(path, f"not valid TOML: {exc}") from exc
     except OSError as exc:
         raise ConfigError(path, f"cannot read: {exc.strerror}") from exc
@@ -183,7 +192,7 @@ def _table(doc: Mapping[str, Any], key: str, where: Callable[[str], str]) -> dic
 
 
 def output_options(table: Mapping[str, Any], where: str,
-                   base: OutputOptions | None = None) -> OutputOptions:
+                   base: OutputOptions | None = None, also: Sequence[str] = ()) -> OutputOptions:
     """A pipeline's output options from a table ([defaults], a pipeline, ``output=``); an
     unknown key is refused (``where.key``)."""
     values: dict[str, Any] = {}
@@ -191,8 +200,11 @@ def output_options(table: Mapping[str, Any], where: str,
     for key, value in table.items():
         w = f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
         if key not in known:
-            raise ConfigError(w, "unknown output option" + did_you_mean(key, known))
+            raise ConfigError(w, "unknown output option" + did_you_mean(key, [*known, *also]))
         setting = known[key]
+        if setting.attr in values:
+            raise ConfigError(w, f"{setting.attr} is given twice (as {setting.attr} and as "
+                                 "an alias)")
         values[setting.attr] = setting.parse(value, w)
     return replace(base or OutputOptions(), **values)
 
@@ -218,13 +230,10 @@ def _pipeline(name: str, table: Any, where: str, defaults: OutputOptions) -> Pip
             steps.append(make_step(op, (), {k: v for k, v in item.items() if k != "op"}, w))
         else:
             raise ConfigError(w, f"expected a string or a table, got {type(item).__name__}")
-    suffix = table.get("suffix", name)
-    if not isinstance(suffix, str) or not re.fullmatch(r"[\w.+-]*", suffix):
-        raise ConfigError(f"{where}.suffix", f"letters, digits, '_', '-', '.', '+' only, "
-                                             f"got {suffix!r}")
+    suffix = check_suffix(table.get("suffix", name), f"{where}.suffix")
     options = {k: v for k, v in table.items() if k not in ("steps", "suffix")}
     return Pipeline(name=name, steps=tuple(steps), suffix=suffix,
-                    output=output_options(options, where, defaults))
+                    output=output_options(options, where, defaults, ("steps", "suffix")))
 
 
 # --- WATCHER_* and keywords ---------------------------------------------------------------------

@@ -110,9 +110,13 @@ def _imported_step(name: str, args: Sequence[Any], kwargs: Mapping[str, Any],
         raise ConfigError(where, f"cannot import module {module!r}: {exc}") from exc
     except AttributeError as exc:
         raise ConfigError(where, f"module {module!r} has no {attr!r}") from exc
+    except Exception as exc:
+        raise ConfigError(where, f"importing module {module!r} failed: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    spec = transforms.spec_for_callable(func)
+    if spec is not None:  # a built-in after all: its arguments are checked as the name's are
+        return make_step(spec.name, args, kwargs, where.rpartition("[")[0])
     step = step_from_callable(func, where)
-    if step.func is None:
-        return step  # it was a built-in after all
     try:
         bound = inspect.signature(func).bind(None, *args, **kwargs)
     except TypeError as exc:
@@ -151,6 +155,13 @@ def step_from_callable(func: Callable[..., Any], where: str) -> Step:
     return Step(name=f"{module}.{qual}", func=func)
 
 
+def check_suffix(suffix: Any, where: str) -> str:
+    """An output name suffix: letters, digits, '_', '-', '.', '+' (never a path)."""
+    if not isinstance(suffix, str) or not re.fullmatch(r"[\w.+-]*", suffix):
+        raise ConfigError(where, f"letters, digits, '_', '-', '.', '+' only, got {suffix!r}")
+    return suffix
+
+
 def pipeline_from(items: Sequence[Any], name: str = "processed", suffix: str | None = None,
                   output: OutputOptions | None = None) -> Pipeline:
     """A pipeline from callables, registry names or step strings (the Python API and --ops)."""
@@ -165,7 +176,8 @@ def pipeline_from(items: Sequence[Any], name: str = "processed", suffix: str | N
             steps.append(step_from_callable(item, where))
     if not steps:
         raise ConfigError("transforms", "no transforms given")
-    return Pipeline(name=name, steps=tuple(steps), suffix=name if suffix is None else suffix,
+    suffix = name if suffix is None else check_suffix(suffix, "suffix")
+    return Pipeline(name=name, steps=tuple(steps), suffix=suffix,
                     output=output or OutputOptions())
 
 

@@ -45,6 +45,9 @@ def _scheduler(value: str, where: str) -> str:
     return value
 
 
+MAX_WORKER_MEMORY = 2**60  # more than any machine; past 2**63 the address-space limit wraps
+
+
 def worker_memory(value: Any, where: str) -> int:
     """``max_worker_memory``: a size (``"1.5 GiB"``, bytes) of at least memory.MIN_CAP, or
     ``"auto"`` / 0 for the default."""
@@ -53,6 +56,8 @@ def worker_memory(value: Any, where: str) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return 0
     n = parse_size(value, where)
+    if n > MAX_WORKER_MEMORY:
+        raise ConfigError(where, f"must be at most {MAX_WORKER_MEMORY // 2**50} PiB, got {value!r}")
     if n and n < memory.MIN_CAP:
         raise ConfigError(where, f"must be 0 (auto) or at least {memory.mib(memory.MIN_CAP)}, "
                                  f"got {value!r}")
@@ -75,7 +80,8 @@ def _formats(value: tuple[str, ...], where: str) -> tuple[str, ...]:
 
 
 def _instance(value: str, where: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]*(\{host\}[A-Za-z0-9_.-]*)?", value):
+    if not re.fullmatch(r"[A-Za-z0-9_.-]*(\{host\}[A-Za-z0-9_.-]*)?", value) or \
+            value in (".", ".."):
         raise ConfigError(where, "an instance name is letters, digits, '_', '-', '.' and "
                                  "an optional {host}")
     return value

@@ -166,12 +166,23 @@ def _str(s: Setting, value: Any, where: str, text: bool) -> str:
         return low
     if not s.allow_empty and not value.strip():
         raise ConfigError(where, "must not be empty")
+    _text_ok(value, where)
     return value
 
 
+def _text_ok(value: str, where: str) -> None:
+    """No NUL (no path or name can hold one) and only UTF-8 (a variable's undecodable bytes)."""
+    if "\x00" in value:
+        raise ConfigError(where, f"must not contain a NUL character, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(where, f"not valid UTF-8: {value!r}") from None
+
+
 def _list(s: Setting, value: Any, where: str, text: bool) -> tuple[str, ...]:
-    if text and isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
+    if text and isinstance(value, str):  # "a, b"; "" is the empty list; ",a" an empty item
+        value = [v.strip() for v in value.split(",")] if value.strip() else []
     if isinstance(value, tuple):
         value = list(value)
     if not isinstance(value, list):
@@ -180,6 +191,7 @@ def _list(s: Setting, value: Any, where: str, text: bool) -> tuple[str, ...]:
     for i, v in enumerate(value):
         if not isinstance(v, str) or not v.strip():
             raise ConfigError(f"{where}[{i}]", f"expected a non-empty string, got {v!r}")
+        _text_ok(v, f"{where}[{i}]")
     if not value and not s.allow_empty:
         raise ConfigError(where, "expected a non-empty list")
     return tuple(value)

@@ -102,7 +102,11 @@ class Daemon:
             assert self.intake.observer is not None
             backlog = self.intake.reconcile(count=False)
             if ws.metrics_port:
-                self._server = MetricsServer(ctx.metrics, ws.metrics_host, ws.metrics_port)
+                try:
+                    self._server = MetricsServer(ctx.metrics, ws.metrics_host, ws.metrics_port)
+                except OSError as exc:  # no such host, port taken, no permission
+                    raise ConfigError("watch.metrics_host/metrics_port", f"cannot serve on "
+                                      f"{ws.metrics_host}:{ws.metrics_port}: {exc}") from exc
                 self._server.start()
                 self._log.info("metrics.listening", host=self._server.address[0],
                                port=self._server.address[1])
@@ -222,8 +226,9 @@ class Daemon:
         ctx = self.ctx
         try:
             new = self._load()
-        except ConfigError as exc:
-            self._log.error("config.reload_failed", error=str(exc), kept="the running config")
+        except Exception as exc:  # noqa: BLE001 - a user transform may raise anything on import
+            error = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            self._log.error("config.reload_failed", error=error, kept="the running config")
             return
         if folders_of(new).named() != ctx.folders.named():
             self._log.warning("config.folders_unchanged",
