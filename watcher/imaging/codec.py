@@ -124,8 +124,8 @@ def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
     size the decode will have); it raises ``RejectedInput`` to refuse the input (the memory
     governor's estimate).
     """
-    raw, nbytes = inputfile.open_regular(path, nofollow=nofollow, max_size=limits.max_file_size,
-                               max_links=max_links)
+    raw, nbytes = inputfile.open_regular(path, nofollow=nofollow,
+                                         max_size=limits.max_file_size, max_links=max_links)
     f = InputFile(raw)
     try:
         load_plugins()
