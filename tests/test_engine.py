@@ -18,7 +18,8 @@ from tests import crashers
 from tests.conftest import make_image, wait_until
 from watcher import config
 from watcher.config import EngineSettings
-from watcher.engine.supervisor import Engine, EngineError
+from watcher.engine.executor import EngineError
+from watcher.engine.supervisor import Engine
 from watcher.settings.schema import DecodeLimits
 from watcher.tasks import OutputPlan, Result, Task
 

@@ -22,7 +22,7 @@ from tests.conftest import make_image, wait_until
 from tests.test_engine import poison, run_all, tasks_for
 from watcher import batch, config
 from watcher.config import EngineSettings
-from watcher.engine.supervisor import create_engine
+from watcher.engine.factory import create_executor
 from watcher.settings.schema import DecodeLimits
 from watcher.tasks import OutputPlan, Result, Task
 
@@ -49,7 +49,7 @@ def engine_for(executor: str, steps: list[Any], **settings: Any) -> Any:
     p = config.pipeline_from(steps, "p", "p")
     s = EngineSettings(**{"workers": 2, "task_timeout": 30.0, "grace": 5.0,
                           "executor": executor, **settings})
-    return create_engine(s, {"p": p}, DecodeLimits())
+    return create_executor(s, {"p": p}, DecodeLimits())
 
 
 def temps(root: Path) -> list[Path]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from watcher import log
 from watcher.config import Settings
-from watcher.engine.supervisor import create_engine
+from watcher.engine.factory import create_executor
 from watcher.errors import ConfigError
 from watcher.extensions import output_ext
 from watcher.fs.durable import fsync_dir
@@ -228,7 +228,7 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
     workers = max(1, min(settings.engine.workers, len(inputs)))
     wait = BATCH_CLUSTER_WAIT if settings.engine.cluster_wait is None \
         else settings.engine.cluster_wait
-    engine = create_engine(replace(settings.engine, workers=workers, cluster_wait=wait),
+    engine = create_executor(replace(settings.engine, workers=workers, cluster_wait=wait),
                            {x.name: x for x in pipelines}, settings.limits,
                            log_format=log_format, log_level=log_level)
     try:
@@ -236,7 +236,7 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
         p = plan(inputs, out_dir, pipelines, settings.on_conflict, settings.limits.formats)
         # what an earlier run of these outputs left half-written (it was killed, or its workers)
         for path in remove_dead_temps([o.path for t in p.tasks for o in t.outputs], out_dir,
-                                      getattr(engine, "writer_gone", None)):
+                                      engine.writer_gone):
             logger.info("file.temp_removed", path=path, why="left by a process that is gone")
     except BaseException:
         engine.close(0)

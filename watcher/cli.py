@@ -20,8 +20,8 @@ from typing import Any, NoReturn
 
 from watcher import __version__, batch, config, log, transforms
 from watcher.config import dump, flags
+from watcher.engine.helpers import start_forkserver
 from watcher.errors import REASONS, ConfigError, ExitCode, WatcherError
-from watcher.launch import start_forkserver
 
 EPILOG = """exit codes:
   0    every input succeeded (or was skipped because its outputs exist)

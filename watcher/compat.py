@@ -92,8 +92,9 @@ def watch_without_links(walk: Walk) -> None:
     and watch, a folder outside the inbox. Replaces the two private methods of
     ``InotifyWatchGroup`` that walk (``_add_all_callbacks``, ``_recursive_simulate``) with
     ones that walk with ``walk`` (``os.walk``'s triples, by descriptor), built on its private
-    ``_add_callback``, ``_active_callbacks_by_path`` and ``is_recursive``. A watchdog without
-    them keeps its own."""
+    ``_add_callback``, ``is_recursive`` and the watch of a folder by its path
+    (``_find_node_by_path(path).wd`` in watchdog 7.1, ``_active_callbacks_by_path`` in 7.0).
+    A watchdog without them keeps its own."""
     try:
         from watchdog.observers import inotify as wd_inotify  # noqa: PLC0415
         from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent  # noqa: PLC0415
@@ -104,6 +105,7 @@ def watch_without_links(walk: Walk) -> None:
         return
     if not all(hasattr(group, n) for n in PATCHED_GROUP_METHODS):
         return  # another watchdog version: keep its own
+    by_node = hasattr(group, "_find_node_by_path")  # 7.1: a tree of nodes, found by path
 
     def add_all(self: Any, path: bytes) -> None:
         self._add_callback(path)
@@ -112,10 +114,16 @@ def watch_without_links(walk: Walk) -> None:
                 for dirname in dirnames:
                     self._add_callback(os.path.join(root, dirname))
 
+    def watch_of(self: Any, path: bytes) -> Any:
+        if by_node:
+            node = self._find_node_by_path(path)
+            return None if node is None else node.wd
+        return self._active_callbacks_by_path.get(path)
+
     def simulate(self: Any, src_path: bytes) -> list[Any]:
         events = []
         for root, dirnames, filenames in walk(src_path):
-            wd_root = self._active_callbacks_by_path.get(root)
+            wd_root = watch_of(self, root)
             if wd_root is None:
                 continue
             for dirname in dirnames:

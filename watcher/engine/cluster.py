@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from watcher import log
-from watcher.engine.supervisor import Engine, EngineError, Stats, _failure
+from watcher.engine.executor import EngineError, Executor, Stats, failure
 from watcher.errors import RejectedInput
 from watcher.fs.durable import fsync_dir
 from watcher.fs.files import HOST, remove_dead_temps, temp_name
@@ -80,11 +80,11 @@ def run_task(task: Task, key: str, digest: str, cfg_bytes: bytes) -> Result:
         if _cancelled(key):  # the coordinator gave it up (a timeout, a stop, it is gone)
             for st in prep.staged:
                 st.discard()
-            return _failure(task, "cancelled", "cancelled by its coordinator")
+            return failure(task, "cancelled", "cancelled by its coordinator")
         result = proc.stage(prep)
         if _cancelled(key):  # ... while it was being written: nobody will publish it
             _remove_staged(result)
-            return _failure(task, "cancelled", "cancelled by its coordinator")
+            return failure(task, "cancelled", "cancelled by its coordinator")
     finally:
         _RUNNING.pop(key, None)
     return replace(result, peak_rss_kb=memory.peak() // 1024)
@@ -157,7 +157,7 @@ def check_worker(digest: str, cfg_bytes: bytes) -> str:
 
 # --- the coordinator ------------------------------------------------------------------------------
 
-class DaskEngine:
+class DaskEngine(Executor):
     """The engine's interface over a Dask cluster (see the module docstring)."""
 
     def __init__(self, settings: EngineSettings, pipelines: Mapping[str, Pipeline],
@@ -377,11 +377,11 @@ class DaskEngine:
                 fut.cancel()
             self._forget(seq)
             if seq in self._tasks:
-                results.append(_failure(self._tasks.pop(seq), "cancelled",
+                results.append(failure(self._tasks.pop(seq), "cancelled",
                                         f"still running after the {grace:g} s grace period "
                                         "at shutdown; stopped"))
         for t in list(self._tasks.values()):
-            results.append(_failure(t, "cancelled", "the run stopped before this input finished"))
+            results.append(failure(t, "cancelled", "the run stopped before this input finished"))
         self._tasks.clear()
         self._rpc.shutdown(wait=False, cancel_futures=True)
         self._connector.shutdown(wait=False, cancel_futures=True)
@@ -542,7 +542,7 @@ class DaskEngine:
                               host=starts[-1][1] if starts else None, attempts=len(starts),
                               how=str(exc))
         else:
-            self._ready.append(_failure(task, "internal-error",
+            self._ready.append(failure(task, "internal-error",
                                         f"the task failed on the cluster: "
                                         f"{type(exc).__name__}: {exc}"))
 
@@ -554,8 +554,8 @@ class DaskEngine:
             del self._tasks[task.seq]
             tries = self._lost.pop(task.seq)
             self._ready.append(
-                _failure(task, "worker-crashed", f"{why}; gave up after {tries} tries")
-                if self._intake else _failure(task, "cancelled", f"{why} during shutdown"))
+                failure(task, "worker-crashed", f"{why}; gave up after {tries} tries")
+                if self._intake else failure(task, "cancelled", f"{why} during shutdown"))
             return
         _remove_all_temps([o.path for o in task.outputs])
         self.stats.requeued += 1
@@ -683,7 +683,7 @@ class DaskEngine:
                 for o in task.outputs:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(temp_name(o.path, pid, host))
-                self._ready.append(_failure(task, "timeout", f"still running after {limit:g} "
+                self._ready.append(failure(task, "timeout", f"still running after {limit:g} "
                                             f"s; its worker {addr} was restarted", worker=pid))
 
     # --- outages --------------------------------------------------------------------------------
@@ -790,7 +790,7 @@ class DaskEngine:
             self._forget(seq)
         self._pending.clear()
         for task in list(self._tasks.values()):
-            self._ready.append(_failure(task, "cancelled", f"the Dask cluster at "
+            self._ready.append(failure(task, "cancelled", f"the Dask cluster at "
                                         f"{self._address()}: {what} for {self._wait:g} s "
                                         "(cluster_wait)"))
         self._tasks.clear()
@@ -887,5 +887,3 @@ def _remove_all_temps(finals: list[str], min_age: float = 0.0) -> None:
         finally:
             os.close(fd)
 
-
-AnyEngine = Engine | DaskEngine

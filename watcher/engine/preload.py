@@ -1,4 +1,4 @@
-"""Imported by the worker forkserver before it forks any worker (``launch.PRELOAD``).
+"""Imported by the worker forkserver before it forks any worker (``engine.helpers.PRELOAD``).
 
 Two things happen here, once, in the forkserver:
 

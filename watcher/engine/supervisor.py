@@ -44,10 +44,12 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from watcher import log
 from watcher.engine import runlock
+from watcher.engine.executor import EngineError, Executor, Stats, failure
+from watcher.engine.helpers import PRELOAD, start_helpers
 from watcher.engine.worker import (
     COMMIT_FROM,
     COMMIT_SEQ,
@@ -68,11 +70,9 @@ from watcher.engine.worker import (
     WorkerConfig,
     worker_main,
 )
-from watcher.errors import WatcherError
 from watcher.fs.files import remove_temps
 from watcher.imaging import memory
 from watcher.imaging.pipeline import Pipeline
-from watcher.launch import PRELOAD, start_helpers
 from watcher.settings.schema import DecodeLimits, EngineSettings
 from watcher.tasks import Result, Task
 
@@ -90,13 +90,6 @@ WEDGE_MARGIN = 10.0  # seconds past the timeout a worker may hold tasks without 
 COMMITTER_STALE = 5.0  # seconds without a beat from an idle committer thread: it is gone
 LOCK_WAIT = 1.0  # seconds to wait for a worker's slot lock (a worker killed holding it)
 
-
-if TYPE_CHECKING:
-    from watcher.engine.cluster import AnyEngine
-
-
-class EngineError(WatcherError):
-    """The engine cannot run (workers fail to start)."""
 
 
 @dataclass
@@ -130,17 +123,9 @@ class _Slot:
         return int(self.shared[TAKEN])
 
 
-@dataclass
-class Stats:
-    started: int = 0
-    restarts: int = 0
-    crashes: int = 0
-    timeouts: int = 0
-    requeued: int = 0
-    duplicates: int = 0
+class Engine(Executor):
+    """The local executor: a fixed set of worker processes on this machine (module docstring)."""
 
-
-class Engine:
     def __init__(self, settings: EngineSettings, pipelines: Mapping[str, Pipeline],
                  limits: DecodeLimits, *, log_format: str = "json",
                  log_level: str = "warning") -> None:
@@ -150,7 +135,7 @@ class Engine:
         if self.start_method == "forkserver":
             self._ctx.set_forkserver_preload(PRELOAD)
         if self.start_method != "fork":
-            start_helpers(forkserver=False)  # the resource tracker, deaf to SIGHUP (launch)
+            start_helpers(forkserver=False)  # the resource tracker, deaf to SIGHUP (helpers)
         self.memory_cap = memory.resolve(settings.max_worker_memory, settings.workers)
         cfg = WorkerConfig(dict(pipelines), limits, settings.max_tasks_per_worker, log_format,
                            log_level, os.getpid(), self.memory_cap)
@@ -301,7 +286,7 @@ class Engine:
             self._retire(slot)
         self._slots.clear()
         for t in list(self._tasks.values()):
-            results.append(_failure(t, "cancelled", "the run stopped before this input finished"))
+            results.append(failure(t, "cancelled", "the run stopped before this input finished"))
         self._tasks.clear()
         return results
 
@@ -651,7 +636,7 @@ class Engine:
         task = self._tasks.pop(seq)
         slot.held.pop(seq, None)
         self._given_back.pop(seq, None)
-        return _failure(task, reason, error, worker=slot.proc.pid)
+        return failure(task, reason, error, worker=slot.proc.pid)
 
     def _retire(self, slot: _Slot) -> None:
         for fd in [fd for fd, s in self._fds.items() if s is slot]:
@@ -711,11 +696,6 @@ def _how(code: int | None, killed: str = "") -> str:
     return f"exit code {code}"
 
 
-def _failure(task: Task, reason: str, error: str, worker: int = 0) -> Result:
-    return Result(seq=task.seq, path=task.path, ok=False, reason=reason, error=error,
-                  error_type="", duration=0.0, worker=worker, attempt=task.attempt)
-
-
 def resolve_start_method(method: str) -> str:
     """The start method ``method`` ("auto" or one by name) stands for in this process now.
 
@@ -727,16 +707,3 @@ def resolve_start_method(method: str) -> str:
         return method
     forkable = "fork" in multiprocessing.get_all_start_methods()
     return "fork" if forkable and threading.active_count() == 1 else "forkserver"
-
-
-def create_engine(settings: EngineSettings, pipelines: Mapping[str, Pipeline],
-                  limits: DecodeLimits, **kw: Any) -> AnyEngine:
-    """The engine for ``settings.executor``: local processes, or a Dask cluster (whose module,
-    and the libraries it needs, is imported only then)."""
-    if settings.executor == "local":
-        return Engine(settings, pipelines, limits, **kw)
-    from watcher.engine.cluster import DaskEngine  # noqa: PLC0415
-
-    engine = DaskEngine(settings, pipelines, limits, **kw)
-    log.adopt_stream_handlers()  # distributed's own plain-text handlers: ours render its lines
-    return engine

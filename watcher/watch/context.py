@@ -17,7 +17,7 @@ from watcher.watch.claiming import Claim
 from watcher.watch.lifecycle import Folders
 
 if TYPE_CHECKING:
-    from watcher.engine.cluster import AnyEngine
+    from watcher.engine.executor import Executor
 
 
 class Context:
@@ -28,8 +28,8 @@ class Context:
         self.settings = settings
         self.folders = folders_of(settings)
         self.log = log.get("watcher.watch.daemon")
-        self.engine: AnyEngine | None = None
-        self.draining: list[AnyEngine] = []  # engines replaced by a reload, finishing their files
+        self.engine: Executor | None = None
+        self.draining: list[Executor] = []  # engines replaced by a reload, finishing their files
         self.counts = {"processed": 0, "quarantined": 0, "retried": 0, "skipped": 0,
                        "reconcile_found": 0, "gave_up": 0, "overflows": 0}
         self.metrics = Metrics()

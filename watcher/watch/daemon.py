@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from watcher.config import Settings
 from watcher.engine import runlock
-from watcher.engine.supervisor import create_engine
+from watcher.engine.factory import create_executor
 from watcher.errors import ConfigError
 from watcher.ops.heartbeat import Heartbeat, Report
 from watcher.ops.metrics import MetricsServer
@@ -42,7 +42,7 @@ from watcher.watch.intake import Intake
 from watcher.watch.signals import Signals
 
 if TYPE_CHECKING:
-    from watcher.engine.cluster import AnyEngine
+    from watcher.engine.executor import Executor
 
 TICK = 0.25  # longest wait between ticks; events, results and signals wake the loop sooner
 
@@ -68,12 +68,12 @@ class Daemon:
     def _kept_in_inbox(self, dest: str) -> None:
         self.intake.remember_kept(dest)  # the intake is made after the fates it hears from
 
-    def _new_engine(self) -> AnyEngine:
+    def _new_engine(self) -> Executor:
         pipes = self.ctx.pipelines
         eng = self.ctx.settings.engine
         if eng.start_method == "auto":  # the observer runs threads: no plain fork
             eng = replace(eng, start_method="forkserver")
-        e = create_engine(eng, {p.name: p for p in pipes}, self.ctx.settings.limits,
+        e = create_executor(eng, {p.name: p for p in pipes}, self.ctx.settings.limits,
                           log_format=self._log_format, log_level="warning")
         e.start()
         return e
@@ -115,7 +115,7 @@ class Daemon:
                            observer=self.intake.observer.kind, workers=ctx.settings.engine.workers,
                            pipelines=[p.name for p in ctx.pipelines], backlog=backlog,
                            recovered=recovered, on_success=ws.on_success,
-                           max_worker_memory=getattr(ctx.engine, "memory_cap", None))
+                           max_worker_memory=ctx.engine.memory_cap)
             self.heartbeat.beat(force=True)
             self.heartbeat.notifier.ready(self._status(len(self.held.retrying()),
                                                        self._problems()))

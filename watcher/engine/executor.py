@@ -1,0 +1,107 @@
+"""What every executor is: the interface batch and watch mode drive, whatever runs the tasks.
+
+An executor takes ``Task``s (``submit``), runs each in a worker somewhere, and hands back exactly
+one ``Result`` per task (``poll``), however often the task actually ran. ``stop_intake`` withdraws
+what has not started; ``close`` drains and ends the workers, reporting what it cut short as
+``cancelled``. Two backends stand behind it, as watchdog's observers stand behind
+``BaseObserver``: ``supervisor.Engine`` (local worker processes) and ``cluster.DaskEngine`` (a
+Dask cluster); ``factory.create_executor`` picks one by ``settings.executor``.
+
+``failure`` is the one way to build the result of a task that did not produce one (a crash, a
+timeout, a cancellation), whichever backend decided it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from watcher.errors import WatcherError
+from watcher.fs.files import HOST, running
+from watcher.settings.schema import EngineSettings
+from watcher.tasks import Result, Task
+
+
+class EngineError(WatcherError):
+    """The engine cannot run (workers fail to start, the cluster cannot be reached)."""
+
+
+@dataclass
+class Stats:
+    """What an executor has done since it started (gauges and the batch report read these)."""
+
+    started: int = 0
+    restarts: int = 0
+    crashes: int = 0
+    timeouts: int = 0
+    requeued: int = 0
+    duplicates: int = 0
+
+
+def failure(task: Task, reason: str, error: str, worker: int = 0) -> Result:
+    """The result of ``task`` when its executor, not its worker, decided it failed."""
+    return Result(seq=task.seq, path=task.path, ok=False, reason=reason, error=error,
+                  error_type="", duration=0.0, worker=worker, attempt=task.attempt)
+
+
+class Executor(abc.ABC):
+    """The executor's interface (see the module's docstring). Subclasses set ``settings``,
+    ``stats`` and, where they bound it, ``memory_cap`` (bytes a worker may use)."""
+
+    settings: EngineSettings
+    stats: Stats
+    memory_cap: int | None = None
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start the workers (or connect to them); submitted tasks go out as they are ready."""
+
+    @abc.abstractmethod
+    def submit(self, task: Task) -> None:
+        """Queue a task; raises ``EngineError`` once intake has stopped."""
+
+    @abc.abstractmethod
+    def poll(self, timeout: float = 0.25, *, respawn: bool = True,
+             wake: Sequence[Any] = ()) -> list[Result]:
+        """One tick: wait up to ``timeout`` (or until a ``wake`` descriptor is readable) and
+        return the results that became final."""
+
+    @abc.abstractmethod
+    def stop_intake(self) -> list[Task]:
+        """Stop handing out work; return the tasks that had not started (now withdrawn)."""
+
+    @abc.abstractmethod
+    def close(self, grace: float | None = None,
+              abort: Callable[[], bool] | None = None) -> list[Result]:
+        """Let running tasks finish for up to ``grace`` seconds, then end every worker; return
+        the results that arrived meanwhile and ``cancelled`` for the rest."""
+
+    @abc.abstractmethod
+    def running(self) -> list[str]:
+        """The inputs being processed at this moment."""
+
+    @abc.abstractmethod
+    def problems(self) -> list[str]:
+        """What is wrong right now, one line each ([]: nothing), for health checks."""
+
+    @property
+    @abc.abstractmethod
+    def outstanding(self) -> int:
+        """Tasks submitted whose result has not been returned yet."""
+
+    @property
+    @abc.abstractmethod
+    def workers_alive(self) -> int:
+        """Workers able to take a task now."""
+
+    @property
+    @abc.abstractmethod
+    def pids(self) -> list[int]:
+        """The process ids of this host's workers (PID 1 reaping leaves them alone)."""
+
+    def writer_gone(self, host: str, pid: int) -> bool:
+        """Whether the writer a temp file names is gone for good: here, a process of this host
+        that no longer runs (another host's is never judged gone)."""
+        return host == HOST and not running(pid)
