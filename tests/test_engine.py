@@ -183,7 +183,7 @@ def test_tasks_a_killed_worker_had_not_started_go_to_another_uncharged(
     # One worker holds a slow task and, queued behind it, two more it has not started. Killed,
     # it is charged for the slow one only; the other two run on its replacement, first attempt.
     e = engine_for([crashers.slow], workers=1)
-    e._avg = 0.001  # as if tasks were short: the worker is handed tasks ahead
+    e._book.avg = 0.001  # as if tasks were short: the worker is handed tasks ahead
     e.start()
     try:
         s = slow(tmp_path / "in" / "s.png", 1.5)
@@ -271,7 +271,7 @@ def test_duplicate_result_is_dropped(tmp_path: Path, images: list[Path]) -> None
         task = tasks_for(images[:1], tmp_path / "out")[0]
         first = run_all(e, [task])
         late = Result(seq=task.seq, path=task.path, ok=True)
-        assert e._accept(late) is None
+        assert e._book.accept(late) is None
     finally:
         e.close()
     assert first[task.path].ok and e.stats.duplicates == 1

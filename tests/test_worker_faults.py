@@ -18,8 +18,7 @@ import pytest
 from tests import crashers
 from tests.conftest import make_image, run_cli, wait_until
 from tests.test_engine import engine_for, run_all, tasks_for
-from watcher.engine import supervisor as engine_mod
-from watcher.engine import worker
+from watcher.engine import handles, worker
 from watcher.tasks import Result
 
 pytestmark = pytest.mark.integration
@@ -111,7 +110,7 @@ def test_problems_reports_a_stalled_commit_until_it_is_settled(
 
 def test_a_stopped_worker_holding_tasks_is_reported_then_killed_and_its_tasks_done(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_mod, "WEDGE_MARGIN", 1.0)
+    monkeypatch.setattr(handles, "WEDGE_MARGIN", 1.0)
     paths = _inputs(tmp_path / "in", [f"{i}.png" for i in range(4)])
     e = engine_for(["mirror"], workers=1, task_timeout=1.0, start_method="fork")
     e.start()

@@ -339,7 +339,7 @@ def _bar(total: int, enabled: bool) -> Any:
     from tqdm import tqdm  # noqa: PLC0415
 
     # No monitor thread: a batch forks its workers from this process, which must then run no
-    # other thread (see engine.resolve_start_method).
+    # other thread (see engine.helpers.resolve_start_method).
     tqdm.monitor_interval = 0
 
     try:

@@ -64,3 +64,19 @@ def start_helpers(*, forkserver: bool) -> None:
 def start_forkserver() -> None:
     """Start the forkserver that engines of this process fork their workers from, if not yet."""
     start_helpers(forkserver=True)
+
+
+def resolve_start_method(method: str) -> str:
+    """The start method ``method`` ("auto" or one by name) stands for in this process now.
+
+    "auto" is "fork" where this process runs no other thread (a forked worker then starts at
+    once, with nothing held by a thread it did not inherit), else "forkserver". A caller that
+    starts threads of its own later (the daemon) asks for "forkserver" instead.
+    """
+    if method != "auto":
+        return method
+    import multiprocessing  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    forkable = "fork" in multiprocessing.get_all_start_methods()
+    return "fork" if forkable and threading.active_count() == 1 else "forkserver"

@@ -32,95 +32,41 @@ of run again. ``problems()`` says what is wrong right now (for health checks).
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing
 import os
 import pickle
 import select
 import signal
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from watcher import log
-from watcher.engine import runlock
 from watcher.engine.executor import EngineError, Executor, Stats, failure
-from watcher.engine.helpers import PRELOAD, start_helpers
+from watcher.engine.handles import (
+    Handle,
+    launch,
+    locked,
+    moved,
+    problems,
+    remove_worker_temps,
+    verdict,
+)
+from watcher.engine.helpers import PRELOAD, resolve_start_method, start_helpers
+from watcher.engine.ledger import Ledger
 from watcher.engine.worker import (
-    COMMIT_FROM,
-    COMMIT_SEQ,
-    COMMIT_STARTED,
-    COMMIT_TO,
-    COMMITTER_BEAT,
     EXIT_COMMIT_FAILED,
     EXIT_INIT_FAILED,
     EXIT_TERMINATED,
-    GROUP_MAX,
-    GROUP_WAIT,
     HALT,
-    IDLE,
-    SEQ,
-    SLOT_SIZE,
-    STARTED,
-    TAKEN,
     WorkerConfig,
-    worker_main,
 )
-from watcher.fs.files import remove_temps
 from watcher.imaging import memory
 from watcher.imaging.pipeline import Pipeline
 from watcher.settings.schema import DecodeLimits, EngineSettings
 from watcher.tasks import Result, Task
 
-# How many tasks a worker holds at once: the one it processes, the ones its committer thread
-# gathers into a commit group (about GROUP_WAIT seconds of work, at most GROUP_MAX) and
-# publishes, and enough queued behind them to cover about LOOKAHEAD seconds of work (when tasks
-# are short, so the supervisor, sharing the cores, never leaves it idle), at most MAX_AHEAD.
-# Tasks of LONG_TASK or more get one at a time: a slow file must not hold back another that an
-# idle worker could take.
-LOOKAHEAD = 0.1
-MAX_AHEAD = 8
-LONG_TASK = 0.1
 EARLY_DEATHS = 5  # workers dying in a row before reporting anything: they cannot start
-WEDGE_MARGIN = 10.0  # seconds past the timeout a worker may hold tasks without any progress
-COMMITTER_STALE = 5.0  # seconds without a beat from an idle committer thread: it is gone
-LOCK_WAIT = 1.0  # seconds to wait for a worker's slot lock (a worker killed holding it)
-
-
-
-@dataclass
-class _Slot:
-    """One worker as the supervisor sees it."""
-
-    index: int
-    proc: Any
-    conn: Connection
-    shared: Any
-    lock: Any
-    tasks_conn: Connection  # the supervisor's end of the worker's task pipe
-    # Why the supervisor killed it ("timeout": what it was charged for is settled; "wedged",
-    # "committer-gone": nothing was charged), "" if it did not.
-    killed: str = ""
-    # (output, root) of the outputs whose temp files it may leave
-    cleanup: list[tuple[str, str]] = field(default_factory=list)
-    tasks: int = 0  # results received from it
-    # Tasks sent to it and not yet settled, with their position in the order it got them.
-    held: dict[int, int] = field(default_factory=dict)
-    sent: int = 0  # tasks ever sent to it
-    progress: float = field(default_factory=time.monotonic)  # when it last changed (see _moved)
-    mark: tuple[float, ...] = ()  # what its slot showed then
-
-    @property
-    def seq(self) -> int:
-        return int(self.shared[SEQ])
-
-    @property
-    def taken(self) -> int:
-        return int(self.shared[TAKEN])
 
 
 class Engine(Executor):
@@ -144,22 +90,17 @@ class Engine(Executor):
             self._cfg = pickle.dumps(cfg)
         except Exception as exc:
             raise EngineError(f"the pipelines cannot be sent to worker processes: {exc}") from exc
-        self._slots: dict[int, _Slot] = {}
-        self._tasks: dict[int, Task] = {}  # outstanding: submitted, no result accepted yet
-        self._pending: deque[Task] = deque()  # not yet sent to a worker
-        self._intake = True
+        self._slots: dict[int, Handle] = {}
         self._started = False
         self._early_deaths = 0  # consecutive workers that died before sending any result
         self._respawn: set[int] = set()  # slots whose worker stopped on SIGTERM (see _reap)
-        self._given_back: dict[int, int] = {}  # seq -> deaths of workers that had taken it
-        self._ready: list[Result] = []
-        self._avg: float | None = None  # moving average of a task's duration, seconds
         # One poll set for the whole run: each worker's result pipe and exit sentinel, and the
         # caller's wake descriptors (a tick then costs one system call, not a selector each).
         self._poller = select.poll()
-        self._fds: dict[int, _Slot | None] = {}
+        self._fds: dict[int, Handle | None] = {}
         self.stats = Stats()
         self._log = log.get("watcher.engine.supervisor")
+        self._book = Ledger(settings, self.stats, self._log)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -171,46 +112,20 @@ class Engine(Executor):
             self._feed()
 
     def _spawn(self, index: int) -> None:
-        shared = self._ctx.RawArray("d", SLOT_SIZE)
-        shared[SEQ] = shared[COMMIT_STARTED] = shared[COMMIT_SEQ] = IDLE
-        lock = self._new_lock()
-        recv, send = self._ctx.Pipe(duplex=False)
-        task_recv, task_send = self._ctx.Pipe(duplex=False)
-        # A forked worker starts with copies of this process's descriptors: it closes this
-        # side's pipe ends first, its own and its siblings' (held open, a task pipe's writing
-        # end would hide its closing from the worker that reads it).
-        inherited: tuple[int, ...] = ()
-        if self.start_method == "fork":
-            ends = [c for s in self._slots.values() for c in (s.conn, s.tasks_conn)]
-            inherited = (*(c.fileno() for c in ends if not c.closed), recv.fileno(),
-                         task_send.fileno())
-        proc = self._ctx.Process(target=worker_main, name=f"watcher-worker-{index}",
-                                 args=(index, task_recv, send, shared, lock, self._cfg,
-                                       inherited, self._log_setup, runlock.held()),
-                                 daemon=True)
-        proc.start()
-        send.close()  # the worker holds the only writing end: EOF means it is gone
-        task_recv.close()
-        self._slots[index] = slot = _Slot(index, proc, recv, shared, lock, task_send)
-        for fd in (recv.fileno(), proc.sentinel):
+        # A forked worker closes this side's pipe ends first, its siblings' too (see launch).
+        ends = [c for h in self._slots.values() for c in (h.conn, h.tasks_conn)] \
+            if self.start_method == "fork" else None
+        self._slots[index] = slot = launch(self._ctx, index, self._cfg, self._log_setup, ends,
+                                           self._log)
+        for fd in (slot.conn.fileno(), slot.proc.sentinel):
             self._poller.register(fd, select.POLLIN)
             self._fds[fd] = slot
         self.stats.started += 1
-        self._log.info("worker.started", worker=proc.pid, slot=index)
-
-    def _new_lock(self) -> Any:
-        """A slot lock. Outside ``fork`` it is registered with multiprocessing's resource
-        tracker; a tracker that died (killed) between its liveness probe and the registration
-        makes that fail once with a broken pipe, and the next try starts a new tracker."""
-        try:
-            return self._ctx.Lock()
-        except OSError:
-            self._log.warning("engine.resource_tracker_gone", why="it is started again")
-            return self._ctx.Lock()
+        self._log.info("worker.started", worker=slot.proc.pid, slot=index)
 
     @property
     def outstanding(self) -> int:
-        return len(self._tasks)
+        return len(self._book.tasks)
 
     @property
     def workers_alive(self) -> int:
@@ -222,13 +137,14 @@ class Engine(Executor):
 
     def running(self) -> list[str]:
         """The inputs being processed at this moment."""
-        return [self._tasks[s.seq].path for s in self._slots.values() if s.seq in self._tasks]
+        tasks = self._book.tasks
+        return [tasks[h.seq].path for h in self._slots.values() if h.seq in tasks]
 
     def submit(self, task: Task) -> None:
-        if not self._intake:
+        if not self._book.intake:
             raise EngineError("the engine is stopping; no new tasks")
-        self._tasks[task.seq] = task
-        self._pending.append(task)
+        self._book.tasks[task.seq] = task
+        self._book.pending.append(task)
         self._feed()
 
     def stop_intake(self) -> list[Task]:
@@ -236,19 +152,17 @@ class Engine(Executor):
 
         Every worker is told to halt: it finishes (and commits) the task it is processing, takes
         no other, and exits. The tasks it held but had not taken are withdrawn here."""
-        self._intake = False
-        withdrawn = list(self._pending)
-        self._pending.clear()
+        withdrawn = self._book.withdraw()
         for slot in self._slots.values():
-            with _locked(slot):
+            with locked(slot):
                 slot.shared[HALT] = 1.0
                 taken = slot.taken
             for seq, n in list(slot.held.items()):
-                if n >= taken and seq in self._tasks:
-                    withdrawn.append(self._tasks[seq])
+                if n >= taken and seq in self._book.tasks:
+                    withdrawn.append(self._book.tasks[seq])
                     del slot.held[seq]
         for t in withdrawn:
-            self._tasks.pop(t.seq, None)
+            self._book.tasks.pop(t.seq, None)
         return withdrawn
 
     def close(self, grace: float | None = None,
@@ -261,10 +175,10 @@ class Engine(Executor):
         """
         grace = self.settings.grace if grace is None else grace
         results: list[Result] = []
-        if self._intake:
+        if self._book.intake:
             self.stop_intake()
         deadline = time.monotonic() + grace
-        while self._tasks and time.monotonic() < deadline and not (abort and abort()):
+        while self._book.tasks and time.monotonic() < deadline and not (abort and abort()):
             results += self.poll(min(0.1, max(0.0, deadline - time.monotonic())), respawn=False)
         for slot in self._slots.values():
             with contextlib.suppress(OSError):
@@ -275,19 +189,19 @@ class Engine(Executor):
         for slot in list(self._slots.values()):
             if slot.proc.is_alive():
                 seq = slot.seq
-                slot.cleanup = [o for s in slot.held for o in self._outputs(s)]
+                slot.cleanup = [o for s in slot.held for o in self._book.outputs(s)]
                 slot.proc.kill()
                 slot.proc.join(5)
-                if seq in self._tasks:
-                    results.append(self._charge(slot, seq, "cancelled",
+                if seq in self._book.tasks:
+                    results.append(self._book.charge(slot, seq, "cancelled",
                                                 f"still running after the {grace:g} s grace "
                                                 "period at shutdown; stopped"))
             results += self._drain(slot)
             self._retire(slot)
         self._slots.clear()
-        for t in list(self._tasks.values()):
+        for t in list(self._book.tasks.values()):
             results.append(failure(t, "cancelled", "the run stopped before this input finished"))
-        self._tasks.clear()
+        self._book.tasks.clear()
         return results
 
     # --- one supervisor tick --------------------------------------------------------------------
@@ -303,11 +217,11 @@ class Engine(Executor):
                 self._poller.register(fd, select.POLLIN)
                 self._fds[fd] = None
         if not self._fds:
-            if timeout and not self._ready:
+            if timeout and not self._book.ready:
                 time.sleep(timeout)
             events = []
         else:
-            events = self._poller.poll(0 if self._ready else max(0, int(timeout * 1000)))
+            events = self._poller.poll(0 if self._book.ready else max(0, int(timeout * 1000)))
         exited = set()
         for fd, _ in events:
             slot = self._fds.get(fd)
@@ -316,14 +230,13 @@ class Engine(Executor):
             if fd == slot.proc.sentinel:
                 exited.add(slot.index)
             elif slot.index in self._slots:
-                self._ready += self._drain(slot)
+                self._book.ready += self._drain(slot)
         self._reap(respawn, exited)
         self._kill_stuck()
         self._feed()
-        out, self._ready = self._ready, []
-        return out
+        return self._book.take_ready()
 
-    def _drain(self, slot: _Slot) -> list[Result]:
+    def _drain(self, slot: Handle) -> list[Result]:
         out = []
         fd = slot.conn.fileno() if not slot.conn.closed else -1
         while fd >= 0:
@@ -340,23 +253,10 @@ class Engine(Executor):
                 slot.tasks += 1
                 slot.held.pop(result.seq, None)
                 self._early_deaths = 0
-                accepted = self._accept(result)
+                accepted = self._book.accept(result)
                 if accepted is not None:
                     out.append(accepted)
         return out
-
-    def _accept(self, result: Result) -> Result | None:
-        task = self._tasks.get(result.seq)
-        if task is None:
-            self.stats.duplicates += 1
-            self._log.debug("engine.duplicate_result", path=result.path, seq=result.seq)
-            return None
-        del self._tasks[result.seq]
-        self._given_back.pop(result.seq, None)
-        if result.ok and result.duration > 0:
-            self._avg = result.duration if self._avg is None else \
-                0.8 * self._avg + 0.2 * result.duration
-        return result
 
     def _reap(self, respawn: bool, exited: set[int]) -> None:
         """Settle the workers whose exit sentinel fired (``exited``: slot indexes)."""
@@ -364,16 +264,17 @@ class Engine(Executor):
             if slot.proc.is_alive():
                 continue
             slot.proc.join(0)
-            self._ready += self._drain(slot)  # results sent just before it died
+            self._book.ready += self._drain(slot)  # results sent just before it died
             code = slot.proc.exitcode
             seq = slot.seq
-            self._settle_held(slot, code)
+            self._book.settle(slot, code)
             if code == EXIT_TERMINATED:
                 self._log.info("worker.terminated", worker=slot.proc.pid,
                                why="SIGTERM: it finished its task and stopped")
             elif code != 0:
+                held = self._book.tasks.get(seq)
                 self._log.warning("worker.died", worker=slot.proc.pid, exitcode=code,
-                                  held=self._tasks[seq].path if seq in self._tasks else None)
+                                  held=held.path if held else None)
             self._retire(slot)
             del self._slots[slot.index]
             if code == EXIT_INIT_FAILED:
@@ -393,214 +294,63 @@ class Engine(Executor):
                 # acts on it when this tick returns. A worker started now would take a task no
                 # one asked for; it is started at the next tick, if there is still intake.
                 self._respawn.add(slot.index)
-            elif respawn and self._intake and slot.index not in self._slots:
+            elif respawn and self._book.intake and slot.index not in self._slots:
                 self.stats.restarts += 1 if code != 0 else 0
                 self._spawn(slot.index)
 
     def _respawn_due(self, respawn: bool) -> None:
         """Start the workers that stopped on SIGTERM at an earlier tick (see ``_reap``)."""
         due, self._respawn = self._respawn, set()
-        if not (respawn and self._intake):
+        if not (respawn and self._book.intake):
             return
         for index in sorted(due):
             if index not in self._slots:
                 self.stats.restarts += 1
                 self._spawn(index)
 
-    def _settle_held(self, slot: _Slot, code: int | None) -> None:
-        """Settle every task a dead worker held, exactly once each: the one it was processing is
-        charged with the crash; the ones it had taken but not finished (being committed) and the
-        ones it had not taken go back to the front of the line (they did not cause the death;
-        their temp files are removed). A worker the supervisor killed was charged already (a
-        timeout) or not at all (wedged): every task it still held goes back. A taken task given
-        back where the death may be its own doing is counted (``_suspect``, ``_give_back``)."""
-        seq = -1 if slot.killed else slot.seq
-        taken = slot.taken
-        # Someone answers for the death: the task it processed, the one(s) it was killed for,
-        # or those a failed commit reported before the worker ended itself (it then shows no
-        # group; a group still shown had no known culprit).
-        charged = slot.killed == "timeout" or seq in self._tasks or (
-            code == EXIT_COMMIT_FAILED and slot.shared[COMMIT_STARTED] < 0)
-        back: list[Task] = []
-        for s, n in sorted(slot.held.items(), key=lambda kv: kv[1]):
-            task = self._tasks.get(s)
-            if task is None:
-                continue  # settled already (a result, a timeout, a withdrawal)
-            if s == seq:
-                self._crashed(slot, s, code)
-            elif not self._intake:
-                self._ready.append(self._charge(slot, s, "cancelled", "its worker ended during "
-                                                "shutdown before finishing this input"))
-            elif n < taken:  # taken, not the one it processed, no result: being committed
-                _remove_temps(self._outputs(s), slot.proc.pid)
-                if not _suspect(slot, s, n, charged) or self._give_back(slot, task, code):
-                    self._log.info("file.requeued", path=task.path, worker=slot.proc.pid,
-                                   why="its worker died before committing its outputs")
-                    back.append(task)
-            else:
-                back.append(task)  # never started there: handed to the next worker
-        slot.held.clear()
-        self.stats.requeued += len(back)
-        self._pending.extendleft(reversed(back))
-
-    def _give_back(self, slot: _Slot, task: Task, code: int | None) -> bool:
-        """Count one more death of a worker that may have died of ``task``; True if it may run
-        again, False if it was charged ``worker-crashed`` (crash_retries + 1 deaths in all)."""
-        deaths = self._given_back.get(task.seq, 0) + 1
-        self._given_back[task.seq] = deaths
-        total = task.attempt - 1 + deaths
-        if total <= self.settings.crash_retries:
-            return True
-        self.stats.crashes += 1
-        self._ready.append(self._charge(
-            slot, task.seq, "worker-crashed",
-            f"{total} worker(s) died ({_how(code, slot.killed)}) while committing this input or "
-            "holding it; not run again"))
-        return False
-
-    def _crashed(self, slot: _Slot, seq: int, code: int | None) -> None:
-        task = self._tasks[seq]
-        self.stats.crashes += 1
-        how = _how(code, slot.killed)
-        _remove_temps(self._outputs(seq), slot.proc.pid)
-        deaths = task.attempt + self._given_back.get(seq, 0)
-        if deaths <= self.settings.crash_retries and self._intake:
-            self._log.warning("file.retried", path=task.path, worker=slot.proc.pid,
-                              reason="worker-crashed", how=how, attempt=task.attempt)
-            retry = task.retry()
-            self._tasks[seq] = retry
-            self._pending.appendleft(retry)
-        else:
-            self._ready.append(self._charge(slot, seq, "worker-crashed",
-                                            f"the worker died ({how}) processing this input, "
-                                            f"{deaths} time(s)"))
-
     def _kill_stuck(self) -> None:
         """Kill each worker past the timeout (charging ``timeout`` to the task(s) at fault) or
-        wedged (see ``_verdict``); it is reaped, and the rest it held settled, at a later tick."""
+        wedged (``handles.verdict``); it is reaped, and the rest it held settled, at a later
+        tick."""
         limit = self.settings.task_timeout
         now = time.monotonic()
         for slot in list(self._slots.values()):
             if slot.killed:
                 continue
-            self._moved(slot, now)
-            why, overdue = self._verdict(slot, now, limit)
+            moved(slot, now)
+            why, late = verdict(slot, now, limit)
             if not why:
                 continue
-            with _locked(slot):
-                why, overdue = self._verdict(slot, now, limit)  # what it shows now, for sure
+            with locked(slot):
+                why, late = verdict(slot, now, limit)  # what it shows now, for sure
                 if not why:
                     continue
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.proc.pid, signal.SIGKILL)
                 slot.killed = why
-                slot.cleanup = [o for s in slot.held for o in self._outputs(s)]
+                slot.cleanup = [o for s in slot.held for o in self._book.outputs(s)]
             if why == "timeout":
                 self.stats.timeouts += 1
             else:
                 self._log.warning("worker.killed", worker=slot.proc.pid, why=why,
                                   held=len(slot.held), still_for=round(now - slot.progress, 1))
-            for seq, error in overdue:
-                if seq in self._tasks:
-                    self._ready.append(self._charge(slot, seq, "timeout", error))
-
-    def _verdict(self, slot: _Slot, now: float,
-                 limit: float) -> tuple[str, list[tuple[int, str]]]:
-        """Whether to kill this worker: ("timeout", the tasks to charge and why), ("wedged",
-        []) or ("committer-gone", []); ("", []) to leave it."""
-        overdue = self._overdue(slot, now, limit)
-        if overdue:
-            return "timeout", overdue
-        if slot.held and now - slot.progress > limit + WEDGE_MARGIN:
-            return "wedged", []
-        if slot.held and self._committer_gone(slot, now):
-            return "committer-gone", []
-        return "", []
-
-    def _overdue(self, slot: _Slot, now: float, limit: float) -> list[tuple[int, str]]:
-        """The tasks of this worker past the timeout, with the error to charge each: the one
-        it prepares, and in the group being committed the one being written (else all of
-        them: a step they share, such as syncing, is stuck)."""
-        sh = slot.shared
-        out: list[tuple[int, str]] = []
-        seq = int(sh[SEQ])
-        if seq >= 0 and now - sh[STARTED] > limit:
-            out.append((seq, f"still running after {limit:g} s; worker killed"))
-        started = sh[COMMIT_STARTED]
-        if started >= 0 and now - started > limit:
-            writing = int(sh[COMMIT_SEQ])
-            if writing >= 0:
-                out.append((writing, f"writing its outputs took longer than {limit:g} s; "
-                                     "worker killed"))
-            else:
-                lo, hi = sh[COMMIT_FROM], sh[COMMIT_TO]
-                out += [(s, f"its commit group (syncing its outputs together) took longer than "
-                            f"{limit:g} s; worker killed")
-                        for s, n in slot.held.items() if lo <= n < hi]
-        return out
-
-    def _committer_gone(self, slot: _Slot, now: float) -> bool:
-        """A live worker whose committer thread has not beaten lately, neither committing nor
-        beside a main thread that prepares a task (which may hold the interpreter a while: the
-        timeout governs that)."""
-        sh = slot.shared
-        beat = sh[COMMITTER_BEAT]
-        return beat > 0 and sh[COMMIT_STARTED] < 0 and sh[SEQ] < 0 and \
-            now - beat > COMMITTER_STALE
-
-    def _moved(self, slot: _Slot, now: float) -> None:
-        """Note when this worker last changed (took a task, started or finished a commit step,
-        sent a result), or held nothing."""
-        sh = slot.shared
-        mark = (sh[TAKEN], sh[SEQ], sh[COMMIT_STARTED], sh[COMMIT_SEQ], float(slot.tasks))
-        if mark != slot.mark or not slot.held:
-            slot.mark, slot.progress = mark, now
+            for seq, error in late:
+                if seq in self._book.tasks:
+                    self._book.ready.append(self._book.charge(slot, seq, "timeout", error))
 
     def problems(self) -> list[str]:
-        """What is wrong with the workers at this moment, one line each ([]: nothing).
-
-        A worker whose task or commit is past the timeout and not killed yet (the next tick
-        kills it), one wedged (holding tasks without any progress for longer than the
-        timeout), one whose committer thread has stopped, and one killed but not yet gone.
-        For health checks: the daemon's heartbeat reports them."""
-        limit = self.settings.task_timeout
+        """What is wrong with the workers at this moment, one line each ([]: nothing): see
+        ``handles.problems``. For health checks: the daemon's heartbeat reports them."""
         now = time.monotonic()
-        out: list[str] = []
-        for slot in self._slots.values():
-            pid = slot.proc.pid
-            if slot.killed:
-                out.append(f"worker {pid} was killed ({slot.killed}) and has not exited yet")
-                continue
-            self._moved(slot, now)
-            for seq, _ in self._overdue(slot, now, limit):
-                task = self._tasks.get(seq)
-                out.append(f"worker {pid} is past the {limit:g} s timeout on "
-                           f"{task.path if task else seq}")
-            if slot.held and now - slot.progress > limit:
-                out.append(f"worker {pid} holds {len(slot.held)} task(s) and has made no "
-                           f"progress for {now - slot.progress:.0f} s (timeout {limit:g} s)")
-            if self._committer_gone(slot, now):
-                out.append(f"worker {pid}'s committer thread has not run for "
-                           f"{now - slot.shared[COMMITTER_BEAT]:.0f} s")
-        return out
-
-    def capacity(self) -> int:
-        """Tasks one worker may hold now (see LOOKAHEAD)."""
-        if self._avg is None:
-            return 2
-        if self._avg >= LONG_TASK:
-            return 1
-        avg = max(self._avg, 1e-4)
-        # plus the tasks a commit group gathers while the next ones are decoded
-        return 2 + min(MAX_AHEAD, math.ceil(LOOKAHEAD / avg)) + \
-            min(GROUP_MAX, math.ceil(GROUP_WAIT / avg))
+        return [line for h in self._slots.values()
+                for line in problems(h, self._book.tasks, now, self.settings.task_timeout)]
 
     def _feed(self) -> None:
-        if not self._intake or not self._started or not self._pending:
+        if not self._book.intake or not self._started or not self._book.pending:
             return
-        cap = self.capacity()
+        cap = self._book.capacity()
         batch = max(1, cap // 2)  # send a few at a time: one message, one wake-up
-        while self._pending:
+        while self._book.pending:
             live = [s for s in self._slots.values()
                     if not s.killed and cap - len(s.held) > 0]
             if not live:
@@ -610,16 +360,16 @@ class Engine(Executor):
             if slot.held and room < batch:
                 return  # every worker has enough to do; send a fuller message later
             chunk: list[Task] = []
-            while self._pending and len(chunk) < room:
-                task = self._pending.popleft()
-                if task.seq in self._tasks:
+            while self._book.pending and len(chunk) < room:
+                task = self._book.pending.popleft()
+                if task.seq in self._book.tasks:
                     chunk.append(task)
             if not chunk:
                 return
             try:
                 slot.tasks_conn.send(chunk)
             except OSError:  # it died: reaped at the next tick, these go to another
-                self._pending.extendleft(reversed(chunk))
+                self._book.pending.extendleft(reversed(chunk))
                 return
             for task in chunk:
                 slot.held[task.seq] = slot.sent
@@ -627,18 +377,7 @@ class Engine(Executor):
 
     # --- helpers --------------------------------------------------------------------------------
 
-    def _outputs(self, seq: int) -> list[tuple[str, str]]:
-        """(path, root) of each output of task ``seq``."""
-        task = self._tasks.get(seq)
-        return [(o.path, task.root) for o in task.outputs] if task else []
-
-    def _charge(self, slot: _Slot, seq: int, reason: str, error: str) -> Result:
-        task = self._tasks.pop(seq)
-        slot.held.pop(seq, None)
-        self._given_back.pop(seq, None)
-        return failure(task, reason, error, worker=slot.proc.pid)
-
-    def _retire(self, slot: _Slot) -> None:
+    def _retire(self, slot: Handle) -> None:
         for fd in [fd for fd, s in self._fds.items() if s is slot]:
             self._poller.unregister(fd)
             del self._fds[fd]
@@ -648,62 +387,8 @@ class Engine(Executor):
             slot.tasks_conn.close()
         if slot.cleanup:
             slot.proc.join(5)  # a killed process may still be exiting
-            removed = _remove_temps(slot.cleanup, slot.proc.pid)
+            removed = remove_worker_temps(slot.cleanup, slot.proc.pid)
             if removed:
                 self._log.info("worker.temp_removed", worker=slot.proc.pid, files=removed)
         with contextlib.suppress(ValueError):
             slot.proc.close()
-
-
-@contextlib.contextmanager
-def _locked(slot: _Slot) -> Iterator[None]:
-    """Hold a worker's slot lock, waiting at most LOCK_WAIT: a worker killed (from outside)
-    while it held the lock never releases it, and its slot is not changing any more."""
-    got = slot.lock.acquire(timeout=LOCK_WAIT)
-    try:
-        yield
-    finally:
-        if got:
-            slot.lock.release()
-
-
-def _suspect(slot: _Slot, seq: int, position: int, charged: bool) -> bool:
-    """Whether the death of ``slot``'s worker may be the doing of ``seq``, a task it had taken
-    and not finished: its output was being written then; or, none being written and no task
-    charged for the death, ``seq`` was in the group being committed (or none was)."""
-    sh = slot.shared
-    writing = int(sh[COMMIT_SEQ])
-    if writing >= 0:
-        return writing == seq
-    if charged:
-        return False
-    return sh[COMMIT_STARTED] < 0 or sh[COMMIT_FROM] <= position < sh[COMMIT_TO]
-
-
-def _remove_temps(outputs: list[tuple[str, str]], pid: int) -> list[str]:
-    """Remove the temp files worker ``pid`` may have left for these (output, root) pairs."""
-    return [t for path, root in outputs for t in remove_temps([path], pid, root)]
-
-
-def _how(code: int | None, killed: str = "") -> str:
-    """How a worker ended, for an error message."""
-    if killed:
-        return f"killed: {killed}"
-    if code and code < 0:
-        return f"signal {-code} ({signal.Signals(-code).name})"
-    if code == EXIT_COMMIT_FAILED:
-        return "a worker thread failed"
-    return f"exit code {code}"
-
-
-def resolve_start_method(method: str) -> str:
-    """The start method ``method`` ("auto" or one by name) stands for in this process now.
-
-    "auto" is "fork" where this process runs no other thread (a forked worker then starts at
-    once, with nothing held by a thread it did not inherit), else "forkserver". A caller that
-    starts threads of its own later (the daemon) asks for "forkserver" instead.
-    """
-    if method != "auto":
-        return method
-    forkable = "fork" in multiprocessing.get_all_start_methods()
-    return "fork" if forkable and threading.active_count() == 1 else "forkserver"
