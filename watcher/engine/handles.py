@@ -66,6 +66,21 @@ class Handle:
     def taken(self) -> int:
         return int(self.shared[TAKEN])
 
+    def close(self, logger: Any) -> None:
+        """Let go of a worker that has ended or been killed: its pipes, the temp files it may
+        have left (``cleanup``), its process object."""
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        with contextlib.suppress(OSError):
+            self.tasks_conn.close()
+        if self.cleanup:
+            self.proc.join(5)  # a killed process may still be exiting
+            removed = remove_worker_temps(self.cleanup, self.proc.pid)
+            if removed:
+                logger.info("worker.temp_removed", worker=self.proc.pid, files=removed)
+        with contextlib.suppress(ValueError):
+            self.proc.close()
+
 
 def launch(ctx: Any, index: int, cfg: bytes, log_setup: tuple[str, str],
            fork_ends: Sequence[Connection] | None, logger: Any) -> Handle:

@@ -49,7 +49,6 @@ from watcher.engine.handles import (
     locked,
     moved,
     problems,
-    remove_worker_temps,
     verdict,
 )
 from watcher.engine.helpers import PRELOAD, resolve_start_method, start_helpers
@@ -381,14 +380,4 @@ class Engine(Executor):
         for fd in [fd for fd, s in self._fds.items() if s is slot]:
             self._poller.unregister(fd)
             del self._fds[fd]
-        with contextlib.suppress(OSError):
-            slot.conn.close()
-        with contextlib.suppress(OSError):
-            slot.tasks_conn.close()
-        if slot.cleanup:
-            slot.proc.join(5)  # a killed process may still be exiting
-            removed = remove_worker_temps(slot.cleanup, slot.proc.pid)
-            if removed:
-                self._log.info("worker.temp_removed", worker=slot.proc.pid, files=removed)
-        with contextlib.suppress(ValueError):
-            slot.proc.close()
+        slot.close(self._log)
