@@ -48,9 +48,10 @@ from typing import Any
 
 from watcher import log
 from watcher.engine import runlock
+from watcher.engine.committer import GROUP_MAX, GROUP_WAIT
 from watcher.engine.executor import EngineError, Executor, Stats, failure
 from watcher.engine.helpers import PRELOAD, start_helpers
-from watcher.engine.worker import (
+from watcher.engine.slot import (
     COMMIT_FROM,
     COMMIT_SEQ,
     COMMIT_STARTED,
@@ -59,17 +60,14 @@ from watcher.engine.worker import (
     EXIT_COMMIT_FAILED,
     EXIT_INIT_FAILED,
     EXIT_TERMINATED,
-    GROUP_MAX,
-    GROUP_WAIT,
     HALT,
     IDLE,
     SEQ,
     SLOT_SIZE,
     STARTED,
     TAKEN,
-    WorkerConfig,
-    worker_main,
 )
+from watcher.engine.worker import WorkerConfig, worker_main
 from watcher.fs.files import remove_temps
 from watcher.imaging import memory
 from watcher.imaging.pipeline import Pipeline
