@@ -12,13 +12,14 @@ import pytest
 
 from tests.conftest import make_image
 from watcher import config
-from watcher.engine import worker
+from watcher.engine import committer
+from watcher.engine import slot as slot_layout
 from watcher.imaging.processor import Processor
 from watcher.settings.schema import DecodeLimits
 from watcher.tasks import OutputPlan, Task
 
 
-def _committer(tmp_path: Path, n: int) -> tuple[worker.Committer, Any, list[Any], Path]:
+def _committer(tmp_path: Path, n: int) -> tuple[committer.Committer, Any, list[Any], Path]:
     proc = Processor({"p": config.pipeline_from(["thumbnail(16, 16)"], "p", "p")},
                      DecodeLimits())
     out = tmp_path / "out"
@@ -28,13 +29,13 @@ def _committer(tmp_path: Path, n: int) -> tuple[worker.Committer, Any, list[Any]
         preps.append(proc.prepare(Task(seq=i, path=str(src), outputs=(
             OutputPlan(pipeline="p", path=str(out / f"{i}.png")),))))
     recv, send = multiprocessing.Pipe(duplex=False)
-    slot = multiprocessing.RawArray("d", worker.SLOT_SIZE)
-    return worker.Committer(proc, send, slot, threading.Lock()), recv, preps, out
+    slot = multiprocessing.RawArray("d", slot_layout.SLOT_SIZE)
+    return committer.Committer(proc, send, slot, threading.Lock()), recv, preps, out
 
 
 def test_a_lone_task_waits_for_company_until_the_worker_is_idle(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker, "GROUP_WAIT", 3600.0)
+    monkeypatch.setattr(committer, "GROUP_WAIT", 3600.0)
     c, results, preps, out = _committer(tmp_path, 1)
     try:
         c.hand_over(preps[0])
@@ -51,20 +52,20 @@ def test_a_lone_task_waits_for_company_until_the_worker_is_idle(
 
 def test_a_full_group_is_committed_and_reported_in_one_message(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker, "GROUP_WAIT", 3600.0)
-    c, results, preps, out = _committer(tmp_path, worker.GROUP_MAX + 1)
+    monkeypatch.setattr(committer, "GROUP_WAIT", 3600.0)
+    c, results, preps, out = _committer(tmp_path, committer.GROUP_MAX + 1)
     try:
         for prep in preps:
             c.hand_over(prep)
         assert results.poll(10), "a full group was not committed"
         group = results.recv()
-        assert [r.seq for r in group] == list(range(worker.GROUP_MAX))
+        assert [r.seq for r in group] == list(range(committer.GROUP_MAX))
         assert all(r.ok for r in group)
         assert not results.poll(0.3)  # the last one waits for company
     finally:
         c.close()  # commits what is pending
-    assert [r.seq for r in results.recv()] == [worker.GROUP_MAX]
-    assert len(list(out.glob("*.png"))) == worker.GROUP_MAX + 1
+    assert [r.seq for r in results.recv()] == [committer.GROUP_MAX]
+    assert len(list(out.glob("*.png"))) == committer.GROUP_MAX + 1
     assert not list(out.glob(".*"))  # no temp file left
 
 
@@ -73,8 +74,8 @@ def test_a_failing_commit_reports_its_task_ends_the_thread_and_hand_over_does_no
     # The fault hook raises inside the real committer thread. The task gets a failure result,
     # on_fatal (in a worker: end the process) is called once, and the main thread, handing
     # over the next task with the queue full, learns that no one will commit it.
-    monkeypatch.setattr(worker, "GROUP_WAIT", 3600.0)
-    monkeypatch.setenv(worker.COMMIT_FAIL_HOOK, "out/0.png")
+    monkeypatch.setattr(committer, "GROUP_WAIT", 3600.0)
+    monkeypatch.setenv(committer.COMMIT_FAIL_HOOK, "out/0.png")
     fatal: list[str] = []
     proc = Processor({"p": config.pipeline_from(["thumbnail(16, 16)"], "p", "p")},
                      DecodeLimits())
@@ -83,26 +84,26 @@ def test_a_failing_commit_reports_its_task_ends_the_thread_and_hand_over_does_no
                                outputs=(OutputPlan(pipeline="p", path=str(out / f"{i}.png")),)))
              for i in range(2)]
     recv, send = multiprocessing.Pipe(duplex=False)
-    slot = multiprocessing.RawArray("d", worker.SLOT_SIZE)
-    c = worker.Committer(proc, send, slot, threading.Lock(), on_fatal=fatal.append)
+    slot = multiprocessing.RawArray("d", slot_layout.SLOT_SIZE)
+    c = committer.Committer(proc, send, slot, threading.Lock(), on_fatal=fatal.append)
     c.hand_over(preps[0])
     c.flush()
     assert recv.poll(10), "no failure result was sent"
     [r] = recv.recv()
     assert (r.seq, r.ok, r.reason) == (0, False, "internal-error")
-    assert worker.COMMIT_FAIL_HOOK in r.error
+    assert committer.COMMIT_FAIL_HOOK in r.error
     deadline = time.monotonic() + 10
     while c.alive and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not c.alive and len(fatal) == 1 and "RuntimeError" in fatal[0]
-    assert slot[worker.COMMIT_STARTED] == worker.IDLE  # its culprit was reported
-    monkeypatch.setattr(worker, "COMMIT_DEPTH", 1)  # the failed group still fills the queue
+    assert slot[slot_layout.COMMIT_STARTED] == slot_layout.IDLE  # its culprit was reported
+    monkeypatch.setattr(committer, "COMMIT_DEPTH", 1)  # the failed group still fills the queue
     raised: list[BaseException] = []
 
     def main_thread() -> None:
         try:
             c.hand_over(preps[1])
-        except worker.CommitterGoneError as exc:
+        except committer.CommitterGoneError as exc:
             raised.append(exc)
 
     t = threading.Thread(target=main_thread, daemon=True)

@@ -18,7 +18,8 @@ import pytest
 from tests import crashers
 from tests.conftest import make_image, run_cli, wait_until
 from tests.test_engine import engine_for, run_all, tasks_for
-from watcher.engine import handles, worker
+from watcher.engine import committer, handles
+from watcher.engine import slot as slot_layout
 from watcher.tasks import Result
 
 pytestmark = pytest.mark.integration
@@ -41,7 +42,7 @@ def _no_temps(out: Path) -> bool:
 
 def test_a_commit_that_raises_fails_that_task_and_the_next_ten_are_done(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(worker.COMMIT_FAIL_HOOK, "bad_p")
+    monkeypatch.setenv(committer.COMMIT_FAIL_HOOK, "bad_p")
     paths = _inputs(tmp_path / "in", ["bad.png", *(f"{i}.png" for i in range(10))])
     e = engine_for(["mirror"], workers=1, start_method="fork")
     e.start()
@@ -53,7 +54,7 @@ def test_a_commit_that_raises_fails_that_task_and_the_next_ten_are_done(
         e.close()
     bad = results[str(paths[0])]
     assert (bad.ok, bad.reason) == (False, "internal-error")
-    assert worker.COMMIT_FAIL_HOOK in bad.error
+    assert committer.COMMIT_FAIL_HOOK in bad.error
     assert any("Traceback" in w for w in bad.warnings)  # the traceback is in the result
     assert all(results[str(p)].ok for p in paths[1:]), results
     assert after != first and e.stats.restarts >= 1  # the worker ended; a fresh one took over
@@ -64,7 +65,7 @@ def test_a_commit_that_raises_fails_that_task_and_the_next_ten_are_done(
 
 def test_a_commit_that_stalls_past_the_timeout_is_charged_and_the_others_done(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(worker.COMMIT_STALL_HOOK, "stall_p")
+    monkeypatch.setenv(committer.COMMIT_STALL_HOOK, "stall_p")
     paths = _inputs(tmp_path / "in", ["stall.png", *(f"{i}.png" for i in range(6))])
     e = engine_for(["mirror"], workers=2, task_timeout=1.5, start_method="fork")
     e.start()
@@ -84,7 +85,7 @@ def test_a_commit_that_stalls_past_the_timeout_is_charged_and_the_others_done(
 
 def test_problems_reports_a_stalled_commit_until_it_is_settled(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(worker.COMMIT_STALL_HOOK, "stall_p")
+    monkeypatch.setenv(committer.COMMIT_STALL_HOOK, "stall_p")
     [path] = _inputs(tmp_path / "in", ["stall.png"])
     e = engine_for(["mirror"], workers=1, task_timeout=1.0, start_method="fork")
     e.start()
@@ -93,7 +94,7 @@ def test_problems_reports_a_stalled_commit_until_it_is_settled(
         assert e.problems() == []
         e.submit(task)  # sent at once; no tick (poll) runs until the report is seen
         slot = e._slots[0]
-        wait_until(lambda: slot.shared[worker.COMMIT_SEQ] == task.seq, 20,
+        wait_until(lambda: slot.shared[slot_layout.COMMIT_SEQ] == task.seq, 20,
                    "the committer to start writing the output")
         found = wait_until(e.problems, 20, "problems() to report the stalled commit")
         assert any("past the 1 s timeout" in p and str(path) in p for p in found), found
@@ -116,7 +117,7 @@ def test_a_stopped_worker_holding_tasks_is_reported_then_killed_and_its_tasks_do
     e.start()
     try:
         victim = e.pids[0]
-        wait_until(lambda: e._slots[0].shared[worker.COMMITTER_BEAT] > 0, 20,
+        wait_until(lambda: e._slots[0].shared[slot_layout.COMMITTER_BEAT] > 0, 20,
                    "the worker to start")
         os.kill(victim, signal.SIGSTOP)  # it takes nothing any more, but is alive
         tasks = tasks_for(paths, tmp_path / "out")
@@ -146,7 +147,7 @@ def test_a_task_whose_commit_keeps_killing_its_worker_is_not_run_forever(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The committer stalls writing one output and its worker is SIGKILLed from outside (a
     # crash in the commit), each time: given back uncharged, it would be run again forever.
-    monkeypatch.setenv(worker.COMMIT_STALL_HOOK, "doom_p")
+    monkeypatch.setenv(committer.COMMIT_STALL_HOOK, "doom_p")
     [path] = _inputs(tmp_path / "in", ["doom.png"])
     e = engine_for(["mirror"], workers=1, task_timeout=60.0,  # crash_retries: 1
                    start_method="fork")  # the hooks are in this environment
@@ -159,7 +160,7 @@ def test_a_task_whose_commit_keeps_killing_its_worker_is_not_run_forever(
         deadline = time.monotonic() + 60
         while e.outstanding and time.monotonic() < deadline:
             slot = next(iter(e._slots.values()), None)
-            if slot is not None and slot.shared[worker.COMMIT_SEQ] == task.seq and \
+            if slot is not None and slot.shared[slot_layout.COMMIT_SEQ] == task.seq and \
                     slot.proc.is_alive() and not slot.killed:
                 os.kill(slot.proc.pid, signal.SIGKILL)
                 kills += 1
@@ -183,7 +184,8 @@ def test_a_batch_with_commit_faults_reports_every_input_once(tmp_path: Path) -> 
     proc = run_cli("batch", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-j", "2",
                    "--timeout", "3", "--ops", "mirror", "--suffix", "m", "--report", "-",
                    "--no-progress", timeout=120,
-                   env={worker.COMMIT_FAIL_HOOK: "bad_m", worker.COMMIT_STALL_HOOK: "stall_m"})
+                   env={committer.COMMIT_FAIL_HOOK: "bad_m",
+                        committer.COMMIT_STALL_HOOK: "stall_m"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     items = _report(proc)["items"]
     by_name = {os.path.basename(i["input"]): i for i in items}

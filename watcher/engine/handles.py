@@ -14,7 +14,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from watcher.engine import runlock
-from watcher.engine.worker import (
+from watcher.engine.slot import (
     COMMIT_FROM,
     COMMIT_SEQ,
     COMMIT_STARTED,
@@ -26,8 +26,8 @@ from watcher.engine.worker import (
     SLOT_SIZE,
     STARTED,
     TAKEN,
-    worker_main,
 )
+from watcher.engine.worker import worker_main
 from watcher.fs.files import remove_temps
 from watcher.tasks import Task
 

@@ -16,9 +16,10 @@ import math
 from collections import deque
 from typing import Any
 
+from watcher.engine.committer import GROUP_MAX, GROUP_WAIT
 from watcher.engine.executor import Stats, failure
 from watcher.engine.handles import Handle, how, remove_worker_temps, suspect
-from watcher.engine.worker import COMMIT_STARTED, EXIT_COMMIT_FAILED, GROUP_MAX, GROUP_WAIT
+from watcher.engine.slot import COMMIT_STARTED, EXIT_COMMIT_FAILED
 from watcher.settings.schema import EngineSettings
 from watcher.tasks import Result, Task
 

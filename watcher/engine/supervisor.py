@@ -53,13 +53,8 @@ from watcher.engine.handles import (
 )
 from watcher.engine.helpers import PRELOAD, resolve_start_method, start_helpers
 from watcher.engine.ledger import Ledger
-from watcher.engine.worker import (
-    EXIT_COMMIT_FAILED,
-    EXIT_INIT_FAILED,
-    EXIT_TERMINATED,
-    HALT,
-    WorkerConfig,
-)
+from watcher.engine.slot import EXIT_COMMIT_FAILED, EXIT_INIT_FAILED, EXIT_TERMINATED, HALT
+from watcher.engine.worker import WorkerConfig
 from watcher.imaging import memory
 from watcher.imaging.pipeline import Pipeline
 from watcher.settings.schema import DecodeLimits, EngineSettings
