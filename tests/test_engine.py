@@ -394,3 +394,24 @@ def test_forked_idle_workers_end_when_their_task_pipe_closes(
     events = [json.loads(m) for m in re.findall(r"\{[^{}\n]*\}", capfd.readouterr().err)]
     stopped = [ev for ev in events if ev.get("event") == "worker.stopped"]
     assert sorted(ev["worker"] for ev in stopped) == sorted(pids)  # each stopped by itself
+
+
+@pytest.mark.parametrize(("bad", "crash_retries"), [(3, 1), (1, 5)])
+def test_inputs_that_kill_their_workers_never_stop_the_engine(
+        tmp_path: Path, images: list[Path], bad: int, crash_retries: int) -> None:
+    """Workers killed by the inputs they took are those inputs' business: each is charged
+    worker-crashed after crash_retries + 1 deaths, and the rest go on, however many deaths come
+    in a row (an attacker's 3 poisoned files on one worker, or one with crash_retries 5, made
+    the engine give up as if workers could not start)."""
+    poisoned = [poison(tmp_path / "in" / f"bad{i}.png") for i in range(bad)]
+    e = engine_for([crashers.kill_on_poison, "thumbnail(8, 8)"], workers=1,
+                   crash_retries=crash_retries)
+    e.start()
+    try:
+        results = run_all(e, tasks_for([*poisoned, *images], tmp_path / "out"))
+    finally:
+        e.close()
+    assert {(results[str(p)].reason, results[str(p)].attempt) for p in poisoned} == \
+        {("worker-crashed", crash_retries + 1)}
+    assert all(results[str(p)].ok for p in images)
+    assert e.stats.crashes == bad * (crash_retries + 1)

@@ -267,3 +267,34 @@ def test_a_sync_that_stalls_past_the_timeout_charges_its_commit_group(tmp_path: 
     assert e.stats.timeouts == 1
     assert all(r.ok for r in others.values()), others
     assert _no_temps(tmp_path / "out")
+
+
+def test_a_killed_forkserver_is_replaced_and_its_workers_respawned(
+        tmp_path: Path) -> None:
+    """The forkserver killed (by an operator, the OOM killer): its workers die with it, and the
+    supervisor's respawn may reach it before it is gone for good (EOF on its socket); the next
+    try starts a new one. Found by an attacker (the daemon exited 3 with EOFError)."""
+    paths = _inputs(tmp_path / "in", [f"{i}.png" for i in range(6)])
+    e = engine_for(["mirror"], workers=2, start_method="forkserver")
+    e.start()
+    try:
+        wait_until(lambda: len(e.pids) == 2 and all(
+            e._slots[i].shared[slot_layout.COMMITTER_BEAT] > 0 for i in e._slots), 20,
+            "the workers to start")
+        old = _parents(e.pids)
+        assert len(old) == 1 and os.getpid() not in old
+        os.kill(next(iter(old)), signal.SIGKILL)  # at once: its workers die with it
+        results = run_all(e, tasks_for(paths, tmp_path / "out"))
+        new = _parents(e.pids)
+    finally:
+        e.close()
+    assert sorted(r.ok for r in results.values()) == [True] * 6
+    assert len(new) == 1 and new != old  # served by a new forkserver
+
+
+def _parents(pids: list[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            out.add(int(f.read().rsplit(")", 1)[1].split()[1]))
+    return out

@@ -60,7 +60,8 @@ from watcher.imaging.pipeline import Pipeline
 from watcher.settings.schema import DecodeLimits, EngineSettings
 from watcher.tasks import Result, Task
 
-EARLY_DEATHS = 5  # workers dying in a row before reporting anything: they cannot start
+EARLY_DEATHS = 5  # workers dying in a row before taking any task: they cannot start
+SPAWN_TRIES = 8  # tries to start a worker while a killed forkserver is being replaced
 
 
 class Engine(Executor):
@@ -109,8 +110,18 @@ class Engine(Executor):
         # A forked worker closes this side's pipe ends first, its siblings' too (see launch).
         ends = [c for h in self._slots.values() for c in (h.conn, h.tasks_conn)] \
             if self.start_method == "fork" else None
-        self._slots[index] = slot = launch(self._ctx, index, self._cfg, self._log_setup, ends,
-                                           self._log)
+        for attempt in range(SPAWN_TRIES):
+            try:
+                slot = launch(self._ctx, index, self._cfg, self._log_setup, ends, self._log)
+                break
+            except (EOFError, OSError) as exc:
+                # The forkserver was killed (its workers die with it) and is not gone yet: it
+                # refused or dropped the request; multiprocessing starts a new one once it is.
+                if attempt + 1 == SPAWN_TRIES:
+                    raise EngineError(f"cannot start a worker process: {exc!r}") from exc
+                self._log.warning("engine.forkserver_gone", error=repr(exc), retry=attempt + 1)
+                time.sleep(0.05 * (attempt + 1))
+        self._slots[index] = slot
         for fd in (slot.conn.fileno(), slot.proc.sentinel):
             self._poller.register(fd, select.POLLIN)
             self._fds[fd] = slot
@@ -274,8 +285,10 @@ class Engine(Executor):
             if code == EXIT_INIT_FAILED:
                 raise EngineError("worker processes cannot start (see the error above); "
                                   "check the installation and the pipelines' imports")
+            # A worker that died of a task it took is that task's business (charged, retried);
+            # one that died before taking any cannot start at all.
             if code not in (0, EXIT_COMMIT_FAILED, EXIT_TERMINATED) and slot.tasks == 0 and \
-                    slot.killed != "timeout":
+                    slot.taken == 0 and not slot.killed:
                 self._early_deaths += 1
                 if self._early_deaths >= EARLY_DEATHS:
                     raise EngineError(
