@@ -323,3 +323,54 @@ def test_suffixes_and_output_options_are_checked_on_every_surface(tmp_path: Path
             quality=1000))
     proc = run_cli("watch", "--formats", "bogus", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("usage: watcher"), proc.stderr
+
+
+def test_the_third_attack_on_settings_is_refused_or_read_alike(tmp_path: Path) -> None:
+    """helper-6's findings: a size too large for a float, spaces around a choice or a list item,
+    and user transforms whose arguments a config cannot give back as written."""
+    huge = "9" * 400 + " TB"
+    (tmp_path / "big.toml").write_text(f'[input]\nmax_file_size = "{huge}"\n')
+    for args, env in ((["check-config", "-c", "big.toml"], {}),
+                      (["check-config"], {"WATCHER_MAX_WORKER_MEMORY": "9" * 400}),
+                      (["batch", "x.png", "-o", "o", "--max-file-size", "9" * 400], {})):
+        proc = run_cli(*args, cwd=tmp_path, env=env)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "too large a size" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(ConfigError, match="too large a size"):
+        process_images([], tmp_path / "o", ["grayscale"], max_file_size=huge)
+    # spaces around a choice, or around a list item, as every surface reads them
+    assert config.parse({"output": {"on_conflict": " Rename "}}).on_conflict == "rename"
+    assert config.parse({"input": {"formats": [" jpeg", "png "]}}).limits.formats == \
+        ("JPEG", "PNG")
+    flag = run_cli("batch", "--dry-run", "nothing.png", "-o", "o", "--on-conflict", " rename",
+                   cwd=tmp_path)
+    assert "invalid choice" not in flag.stderr, flag.stderr
+    # user transforms: named parameters and plain values only
+    (tmp_path / "umod.py").write_text(textwrap.dedent("""
+        def kw(im, **kw):
+            return im
+        def va(im, *args):
+            return im
+        def po(im, n, /):
+            return im
+        def any1(im, x=None):
+            return im
+    """))
+    steps = {"kw": '"umod.kw(a=1)"', "va": '"umod.va(1, 2)"', "po": '"umod.po(3)"',
+             "nan": '{ op = "umod.any1", x = nan }', "date": '{ op = "umod.any1", x = 1979-05-27 }'}
+    for name, step in steps.items():
+        (tmp_path / f"{name}.toml").write_text(f"[pipelines.p]\nsteps = [{step}]\n")
+        proc = run_cli("check-config", "-c", f"{name}.toml", cwd=tmp_path,
+                       env={"PYTHONPATH": f"{ROOT}:{tmp_path}"})
+        assert proc.returncode == 2, (name, proc.stdout)
+        assert f"{name}.toml: pipelines.p.steps[0][umod." in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    (tmp_path / "fine.toml").write_text('[pipelines.p]\nsteps = ["umod.any1(x=[1, 2.5, \'a\'])"]\n')
+    ok = run_cli("check-config", "-c", "fine.toml", cwd=tmp_path,
+                 env={"PYTHONPATH": f"{ROOT}:{tmp_path}"})
+    assert ok.returncode == 0, ok.stderr
+    (tmp_path / "back.toml").write_text(ok.stdout)
+    again = run_cli("check-config", "-c", "back.toml", cwd=tmp_path,
+                    env={"PYTHONPATH": f"{ROOT}:{tmp_path}"})
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split("\n", 1)[1] == ok.stdout.split("\n", 1)[1]  # but the header

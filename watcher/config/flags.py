@@ -39,6 +39,11 @@ def _checker(s: Setting) -> Callable[[str], str]:
 READS_ENVIRONMENT = ("watch", "requeue", "health", "check-config")
 
 
+def _choice(text: str) -> str:
+    """A choice as every other surface reads one: case and surrounding spaces ignored."""
+    return text.strip().lower()
+
+
 def help_text(s: Setting, command: str) -> str:
     default = s.default_doc or s.default_value()
     if isinstance(default, tuple):
@@ -66,7 +71,7 @@ def add(parser: argparse.ArgumentParser, command: str) -> None:
             elif s.kind == "list":
                 kw.update(action="append", metavar=s.metavar or "X")
             elif s.kind == "choice":
-                kw.update(type=str.lower, choices=s.choices)
+                kw.update(type=_choice, choices=s.choices)
             else:
                 kw.update(type=_checker(s), metavar=s.metavar or s.kind.upper())
             group.add_argument(*names, **kw)

@@ -9,6 +9,7 @@ each mistake is refused naming where it is, e.g. ``--ops[thumbnail].width``.
 from __future__ import annotations
 
 import ast
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -118,11 +119,36 @@ def _imported_step(name: str, args: Sequence[Any], kwargs: Mapping[str, Any],
         return make_step(spec.name, args, kwargs, where.rpartition("[")[0])
     step = step_from_callable(func, where)
     try:
-        bound = inspect.signature(func).bind(None, *args, **kwargs)
+        sig = inspect.signature(func)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(where, f"{name}: its parameters cannot be read: {exc}") from exc
+    for p in list(sig.parameters.values())[1:]:  # after the image
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            raise ConfigError(where, f"{name}: a transform's parameters after the image must "
+                                     f"be named ones (no *args, **kwargs or positional-only "
+                                     f"parameters, which a config cannot give back as "
+                                     f"written); {p.name!r} is {p.kind.description}")
+    for key, value in [*((str(i), v) for i, v in enumerate(args)), *kwargs.items()]:
+        _check_plain(value, f"{where}.{key}")
+    try:
+        bound = sig.bind(None, *args, **kwargs)
     except TypeError as exc:
         raise ConfigError(where, f"bad arguments for {name}: {exc}") from exc
     params = tuple((k, v) for k, v in list(bound.arguments.items())[1:])
     return Step(name=step.name, params=params, func=func)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """A step's argument is a plain value a config file can write back as it was given: a
+    string, a whole or finite number, true/false, or a list of those (no NaN, no dates)."""
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(where, f"expected a finite number, got {value!r}")
+    elif not isinstance(value, (str, int, float, bool)):
+        raise ConfigError(where, f"expected a string, number, true/false or a list of them, "
+                                 f"got {type(value).__name__} {value!r}")
 
 
 def step_from_callable(func: Callable[..., Any], where: str) -> Step:

@@ -185,6 +185,8 @@ def _list(s: Setting, value: Any, where: str, text: bool) -> tuple[str, ...]:
         value = [v.strip() for v in value.split(",")] if value.strip() else []
     if isinstance(value, tuple):
         value = list(value)
+    if isinstance(value, list):  # items are names: spaces around them are not part of them
+        value = [v.strip() if isinstance(v, str) else v for v in value]
     if not isinstance(value, list):
         raise ConfigError(where, f"expected a list of strings, got {type(value).__name__} "
                                  f"{value!r}")
@@ -204,7 +206,10 @@ def parse_size(value: Any, where: str) -> int:
     m = _SIZE.match(value) if isinstance(value, str) else None
     if not m or m.group(2).lower() not in _UNITS:
         raise ConfigError(where, f"expected a size such as 50000000 or \"50 MB\", got {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(size) or size >= 2 ** 63:
+        raise ConfigError(where, f"too large a size: {_short(value)}")
+    return int(size)
 
 
 def _size(s: Setting, value: Any, where: str, text: bool) -> int:
