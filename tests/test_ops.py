@@ -210,7 +210,7 @@ def test_worker_restarts_are_counted(tmp_path: Path) -> None:
     port = free_port()
     daemon = Daemon(tmp_path, "--metrics-port", str(port), "--workers", "1")
     try:
-        pid = daemon.seen("worker.started")[-1]["worker"]
+        pid = daemon.seen("worker.started")[-1]["worker_pid"]
         os.kill(pid, signal.SIGKILL)
         daemon.wait_for("worker.started", count=2)
         wait_until(lambda: metric(scrape(port, "/metrics")[1],

@@ -267,7 +267,7 @@ def _run_batch(args: argparse.Namespace, settings: config.Settings, pipes: tuple
     found, missing = batch.expand(paths)
     progress = sys.stderr.isatty() and not args.no_progress
     report = batch.run(found, args.out, pipes, settings, progress=progress, log_format=fmt,
-                       log_level="warning", failures=missing)
+                       log_level="warning", failures=missing, report_to=args.report or "")
     for item in missing:
         logger.error("file.failed", input=item.input, reason=item.reason, error=item.error)
     if args.report:

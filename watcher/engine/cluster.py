@@ -521,7 +521,7 @@ class DaskEngine(Executor):
             self.stats.requeued += 1
             self._rerun.add(seq)
             self._pending.appendleft(task)
-            self._log.info("file.requeued", path=task.path, why="the worker(s) it was assigned "
+            self._log.info("file.requeued", input=task.path, why="the worker(s) it was assigned "
                            "to died before it started; not charged")
             return
         del self._tasks[seq]
@@ -538,7 +538,7 @@ class DaskEngine(Executor):
                 error_type="KilledWorker", duration=0.0, worker=pid,
                 attempt=max(tries, len(starts))))
             _remove_all_temps([o.path for o in task.outputs])
-            self._log.warning("worker.died", held=task.path, worker=pid,
+            self._log.warning("worker.died", held=task.path, worker_pid=pid,
                               host=starts[-1][1] if starts else None, attempts=len(starts),
                               how=str(exc))
         else:
@@ -561,7 +561,7 @@ class DaskEngine(Executor):
         self.stats.requeued += 1
         self._rerun.add(task.seq)
         self._pending.appendleft(task)
-        self._log.info("file.requeued", path=task.path, why=why)
+        self._log.info("file.requeued", input=task.path, why=why)
 
     def _accept(self, task: Task, result: Result) -> None:
         """Publish a finished task's staged outputs under their final names (the coordinator's
@@ -675,7 +675,7 @@ class DaskEngine(Executor):
                 if fut is not None:
                     fut.cancel()
                 self.stats.timeouts += 1
-                self._log.warning("worker.restarting", worker=addr, held=task.path,
+                self._log.warning("worker.restarting", worker_address=addr, held=task.path,
                                   why=f"still running after {limit:g} s")
                 with contextlib.suppress(Exception):
                     self._client.restart_workers([addr], timeout=30, raise_for_error=False)
@@ -816,7 +816,7 @@ class DaskEngine(Executor):
             info = self._client.scheduler_info(n_workers=-1)["workers"]
             gone = sorted(set(self._addresses) - set(info))
             if gone:
-                self._log.warning("worker.died", workers=gone, left=len(info),
+                self._log.warning("worker.died", worker_addresses=gone, workers_left=len(info),
                                   why="the scheduler lost these workers; their tasks run "
                                       "again (only those that had started are charged)")
             self._addresses = set(info)
