@@ -356,10 +356,10 @@ def _log_cancelled(logger: Any, count: int, report_to: str | None, on_conflict: 
     elif report_to:
         where = report_to
     elif console:
-        where = "not kept: --report FILE lists every input's fate (or --log-level debug)"
+        where = "not kept: add --report FILE (or --log-level debug)"
     else:
         where = "the file.cancelled lines"
-    hint = "run the same command again to finish them (outputs that exist are skipped)" \
+    hint = "run the same command again to finish them (existing outputs are skipped)" \
         if on_conflict == "skip" else None
     logger.warning("batch.cancelled", cancelled=count, list=where, hint=hint)
 

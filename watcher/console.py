@@ -4,12 +4,14 @@ JSON lines keep every field; a console line keeps what a person scans for::
 
     14:02:03 INFO  file.processed   IMG_0001.jpg -> IMG_0001_{thumbnail,web}.jpg  41 ms
     14:02:03 ERROR file.quarantined broken.jpg  truncated: Truncated File Read
-    14:02:04 WARN  worker.died      worker_pid=4711 exitcode=-9 held=big.tif
+    14:02:04 WARN  worker.died       worker_pid=4711 exitcode=-9 held=big.tif
 
 - the local time of day, the level, the event;
 - on a file's line: the input (as given in a batch, relative to the inbox in the daemon), its
   outputs relative to the output folder (``a_{thumbnail,web}.jpg`` stands for
-  ``a_thumbnail.jpg`` and ``a_web.jpg``), its outcome (reason and error), the time it took;
+  ``a_thumbnail.jpg`` and ``a_web.jpg``; ``…_{thumbnail,web}.jpg`` where the input's name
+  would make the line wider than the terminal), its outcome (reason and error), the time it
+  took;
 - then the event's other fields as ``key=value``, leaving out what a person does not scan for:
   the process role, and on a file's line its claim token, sequence number, worker pid and slot,
   byte counts, where it was moved. A path below the current folder is shown relative to it, a
@@ -38,6 +40,7 @@ _ALWAYS_HIDDEN = frozenset({"event", "level", "timestamp", "role"})
 # on a file's line (one with an input): bookkeeping that stays in the JSON lines
 _FILE_HIDDEN = frozenset({"claim", "seq", "worker_pid", "slot", "input_bytes", "output_bytes",
                           "on_success", "moved_to", "quarantined_as", "error_type"})
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _BLOCKS = ("exception", "traceback")  # multi-line fields: printed below the line
 _SEPARATORS = "_-./ "
 
@@ -62,31 +65,54 @@ def colour_wanted(fd: int, env: Mapping[str, str] | None = None) -> bool:
 
 
 class Renderer:
-    """structlog's last processor in console mode: the event dict -> one short line."""
+    """structlog's last processor in console mode: the event dict -> one short line.
 
-    def __init__(self, colour: bool) -> None:
+    ``fd``: the descriptor the lines go to; on a terminal, a file's line that would be wider than
+    it (else than ``WIDTH``) names its outputs without repeating the input's name: ``IMG_0001.jpg
+    -> holiday/…_{thumbnail,web}.jpg``. On a terminal each line starts at the row's first
+    column (a carriage return first): the ``^C`` a terminal echoes is written over, not glued
+    to the line that follows."""
+
+    WIDTH = 120
+
+    def __init__(self, colour: bool, fd: int = -1) -> None:
         self._colour = colour
+        self._fd = fd
+        try:
+            self._start = "\r" if fd >= 0 and os.isatty(fd) else ""
+        except OSError:
+            self._start = ""
 
     def __call__(self, logger: Any, method: str, ev: dict[str, Any]) -> str:
-        ev = dict(ev)
+        line = self._line(ev, method, short=False)
+        if "outputs" in ev and len(_ANSI.sub("", line)) > self._columns():
+            line = self._line(ev, method, short=True)
+        blocks = [str(ev[k]).rstrip("\n") for k in _BLOCKS if ev.get(k)]
+        return self._start + "\n".join([line, *blocks])
+
+    def _line(self, ev: dict[str, Any], method: str, *, short: bool) -> str:
         level = str(ev.get("level", method))
         tag, tint = _LEVELS.get(level, (level.upper()[:5], ""))
         event = str(ev.get("event", ""))
         parts = [self._c(_DIM, _clock(ev.get("timestamp"))), self._c(tint, f"{tag:<5}"),
                  self._c(_BOLD, f"{event:<{EVENT_WIDTH}}")]
-        hidden = set(_ALWAYS_HIDDEN)
+        hidden = set(_ALWAYS_HIDDEN) | set(_BLOCKS)
         if "input" in ev:
-            parts.append(self._file_part(ev, hidden))
-        blocks = [str(ev[k]).rstrip("\n") for k in _BLOCKS if ev.get(k)]
-        hidden.update(_BLOCKS)
+            parts.append(self._file_part(ev, hidden, short))
         fields = [f"{self._c(_DIM, k + '=')}{_value(k, v)}" for k, v in ev.items()
                   if k not in hidden and v is not None]
         line = " ".join(p for p in parts if p)
         if fields:
             line += "  " + " ".join(fields)
-        return "\n".join([line, *blocks])
+        return line
 
-    def _file_part(self, ev: dict[str, Any], hidden: set[str]) -> str:
+    def _columns(self) -> int:
+        try:
+            return os.get_terminal_size(self._fd).columns or self.WIDTH
+        except OSError:  # not a terminal
+            return self.WIDTH
+
+    def _file_part(self, ev: dict[str, Any], hidden: set[str], short: bool) -> str:
         """input [-> outputs]  [reason: error]  [N ms]: the fields a file's line leads with."""
         hidden.update(_FILE_HIDDEN, ("input", "outputs", "reason", "error", "duration_ms"))
         if ev.get("attempt") == 1:
@@ -94,7 +120,10 @@ class Renderer:
         text = _shorten(str(ev["input"]))
         outputs = ev.get("outputs")
         if isinstance(outputs, list | tuple) and outputs:
-            text += " -> " + self._c(_CYAN, brace([_output_path(str(o)) for o in outputs]))
+            shown = [_output_path(str(o)) for o in outputs]
+            if short:
+                shown = _without_stem(shown, str(ev["input"]))
+            text += " -> " + self._c(_CYAN, brace(shown))
         elif outputs not in (None, [], ()):
             hidden.discard("outputs")
         reason, error = ev.get("reason"), ev.get("error")
@@ -127,6 +156,18 @@ def brace(paths: list[str]) -> str:
     if not (head or tail) or not all(middles) or any(c in m for m in middles for c in "{},"):
         return ", ".join(paths)
     return f"{head}{{{','.join(middles)}}}{tail}"
+
+
+def _without_stem(outputs: list[str], input_path: str) -> list[str]:
+    """Outputs whose names start with the input's name, that name written ``…``."""
+    stem = os.path.splitext(os.path.basename(input_path))[0]
+    out = []
+    for path in outputs:
+        folder, name = os.path.split(path)
+        if not stem or not name.startswith(stem):
+            return outputs
+        out.append(os.path.join(folder, "…" + name[len(stem):]))
+    return out
 
 
 def _common_start(texts: list[str]) -> str:

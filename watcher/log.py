@@ -177,7 +177,7 @@ def _apply(setup: _Setup) -> None:
         processors.append(structlog.processors.JSONRenderer(sort_keys=False))
     else:
         fd = setup.fd if setup.fd >= 0 else _fileno(setup.stream)
-        processors.append(console.Renderer(colour=console.colour_wanted(fd)))
+        processors.append(console.Renderer(colour=console.colour_wanted(fd), fd=fd))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(setup.level),
