@@ -204,7 +204,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 def _log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
-                   help="auto: JSON when stderr is not a terminal")
+                   help="auto: JSON when the log's stream is not a terminal, else console "
+                        "(one short line per event; no colour when NO_COLOR is set)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
 
