@@ -3,7 +3,7 @@
 JSON lines keep every field; a console line keeps what a person scans for::
 
     14:02:03 INFO  file.processed   IMG_0001.jpg -> IMG_0001_{thumbnail,web}.jpg  41 ms
-    14:02:03 ERROR file.quarantined broken.jpg  truncated: Truncated File Read
+    14:02:03 ERROR file.quarantined broken.jpg  truncated: broken.jpg: Truncated File Read
     14:02:04 WARN  worker.died       worker_pid=4711 exitcode=-9 held=big.tif
 
 - the local time of day, the level, the event;
