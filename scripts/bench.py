@@ -353,7 +353,7 @@ def bench_memory(big: Path, rounds: int, work: Path) -> list[Run]:
             runs["watcher"].ok, runs["watcher"].note = False, f"exit status {status}"
         else:
             runs["watcher"].peaks_mib.append(item["worker_peak_rss_kb"] / 1024)
-            runs["watcher"].walls.append(item["duration"])
+            runs["watcher"].walls.append(item["duration_ms"] / 1000)
         if shutil.which("vipsthumbnail"):
             _, peak, _ = timed(["vipsthumbnail", "-s", "256x256", "-o",
                                 f"{work}/M_vt.jpg[Q=85]", str(big)])

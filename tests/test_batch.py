@@ -36,10 +36,10 @@ def test_seed_example_exactly_as_written(tmp_path: Path, monkeypatch: pytest.Mon
                                                      "image2_processed.png"]
     assert report.ok and report.succeeded == 2 and report.failed == 0
     assert report.totals == {"inputs": 2, "succeeded": 2, "failed": 0, "skipped": 0,
-                             "cancelled": 0, "outputs": 2}
+                             "cancelled": 0, "outputs_written": 2}
     assert [i.outputs for i in report.items] == [["processed_images/image1_processed.jpg"],
                                                  ["processed_images/image2_processed.png"]]
-    assert report.wall_time > 0 and report.workers >= 1
+    assert report.wall_time_s > 0 and report.workers >= 1
 
 
 def test_grayscale_output_matches_a_plain_pillow_reference(tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ def test_canonical_log_line_per_file(tmp_path: Path) -> None:
     bad = [e for e in logs if e["event"] == "file.failed"]
     assert len(ok) == 1 and ok[0]["input"] == "ok.png"
     assert ok[0]["outputs"] == ["o/ok_thumbnail.png"] and ok[0]["duration_ms"] >= 0
-    assert ok[0]["worker"] > 0 and ok[0]["bytes_out"] > 0
+    assert ok[0]["worker_pid"] > 0 and ok[0]["output_bytes"] > 0
     assert len(bad) == 1 and bad[0]["reason"] == "not-an-image" and bad[0]["level"] == "error"
 
 

@@ -393,7 +393,7 @@ def test_forked_idle_workers_end_when_their_task_pipe_closes(
     # two workers write to one stderr at once: take each JSON object, not each line
     events = [json.loads(m) for m in re.findall(r"\{[^{}\n]*\}", capfd.readouterr().err)]
     stopped = [ev for ev in events if ev.get("event") == "worker.stopped"]
-    assert sorted(ev["worker"] for ev in stopped) == sorted(pids)  # each stopped by itself
+    assert sorted(ev["worker_pid"] for ev in stopped) == sorted(pids)  # each stopped by itself
 
 
 @pytest.mark.parametrize(("bad", "crash_retries"), [(3, 1), (1, 5)])

@@ -337,7 +337,7 @@ def test_the_workers_hold_the_run_lock_until_they_are_gone(tmp_path: Path) -> No
     d = watch(root, "--workers", "1")
     stopped: list[int] = []
     try:
-        workers = [e["worker"] for e in d.seen("worker.started")]
+        workers = [e["worker_pid"] for e in d.seen("worker.started")]
         forkserver = [p for p in tagged_processes(d.tag)
                       if "forkserver import main" in _cmdline(p) and p not in workers]
         assert len(workers) == 1 and len(forkserver) == 1
@@ -424,7 +424,7 @@ def test_a_worker_that_outlives_its_daemon_publishes_nothing(tmp_path: Path) -> 
     d = _start_marked(root, 1.5, token)
     forkserver: list[int] = []
     try:
-        workers = [e["worker"] for e in d.seen("worker.started")]
+        workers = [e["worker_pid"] for e in d.seen("worker.started")]
         forkserver = [p for p in tagged_processes(d.tag)
                       if "forkserver import main" in _cmdline(p) and p not in workers]
         assert len(workers) == 1 and len(forkserver) == 1
@@ -434,7 +434,7 @@ def test_a_worker_that_outlives_its_daemon_publishes_nothing(tmp_path: Path) -> 
         wait_until(lambda: workers[0] not in tagged_processes(d.tag), 30,
                    "the orphaned worker to end")
         (line,) = d.seen("worker.orphaned")
-        assert line["worker"] == workers[0] and line["daemon"] == d.proc.pid
+        assert line["worker_pid"] == workers[0] and line["daemon_pid"] == d.proc.pid
         assert files(root / "processed") == []
         assert temps(root) == []
     finally:

@@ -6,9 +6,12 @@ a newline to descriptor 2 (which, unhandled, would be glued to the next JSON lin
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import struct
 from pathlib import Path
@@ -17,9 +20,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from tests import crashers
 from tests.conftest import ROOT, make_image, wait_until
 from tests.test_cli import tagged_processes
 from tests.test_group_signals import Group, watch
+from tests.test_ops import free_port
 from watcher import log
 
 pytestmark = pytest.mark.integration
@@ -198,3 +203,137 @@ def test_after_a_kill_9_of_the_daemon_its_helpers_write_no_plain_text(tmp_path: 
     finally:
         d.ensure_dead()
     all_json(d.lines())
+
+
+# --- one field vocabulary ------------------------------------------------------------------------
+
+DOCS = ROOT / "docs" / "cli.md"
+LOG_METHODS = {"debug", "info", "warning", "error", "exception"}
+
+
+def documented_fields() -> set[str]:
+    """The field names docs/cli.md's "Field names and units" table lists (its first column)."""
+    section = DOCS.read_text().split("### Field names and units", 1)[1].split("\n### ", 1)[0]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names |= set(re.findall(r"`([a-z_]+)`", line.split("|")[1]))
+    assert len(names) > 50, names  # the table was found and read
+    return names
+
+
+def fields_named_in_the_code() -> dict[str, set[str]]:
+    """Every keyword a log call (``x.info("event", key=...)``, ``.bind(key=...)``) names in
+    watcher/, and every key added to a line's ``fields``/``common`` dict: field -> where."""
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / "watcher").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, ast.Dict):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(isinstance(t, ast.Name) and t.id in ("fields", "common")
+                       for t in targets):
+                    for key in node.value.keys:
+                        if isinstance(key, ast.Constant):
+                            found.setdefault(key.value, set()).add(
+                                f"{path.relative_to(ROOT)}:{node.lineno} a line's fields")
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            f = node.func
+            event = node.args[0].value if node.args and isinstance(node.args[0], ast.Constant) \
+                else None
+            logged = f.attr in LOG_METHODS and isinstance(event, str) and "." in event
+            bound = f.attr == "bind" and "log" in ast.unparse(f.value)
+            line_dict = f.attr == "update" and isinstance(f.value, ast.Name) and \
+                f.value.id in ("fields", "common")
+            if logged or bound or line_dict:
+                for kw in node.keywords:
+                    if kw.arg is not None:
+                        found.setdefault(kw.arg, set()).add(
+                            f"{path.relative_to(ROOT)}:{node.lineno} {event or f.attr}")
+    return found
+
+
+def test_every_field_a_log_call_names_is_documented() -> None:
+    documented = documented_fields()
+    named = fields_named_in_the_code()
+    named.pop("exc_info", None)  # structlog's: written as the line's "exception"
+    assert {"worker_pid", "input", "duration_ms", "input_bytes"} <= set(named)  # it looked
+    assert {k: sorted(v) for k, v in named.items() if k not in documented} == {}
+    # the names the vocabulary replaced are gone
+    assert not {"worker", "pid", "bytes_in", "bytes_out", "duration", "note"} & set(named)
+
+
+def test_every_field_of_every_line_of_a_real_run_is_documented(tmp_path: Path) -> None:
+    """A real batch (processed, failed, a worker killed and its input retried, a glob matching
+    nothing, native and stdlib messages, skipped on a second run, then an interrupted run) and a
+    real daemon (the same files, a quarantine, a reload, the metrics endpoint, a stop), every
+    line at debug level, stdout and stderr together: each field of each line is in the table."""
+    documented = documented_fields()
+    markers = tmp_path / "markers"  # the crashers' marker files: this test's own TMPDIR
+    markers.mkdir()
+    env = {**_env(tmp_path), "TMPDIR": str(markers)}
+    (tmp_path / "watcher.toml").write_text(CONFIG.replace(
+        '"userops.chatty"', '"userops.chatty", "tests.crashers.kill_first_time"'))
+    inputs = tmp_path / "in"
+    for i in range(3):
+        make_image(inputs / f"ok{i}.png", seed=i)
+    libtiff_complaint(inputs / "bad.tif")
+    (inputs / "junk.jpg").write_bytes(b"not an image at all")
+    crashers.poison_image(str(inputs / "poison.png"), token=1)
+    events: list[dict[str, Any]] = []
+    args = ("batch", "in", "nomatch*.png", "-o", "out", "-c", "watcher.toml", "--workers", "2",
+            "--log-format", "json", "--log-level", "debug", "--no-progress", "--report",
+            "r.json")
+    for expected in (1, 1):  # the second run skips what the first wrote
+        b = Group(tmp_path, *args, env=env)
+        try:
+            assert b.wait(90) == expected
+        finally:
+            b.ensure_dead()
+        events += all_json(b.lines())
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    for i in range(8):
+        crashers.slow_image(str(slow / f"s{i}.png"), 0.5)
+    b = Group(tmp_path, "batch", "slow", "-o", "out2", "--ops", "tests.crashers.slow",
+              "--workers", "2", "--log-format", "json", "--log-level", "debug", env=env)
+    try:
+        b.wait_for("file.processed", timeout=60)
+        b.killpg(signal.SIGINT)
+        assert b.wait(60) == 130
+    finally:
+        b.ensure_dead()
+    events += all_json(b.lines())
+
+    root = tmp_path / "d"
+    root.mkdir()
+    port = free_port()
+    d = watch(root, "--config", str(tmp_path / "watcher.toml"), "--workers", "2",
+              "--log-level", "debug", "--metrics-port", str(port), env=env)
+    try:
+        for path in sorted(inputs.iterdir()):
+            if path.name != "poison.png":
+                shutil.copy(path, root / "inbox" / path.name)
+        crashers.poison_image(str(root / "inbox" / "poison.png"), token=2)
+        d.wait_for("file.processed", count=4, timeout=90)
+        d.wait_for("file.quarantined", count=2, timeout=60)
+        d.killpg(signal.SIGHUP)
+        d.wait_for("config.reloaded", timeout=60)
+        d.killpg(signal.SIGTERM)
+        assert d.wait(60) == 0
+    finally:
+        d.ensure_dead()
+    events += all_json(d.lines())
+
+    kinds = {e["event"] for e in events}
+    assert {"file.processed", "file.failed", "file.skipped", "file.cancelled",
+            "batch.cancelled", "batch.interrupted", "batch.finished", "worker.started",
+            "worker.died", "file.retried", "codec.message", "file.quarantined",
+            "daemon.started", "config.reloaded", "metrics.listening", "daemon.stopped",
+            "file.queued", "file.detected"} <= kinds, kinds
+    unknown: dict[str, set[str]] = {}
+    for e in events:
+        for key in e:
+            if key not in documented:
+                unknown.setdefault(key, set()).add(e["event"])
+    assert unknown == {}

@@ -242,7 +242,7 @@ def test_what_the_estimate_misses_is_stopped_by_the_ceiling_and_charges_nobody_e
         items["b.jpg"]["error"]
     assert items["a.jpg"]["status"] == items["c.jpg"]["status"] == "ok", done.stderr
     assert items["b.jpg"]["worker_peak_rss_kb"] * 1024 <= 256 * MiB
-    assert items["c.jpg"]["worker"] != items["b.jpg"]["worker"]  # a fresh worker took over
+    assert items["c.jpg"]["worker_pid"] != items["b.jpg"]["worker_pid"]  # a fresh worker took over
     assert "worker-crashed" not in done.stdout and "Traceback" not in done.stderr
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -13,11 +14,17 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import PIL
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+import watcher
 from tests.conftest import ROOT, wait_until
+from tests.test_fates import _unprivileged
 from tests.test_watch import Daemon, drop
+from watcher.errors import QUARANTINE_REASONS, RETRY_REASONS
 from watcher.ops import health
 from watcher.ops.notify import Notifier
 
@@ -189,7 +196,7 @@ def test_metrics_endpoint_scraped_while_files_flow(tmp_path: Path) -> None:
         assert metric(text, 'watcher_files_processed_total{pipeline="thumbnail"}') == 20
         assert metric(text, 'watcher_files_quarantined_total{reason="not-an-image"}') == 1
         assert metric(text, "watcher_file_processing_seconds_count") == 20
-        assert metric(text, "watcher_bytes_out_total") > 0
+        assert metric(text, "watcher_output_bytes_total") > 0
         assert metric(text, "watcher_workers_alive") == 2
         assert scrape(port, "/nope")[0] == 404
     finally:
@@ -210,7 +217,7 @@ def test_worker_restarts_are_counted(tmp_path: Path) -> None:
     port = free_port()
     daemon = Daemon(tmp_path, "--metrics-port", str(port), "--workers", "1")
     try:
-        pid = daemon.seen("worker.started")[-1]["worker"]
+        pid = daemon.seen("worker.started")[-1]["worker_pid"]
         os.kill(pid, signal.SIGKILL)
         daemon.wait_for("worker.started", count=2)
         wait_until(lambda: metric(scrape(port, "/metrics")[1],
@@ -219,3 +226,83 @@ def test_worker_restarts_are_counted(tmp_path: Path) -> None:
         daemon.wait_for("file.processed")
     finally:
         daemon.stop()
+
+
+def families(text: str) -> dict[str, Any]:
+    """The page parsed by prometheus_client's own text parser (a bad page raises)."""
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(fams: dict[str, Any], family: str, sample: str, **labels: str) -> float:
+    (found,) = [s.value for s in fams[family].samples if s.name == sample and s.labels == labels]
+    return found
+
+
+def test_metrics_parse_follow_the_naming_rules_and_show_every_series_from_the_start(
+        tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "processed").mkdir()
+    (tmp_path / "processed").chmod(0o555)  # every write fails: a failure not the input's own
+    daemon = Daemon(tmp_path, "--metrics-port", str(port), "--pipeline", "thumbnail",
+                    "--pipeline", "web", "--retry-max", "50", prefix=_unprivileged(),
+                    env={"WATCHER_RETRY_BACKOFF": "30"})
+    try:
+        status, start = scrape(port, "/metrics")
+        assert status == 200
+        fams = families(start)
+        # the build, and the daemon's process from /proc
+        (build,) = fams["watcher_build_info"].samples
+        assert build.name == "watcher_build_info" and build.value == 1
+        assert build.labels == {"version": watcher.__version__,
+                                "python": platform.python_version(),
+                                "pillow": PIL.__version__}
+        assert value(fams, "process_resident_memory_bytes", "process_resident_memory_bytes") > 0
+        assert value(fams, "process_open_fds", "process_open_fds") > 3
+        assert value(fams, "process_cpu_seconds", "process_cpu_seconds_total") > 0
+        started = value(fams, "process_start_time_seconds", "process_start_time_seconds")
+        assert time.time() - 600 < started <= time.time()
+        # every labelled series is there before anything happened, at 0
+        for pipeline in ("thumbnail", "web"):
+            assert value(fams, "watcher_files_processed", "watcher_files_processed_total",
+                         pipeline=pipeline) == 0
+        for reason in QUARANTINE_REASONS:
+            assert value(fams, "watcher_files_quarantined", "watcher_files_quarantined_total",
+                         reason=reason) == 0
+        for reason in RETRY_REASONS:
+            assert value(fams, "watcher_files_retried", "watcher_files_retried_total",
+                         reason=reason) == 0
+        assert value(fams, "watcher_input_bytes", "watcher_input_bytes_total") == 0
+        assert value(fams, "watcher_retry_waiting", "watcher_retry_waiting") == 0
+        # Prometheus' naming: our prefix, counters (and only they) end in _total, units last
+        for fam in fams.values():
+            assert fam.name.startswith(("watcher_", "process_")), fam.name
+            for s in fam.samples:
+                assert s.name.endswith("_total") == (fam.type == "counter"), (fam.type, s.name)
+        assert "watcher_bytes_in_total" not in start and "_created" not in start
+        assert fams["watcher_file_processing_seconds"].type == "histogram"
+
+        drop(tmp_path, "x.png")  # its outputs cannot be written: it waits to retry
+        daemon.wait_for("file.retried", input="x.png")
+        fams = wait_until(lambda: (f := families(scrape(port, "/metrics")[1])) and value(
+            f, "watcher_retry_waiting", "watcher_retry_waiting") == 1 and f, 10,
+            "the gauge of files waiting to retry to show 1")
+        assert value(fams, "watcher_files_retried", "watcher_files_retried_total",
+                     reason="write-failed") == 1
+        assert value(fams, "watcher_queue_depth", "watcher_queue_depth") == 1
+    finally:
+        (tmp_path / "processed").chmod(0o755)
+        assert daemon.stop() == 0
+    # the stop left it claimed; a daemon that can write takes it up and counts its bytes
+    port = free_port()
+    daemon = Daemon(tmp_path, "--metrics-port", str(port), "--pipeline", "thumbnail")
+    try:
+        daemon.wait_for("file.processed", input="x.png", timeout=60)
+        # (the gauges follow the heartbeat, once a second)
+        fams = wait_until(lambda: (f := families(scrape(port, "/metrics")[1])) and value(
+            f, "watcher_output_bytes", "watcher_output_bytes_total") > 0 and value(
+            f, "watcher_retry_waiting", "watcher_retry_waiting") == 0 and f, 10,
+            "the bytes written to be counted, no file left waiting to retry")
+        assert value(fams, "watcher_input_bytes", "watcher_input_bytes_total") == \
+            (tmp_path / "archive" / "x.png").stat().st_size
+    finally:
+        assert daemon.stop() == 0

@@ -96,7 +96,7 @@ def test_two_daemons_share_an_inbox_and_one_is_killed(tmp_path: Path) -> None:
         assert left, "a held no claims when it was killed"
         wait_until(lambda: len(files(tmp_path / "archive")) == len(names), 120,
                    "every input archived")
-        recovered = {Path(e["claim"]).name for e in b.seen("claim.recovered")}
+        recovered = {Path(e["claim_path"]).name for e in b.seen("claim.recovered")}
         assert recovered == {Path(x).name for x in left}
     finally:
         if a.proc.poll() is None:
@@ -463,7 +463,7 @@ def test_only_the_tasks_a_dead_worker_had_started_are_charged(tmp_path: Path) ->
     items = json.loads((tmp_path / "r.json").read_text())["items"]
     crashed = [i for i in items if i["reason"] == "worker-crashed"]
     assert len(crashed) == 2, items
-    assert {i["worker"] for i in crashed} == pids, (items, pids)
+    assert {i["worker_pid"] for i in crashed} == pids, (items, pids)
     assert [i["status"] for i in items].count("ok") == 1, out[-3000:]
     assert "worker.died" in [e.get("event") for e in json_lines(out)]
     assert_no_temps(tmp_path / "out")

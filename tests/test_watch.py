@@ -287,7 +287,7 @@ def test_backlog_and_leftover_claims_are_processed_at_start(root: Path) -> None:
         d.stop()
     assert files(root / "archive") == ["claimed.png", "waiting.png"]
     started = d.seen("daemon.started")[0]
-    assert started["recovered"] == 1 and started["backlog"] == 1
+    assert started["recovered_claims"] == 1 and started["backlog"] == 1
 
 
 def test_burst_of_2000_files(root: Path) -> None:
@@ -322,13 +322,13 @@ def test_worker_killed_mid_file_is_replaced_and_the_file_retried(root: Path) -> 
     try:
         crashers.slow_image(str(root / "inbox" / "s.png"), 3.0)
         d.wait_for("file.queued", input="s.png")
-        pid = d.seen("worker.started")[-1]["worker"]
+        pid = d.seen("worker.started")[-1]["worker_pid"]
         time.sleep(0.5)  # let the worker take the file (it holds it for 3 s)
         os.kill(pid, signal.SIGKILL)
         done = d.wait_for("file.processed", input="s.png", timeout=30)
     finally:
         d.stop()
-    assert done[0]["attempt"] == 2 and done[0]["worker"] != pid
+    assert done[0]["attempt"] == 2 and done[0]["worker_pid"] != pid
     assert d.seen("worker.died") and d.seen("file.retried")
     assert files(root / "archive") == ["s.png"]
 

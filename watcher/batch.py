@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from watcher import log
+from watcher import console, log
 from watcher.config import Settings
 from watcher.engine.factory import create_executor
 from watcher.errors import ConfigError
@@ -47,14 +47,24 @@ class ItemReport:
     outputs: list[str] = field(default_factory=list)
     reason: str = ""
     error: str = ""
-    duration: float = 0.0
+    duration_ms: float = 0.0  # the worker's time on it
     warnings: list[str] = field(default_factory=list)
-    worker: int = 0
+    worker_pid: int = 0
     worker_peak_rss_kb: int = 0
 
     @property
     def ok(self) -> bool:
         return self.status in ("ok", "skipped")
+
+    @property
+    def duration(self) -> float:
+        """Seconds (the name before the field vocabulary: ``duration_ms``)."""
+        return self.duration_ms / 1000
+
+    @property
+    def worker(self) -> int:
+        """The name before the field vocabulary: ``worker_pid``."""
+        return self.worker_pid
 
 
 @dataclass
@@ -62,9 +72,14 @@ class Report:
     """What a batch did: one item per input (outputs or error), totals and wall time."""
 
     items: list[ItemReport]
-    wall_time: float = 0.0
+    wall_time_s: float = 0.0
     workers: int = 0
     interrupted: int = 0  # the signal number that stopped the run, 0 if none
+
+    @property
+    def wall_time(self) -> float:
+        """The name before the field vocabulary: ``wall_time_s``."""
+        return self.wall_time_s
 
     def count(self, status: str) -> int:
         return sum(1 for i in self.items if i.status == status)
@@ -93,10 +108,10 @@ class Report:
     def totals(self) -> dict[str, int]:
         return {"inputs": len(self.items), "succeeded": self.succeeded, "failed": self.failed,
                 "skipped": self.skipped, "cancelled": self.cancelled,
-                "outputs": sum(len(i.outputs) for i in self.items if i.status == "ok")}
+                "outputs_written": sum(len(i.outputs) for i in self.items if i.status == "ok")}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"totals": self.totals, "wall_time": self.wall_time, "workers": self.workers,
+        return {"totals": self.totals, "wall_time_s": self.wall_time_s, "workers": self.workers,
                 "interrupted": self.interrupted, "items": [asdict(i) for i in self.items]}
 
 
@@ -210,18 +225,24 @@ class _Signals:
 def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], settings: Settings,
         *, progress: bool = False, log_format: str = "json", log_level: str = "warning",
         failures: Sequence[ItemReport] = (),
-        on_result: Callable[[ItemReport], None] | None = None) -> Report:
-    """Process ``inputs`` with every pipeline in ``pipelines``; never raises for a bad input."""
+        on_result: Callable[[ItemReport], None] | None = None,
+        report_to: str | None = None) -> Report:
+    """Process ``inputs`` with every pipeline in ``pipelines``; never raises for a bad input.
+
+    ``report_to``: where the caller writes the report (a file, ``-`` for stdout, ``""`` for
+    nowhere; None: the caller reads the returned report), named by the line that sums up the
+    inputs an interruption cancelled."""
     t0 = time.perf_counter()
     logger = log.get("watcher.batch")
     names = [p.name for p in pipelines]
     if len(set(names)) != len(names):
         raise ConfigError("pipelines", f"a pipeline is named twice: {names}")
     os.makedirs(out_dir, exist_ok=True)
+    console.set_output_folder(out_dir)  # console lines show outputs relative to it
     report = Report([*failures], workers=0)
     if not inputs:
-        logger.info("batch.empty", output=out_dir, note="no inputs; nothing to do")
-        report.wall_time = round(time.perf_counter() - t0, 6)
+        logger.info("batch.empty", output=out_dir, why="no inputs; nothing to do")
+        report.wall_time_s = round(time.perf_counter() - t0, 6)
         return report
 
     # The workers start first: they get ready while the inputs are planned.
@@ -251,11 +272,13 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
         item = p.items[r.seq]
         item.status = "ok" if r.ok else ("cancelled" if r.reason == "cancelled" else "failed")
         item.outputs = [*item.outputs, *r.outputs]
-        item.reason, item.error, item.duration = r.reason, r.error, r.duration
+        item.reason, item.error = r.reason, r.error
+        item.duration_ms = round(r.duration * 1000, 3)
         item.warnings = list(r.warnings)
-        item.worker, item.worker_peak_rss_kb = r.worker, r.peak_rss_kb
-        _log_fate(logger, item, r, quiet=progress)
-        bar.update(1)
+        item.worker_pid, item.worker_peak_rss_kb = r.worker, r.peak_rss_kb
+        _log_fate(logger, item, r, quiet=progress, console=log_format == "console")
+        if item.status != "cancelled":  # the bar shows work done, not work given up
+            bar.update(1)
         if on_result:
             on_result(item)
 
@@ -295,21 +318,27 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
     report.items += p.done + [p.items[t.seq] for t in p.tasks]
     order = {path: i for i, path in enumerate(p.order)}
     report.items.sort(key=lambda i: order.get(i.input, -1))
-    report.wall_time = round(time.perf_counter() - t0, 6)
+    report.wall_time_s = round(time.perf_counter() - t0, 6)
+    if report.cancelled:
+        _log_cancelled(logger, report.cancelled, report_to, settings.on_conflict,
+                       console=log_format == "console")
     _log_summary(logger, report)
     return report
 
 
-def _log_fate(logger: Any, item: ItemReport, r: Result, *, quiet: bool) -> None:
+def _log_fate(logger: Any, item: ItemReport, r: Result, *, quiet: bool, console: bool) -> None:
     fields: dict[str, Any] = {"input": item.input, "outputs": list(r.outputs),
-                              "duration_ms": round(r.duration * 1000, 1), "worker": r.worker}
+                              "duration_ms": round(r.duration * 1000, 1), "worker_pid": r.worker}
     if r.ok:
-        fields.update(bytes_in=r.bytes_in, bytes_out=r.bytes_out)
+        fields.update(input_bytes=r.bytes_in, output_bytes=r.bytes_out)
         if r.warnings:
             fields["warnings"] = list(r.warnings)
         (logger.debug if quiet and not r.warnings else logger.info)("file.processed", **fields)
     elif item.status == "cancelled":
-        logger.warning("file.cancelled", input=item.input, error=r.error)
+        # one line per input in JSON (every input's fate is a line); on a terminal only at
+        # debug: an interrupted run of thousands is one batch.cancelled line there
+        (logger.debug if console else logger.info)("file.cancelled", input=item.input,
+                                                   reason="cancelled", error=r.error)
     else:
         fields.update(reason=r.reason, error=r.error, attempt=r.attempt)
         if r.warnings:
@@ -317,10 +346,28 @@ def _log_fate(logger: Any, item: ItemReport, r: Result, *, quiet: bool) -> None:
         logger.error("file.failed", **fields)
 
 
+def _log_cancelled(logger: Any, count: int, report_to: str | None, on_conflict: str, *,
+                   console: bool) -> None:
+    """One line for the inputs an interruption cancelled: how many, and where their list is."""
+    if report_to is None:
+        where = "the returned report's items"
+    elif report_to == "-":
+        where = "the report on stdout"
+    elif report_to:
+        where = report_to
+    elif console:
+        where = "not kept: add --report FILE (or --log-level debug)"
+    else:
+        where = "the file.cancelled lines"
+    hint = "run the same command again to finish them (existing outputs are skipped)" \
+        if on_conflict == "skip" else None
+    logger.warning("batch.cancelled", cancelled=count, list=where, hint=hint)
+
+
 def _log_summary(logger: Any, report: Report) -> None:
-    wall = report.wall_time or 1e-9
+    wall = report.wall_time_s or 1e-9
     done = report.succeeded + report.failed
-    logger.info("batch.finished", **report.totals, wall_time_s=round(report.wall_time, 3),
+    logger.info("batch.finished", **report.totals, wall_time_s=round(report.wall_time_s, 3),
                 images_per_s=round(done / wall, 2), workers=report.workers,
                 interrupted=report.interrupted or None)
 

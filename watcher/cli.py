@@ -204,7 +204,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 def _log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
-                   help="auto: JSON when stderr is not a terminal")
+                   help="auto: JSON when the log's stream is not a terminal, else console "
+                        "(one short line per event; no colour when NO_COLOR is set)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
 
@@ -267,7 +268,7 @@ def _run_batch(args: argparse.Namespace, settings: config.Settings, pipes: tuple
     found, missing = batch.expand(paths)
     progress = sys.stderr.isatty() and not args.no_progress
     report = batch.run(found, args.out, pipes, settings, progress=progress, log_format=fmt,
-                       log_level="warning", failures=missing)
+                       log_level="warning", failures=missing, report_to=args.report or "")
     for item in missing:
         logger.error("file.failed", input=item.input, reason=item.reason, error=item.error)
     if args.report:

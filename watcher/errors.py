@@ -69,6 +69,14 @@ REASONS = {
 # Not the input's fault: the daemon keeps the input and retries later instead of quarantining it.
 TRANSIENT_REASONS = frozenset({"write-failed", "io-error"})
 
+# Why the daemon retries an input: a failure not its own, a different file under a planned output
+# name (new names are planned), or the input changed while it was processed ("changed").
+RETRY_REASONS = TRANSIENT_REASONS | {"output-conflict", "changed"}
+
+# What a quarantined input's reason can be: every reason but those retried (past the retry bound
+# they end as gave-up), a vanished input (no quarantine) and a cancelled one (left for later).
+QUARANTINE_REASONS = frozenset(REASONS) - RETRY_REASONS - {"missing", "cancelled"}
+
 
 class ExitCode(IntEnum):
     """Process exit codes of the ``watcher`` command (documented in the README)."""

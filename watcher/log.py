@@ -1,6 +1,7 @@
 """structlog set-up for one process role (main, daemon, worker), applied on the first line.
 
-Logs go to stderr: JSON when stderr is not a terminal (or when asked), key=value on a terminal.
+Logs go to stderr: JSON when stderr is not a terminal (or when asked), one short line per event
+on a terminal (``watcher.console``: what a person scans for; colour unless ``NO_COLOR``).
 Configure in every process at its start; bound loggers are never passed between processes.
 While a progress bar is on screen, lines are written around it so the two don't interleave.
 
@@ -30,6 +31,8 @@ import sys
 import threading
 from dataclasses import dataclass
 from typing import IO, Any, Literal
+
+from watcher import console
 
 LogFormat = Literal["auto", "json", "console"]
 LEVELS = logging.getLevelNamesMapping()
@@ -169,13 +172,12 @@ def _apply(setup: _Setup) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    processors.append(structlog.processors.format_exc_info)
     if setup.kind == "json":
-        processors += [structlog.processors.format_exc_info,
-                       structlog.processors.JSONRenderer(sort_keys=False)]
+        processors.append(structlog.processors.JSONRenderer(sort_keys=False))
     else:
         fd = setup.fd if setup.fd >= 0 else _fileno(setup.stream)
-        tty = os.isatty(fd) if fd >= 0 else setup.stream.isatty()
-        processors.append(structlog.dev.ConsoleRenderer(colors=tty))
+        processors.append(console.Renderer(colour=console.colour_wanted(fd), fd=fd))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(setup.level),

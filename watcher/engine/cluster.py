@@ -305,7 +305,7 @@ class DaskEngine(Executor):
             if fut is not None:
                 fut.cancel()
             self.stats.timeouts += 1
-            self._log.warning("worker.restarting", worker=addr, held=task.path,
+            self._log.warning("worker.restarting", worker_address=addr, held=task.path,
                               why=f"still running after {limit:g} s")
             with contextlib.suppress(Exception):
                 self._link.client.restart_workers([addr], timeout=30, raise_for_error=False)

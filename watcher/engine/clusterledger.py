@@ -140,7 +140,7 @@ class Ledger:
             self.stats.requeued += 1
             self._rerun.add(seq)
             self.pending.appendleft(task)
-            self._log.info("file.requeued", path=task.path, why="the worker(s) it was assigned "
+            self._log.info("file.requeued", input=task.path, why="the worker(s) it was assigned "
                            "to died before it started; not charged")
             return
         del self.tasks[seq]
@@ -157,7 +157,7 @@ class Ledger:
                 error_type="KilledWorker", duration=0.0, worker=pid,
                 attempt=max(tries, len(starts))))
             remove_all_temps([o.path for o in task.outputs])
-            self._log.warning("worker.died", held=task.path, worker=pid,
+            self._log.warning("worker.died", held=task.path, worker_pid=pid,
                               host=starts[-1][1] if starts else None, attempts=len(starts),
                               how=str(exc))
         else:
@@ -180,7 +180,7 @@ class Ledger:
         self.stats.requeued += 1
         self._rerun.add(task.seq)
         self.pending.appendleft(task)
-        self._log.info("file.requeued", path=task.path, why=why)
+        self._log.info("file.requeued", input=task.path, why=why)
 
     def _accept(self, task: Task, result: Result) -> None:
         """Publish a finished task's staged outputs under their final names (the coordinator's

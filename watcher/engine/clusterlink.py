@@ -154,7 +154,7 @@ class ClusterLink:
             info = self.client.scheduler_info(n_workers=-1)["workers"]
             gone = sorted(set(self._addresses) - set(info))
             if gone:
-                self._log.warning("worker.died", workers=gone, left=len(info),
+                self._log.warning("worker.died", worker_addresses=gone, workers_left=len(info),
                                   why="the scheduler lost these workers; their tasks run "
                                       "again (only those that had started are charged)")
             self._addresses = set(info)

@@ -242,7 +242,7 @@ class Committer:
                 _discard(prep)
                 known = True
         self._log.error("worker.commit_failed", error=f"{type(exc).__name__}: {exc}",
-                        failed=[r.path for r in failures if not r.ok],
+                        failed_inputs=[r.path for r in failures if not r.ok],
                         traceback="".join(traceback.format_exception(exc)))
         if known:  # the supervisor then runs the others again without counting this death
             self._mark(IDLE, IDLE, IDLE)
@@ -275,7 +275,7 @@ class Committer:
         if self._fail_hook and self._fail_hook in final:
             raise RuntimeError(f"{COMMIT_FAIL_HOOK}: a fault injected committing {final}")
         if self._stall_hook and self._stall_hook in final:
-            self._log.warning("worker.stalling", hook=COMMIT_STALL_HOOK, output=final)
+            self._log.warning("worker.stalling", hook=COMMIT_STALL_HOOK, path=final)
             time.sleep(3600)
 
 

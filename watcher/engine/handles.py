@@ -77,7 +77,8 @@ class Handle:
             self.proc.join(5)  # a killed process may still be exiting
             removed = remove_worker_temps(self.cleanup, self.proc.pid)
             if removed:
-                logger.info("worker.temp_removed", worker=self.proc.pid, files=removed)
+                logger.info("worker.temp_removed", worker_pid=self.proc.pid,
+                            paths=removed)
         with contextlib.suppress(ValueError):
             self.proc.close()
 

@@ -75,7 +75,7 @@ class Ledger:
         task = self.tasks.get(result.seq)
         if task is None:
             self.stats.duplicates += 1
-            self._log.debug("engine.duplicate_result", path=result.path, seq=result.seq)
+            self._log.debug("engine.duplicate_result", input=result.path, seq=result.seq)
             return None
         del self.tasks[result.seq]
         self._given_back.pop(result.seq, None)
@@ -125,7 +125,7 @@ class Ledger:
             elif n < taken:  # taken, not the one it processed, no result: being committed
                 remove_worker_temps(self.outputs(s), h.proc.pid)
                 if not suspect(h, s, n, charged) or self._give_back(h, task, code):
-                    self._log.info("file.requeued", path=task.path, worker=h.proc.pid,
+                    self._log.info("file.requeued", input=task.path, worker_pid=h.proc.pid,
                                    why="its worker died before committing its outputs")
                     back.append(task)
             else:
@@ -156,7 +156,7 @@ class Ledger:
         remove_worker_temps(self.outputs(seq), h.proc.pid)
         deaths = task.attempt + self._given_back.get(seq, 0)
         if deaths <= self.settings.crash_retries and self.intake:
-            self._log.warning("file.retried", path=task.path, worker=h.proc.pid,
+            self._log.warning("file.retried", input=task.path, worker_pid=h.proc.pid,
                               reason="worker-crashed", how=died, attempt=task.attempt)
             retry = task.retry()
             self.tasks[seq] = retry

@@ -86,7 +86,7 @@ class DaemonWatch:
 
     def check(self) -> None:
         if self.gone():
-            self._log.warning("worker.orphaned", daemon=self.pid,
+            self._log.warning("worker.orphaned", daemon_pid=self.pid,
                               why="its daemon is gone; its outputs are not published")
             raise Orphaned
 

@@ -126,7 +126,7 @@ class Engine(Executor):
             self._poller.register(fd, select.POLLIN)
             self._fds[fd] = slot
         self.stats.started += 1
-        self._log.info("worker.started", worker=slot.proc.pid, slot=index)
+        self._log.info("worker.started", worker_pid=slot.proc.pid, slot=index)
 
     @property
     def outstanding(self) -> int:
@@ -252,7 +252,7 @@ class Engine(Executor):
             except (EOFError, OSError, ValueError):
                 break
             except Exception:  # noqa: BLE001 - a message torn by a kill mid-send
-                self._log.warning("engine.result_unreadable", worker=slot.proc.pid)
+                self._log.warning("engine.result_unreadable", worker_pid=slot.proc.pid)
                 break
             for result in message:
                 slot.tasks += 1
@@ -274,11 +274,11 @@ class Engine(Executor):
             seq = slot.seq
             self._book.settle(slot, code)
             if code == EXIT_TERMINATED:
-                self._log.info("worker.terminated", worker=slot.proc.pid,
+                self._log.info("worker.terminated", worker_pid=slot.proc.pid,
                                why="SIGTERM: it finished its task and stopped")
             elif code != 0:
                 held = self._book.tasks.get(seq)
-                self._log.warning("worker.died", worker=slot.proc.pid, exitcode=code,
+                self._log.warning("worker.died", worker_pid=slot.proc.pid, exitcode=code,
                                   held=held.path if held else None)
             self._retire(slot)
             del self._slots[slot.index]
@@ -339,8 +339,9 @@ class Engine(Executor):
             if why == "timeout":
                 self.stats.timeouts += 1
             else:
-                self._log.warning("worker.killed", worker=slot.proc.pid, why=why,
-                                  held=len(slot.held), still_for=round(now - slot.progress, 1))
+                self._log.warning("worker.killed", worker_pid=slot.proc.pid, why=why,
+                                  tasks_held=len(slot.held),
+                                  still_for_s=round(now - slot.progress, 1))
             for seq, error in late:
                 if seq in self._book.tasks:
                     self._book.ready.append(self._book.charge(slot, seq, "timeout", error))

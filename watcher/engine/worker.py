@@ -145,7 +145,7 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
     if os.getppid() != parent:  # the parent died before the line above took effect
         sys.exit(EXIT_OK)
     let_forkserver_go()
-    logger = log.get().bind(worker=os.getpid(), slot=index)
+    logger = log.get().bind(worker_pid=os.getpid(), slot=index)
     capture = _capture(logger, log_setup)
     try:
         cfg: WorkerConfig = pickle.loads(cfg_bytes)  # noqa: S301 - our own parent's bytes
@@ -154,7 +154,7 @@ def worker_main(index: int, tasks: Connection, results: Connection, slot: Any, l
         logger.error("worker.start_failed", error=f"{type(exc).__name__}: {exc}")  # noqa: TRY400
         _end(capture, EXIT_INIT_FAILED)
     if cfg.memory_cap and not memory.set_ceiling(cfg.memory_cap):
-        logger.warning("worker.no_memory_ceiling", cap=cfg.memory_cap,
+        logger.warning("worker.no_memory_ceiling", max_worker_memory=cfg.memory_cap,
                        why="the system refused RLIMIT_DATA; the estimate alone applies")
     logger.debug("worker.started")
     committer = Committer(worker.processor, results, slot, lock, logger=logger)

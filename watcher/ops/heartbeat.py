@@ -105,6 +105,6 @@ class Heartbeat:
 
     def stall_if_asked(self) -> None:
         if self._stall_file and os.path.exists(self._stall_file):
-            self._log.warning("daemon.stalling", hook=STALL_HOOK, file=self._stall_file)
+            self._log.warning("daemon.stalling", hook=STALL_HOOK, path=self._stall_file)
             while os.path.exists(self._stall_file):  # no ticks, no pings: a wedged supervisor
                 time.sleep(0.2)

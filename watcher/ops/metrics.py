@@ -2,13 +2,24 @@
 
 Off by default; ``metrics_port`` turns it on, bound to 127.0.0.1 unless ``metrics_host`` says
 otherwise. The daemon loop is the only writer of the metrics; the server thread only reads.
+
+Names follow Prometheus' conventions: ``watcher_`` first, the unit last and in its base unit
+(``_seconds``, ``_bytes``), ``_total`` on counters only. Every labelled series a run can have is
+there from the start at 0 (each pipeline, each reason an input can be quarantined or retried
+for), so a rate or an alert on a series does not wait for its first event. prometheus_client
+writes the exposition and adds the standard process metrics (``process_cpu_seconds_total``,
+``process_resident_memory_bytes``, ``process_open_fds``, ``process_start_time_seconds``…, read
+from /proc) of the daemon's own process.
 """
 
 from __future__ import annotations
 
+import platform
 import threading
 import time
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import metadata
 from typing import Any
 
 from prometheus_client import (
@@ -17,19 +28,43 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
+
+from watcher import __version__
+from watcher.errors import QUARANTINE_REASONS, RETRY_REASONS
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Metrics:
     def __init__(self) -> None:
+        # no "_created" twin of every counter and histogram series: it doubles the series a
+        # scrape stores and says nothing process_start_time_seconds does not
+        disable_created_metrics()
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        Info("watcher_build", "The running watcher: its version, Python's and Pillow's",
+             registry=r).info({"version": __version__, "python": platform.python_version(),
+                               "pillow": _version("Pillow")})
         self.processed = Counter("watcher_files_processed", "Inputs processed, per pipeline",
                                  ["pipeline"], registry=r)
         self.quarantined = Counter("watcher_files_quarantined", "Inputs quarantined, per reason",
                                    ["reason"], registry=r)
-        self.retried = Counter("watcher_files_retried", "Transient failures retried, per reason",
-                               ["reason"], registry=r)
+        self.retried = Counter("watcher_files_retried", "Failures not the input's own, retried, "
+                               "per reason", ["reason"], registry=r)
+        for reason in sorted(QUARANTINE_REASONS):
+            self.quarantined.labels(reason)
+        for reason in sorted(RETRY_REASONS):
+            self.retried.labels(reason)
         self.duration = Histogram("watcher_file_processing_seconds",
                                   "Worker time per input (all its pipelines)", registry=r,
                                   buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30,
@@ -44,8 +79,9 @@ class Metrics:
         self.workers = Gauge("watcher_workers_alive", "Worker processes alive", registry=r)
         self.restarts = Counter("watcher_worker_restarts", "Worker processes replaced",
                                 registry=r)
-        self.bytes_in = Counter("watcher_bytes_in", "Bytes of input read", registry=r)
-        self.bytes_out = Counter("watcher_bytes_out", "Bytes of output written", registry=r)
+        self.input_bytes = Counter("watcher_input_bytes", "Bytes of input read", registry=r)
+        self.output_bytes = Counter("watcher_output_bytes", "Bytes of output written",
+                                    registry=r)
         self.reconcile_found = Counter("watcher_reconcile_found",
                                        "Files found by a scan that no event announced",
                                        registry=r)
@@ -54,6 +90,11 @@ class Metrics:
                                  registry=r)
         self.last_tick = time.monotonic()
         self.ready = False
+
+    def know_pipelines(self, names: Iterable[str]) -> None:
+        """Show each pipeline's series (at 0 until an input is processed): at start, on reload."""
+        for name in names:
+            self.processed.labels(name)
 
 
 class _Handler(BaseHTTPRequestHandler):

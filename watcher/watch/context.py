@@ -33,6 +33,7 @@ class Context:
         self.counts = {"processed": 0, "quarantined": 0, "retried": 0, "skipped": 0,
                        "reconcile_found": 0, "gave_up": 0, "overflows": 0}
         self.metrics = Metrics()
+        self.metrics.know_pipelines(p.name for p in self.pipelines)
 
     @property
     def pipelines(self) -> tuple[Pipeline, ...]:

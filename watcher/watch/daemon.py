@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from watcher import console
 from watcher.config import Settings
 from watcher.engine import runlock
 from watcher.engine.factory import create_executor
@@ -84,6 +85,7 @@ class Daemon:
         ctx, ws = self.ctx, self.ctx.settings.watch
         folders = ctx.folders
         folders.check()
+        console.set_output_folder(folders.output)  # console lines show outputs relative to it
         self._runlock = runlock.acquire(folders)  # held for the run (see engine.runlock)
         for path in lifecycle.remove_stale_temps(folders,
                                                  stale_mine=runlock.stale(self._runlock)):
@@ -111,10 +113,10 @@ class Daemon:
                 self._log.info("metrics.listening", host=self._server.address[0],
                                port=self._server.address[1])
             ctx.metrics.ready = True  # before daemon.started: that line means "up and ready"
-            self._log.info("daemon.started", pid=os.getpid(), **folders.named(),
+            self._log.info("daemon.started", daemon_pid=os.getpid(), **folders.named(),
                            observer=self.intake.observer.kind, workers=ctx.settings.engine.workers,
                            pipelines=[p.name for p in ctx.pipelines], backlog=backlog,
-                           recovered=recovered, on_success=ws.on_success,
+                           recovered_claims=recovered, on_success=ws.on_success,
                            max_worker_memory=ctx.engine.memory_cap)
             self.heartbeat.beat(force=True)
             self.heartbeat.notifier.ready(self._status(len(self.held.retrying()),
@@ -236,6 +238,7 @@ class Daemon:
             new = replace(new, watch=replace(new.watch, **ctx.settings.watch.folders()))
         old_engine = ctx.engine
         ctx.settings = new
+        ctx.metrics.know_pipelines(p.name for p in ctx.pipelines)
         self.intake.tracker.settle = new.watch.settle
         ctx.engine = self._new_engine()
         if old_engine is not None:

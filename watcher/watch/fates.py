@@ -58,7 +58,8 @@ class Fates:
         c = self._held.claims.pop(r.seq, None)
         if c is None:
             return  # a late duplicate: the fate was decided already
-        common = {"input": c.rel, "claim": c.token, "outputs": list(r.outputs), "worker": r.worker,
+        common = {"input": c.rel, "claim": c.token, "outputs": list(r.outputs),
+                  "worker_pid": r.worker,
                   "duration_ms": round(r.duration * 1000, 1), "attempt": r.attempt}
         if r.reason not in ("cancelled", "missing") and identity(c.work_path) != c.seen:
             # A writer still had it open and changed it after it was claimed: the result (an
@@ -96,10 +97,10 @@ class Fates:
         for p in self._ctx.pipelines:
             self._ctx.metrics.processed.labels(p.name).inc()
         self._ctx.metrics.duration.observe(r.duration)
-        self._ctx.metrics.bytes_in.inc(r.bytes_in)
-        self._ctx.metrics.bytes_out.inc(r.bytes_out)
+        self._ctx.metrics.input_bytes.inc(r.bytes_in)
+        self._ctx.metrics.output_bytes.inc(r.bytes_out)
         self._log.info("file.processed", **common, on_success=self._ctx.settings.watch.on_success,
-                       moved_to=where, bytes_in=r.bytes_in, bytes_out=r.bytes_out,
+                       moved_to=where, input_bytes=r.bytes_in, output_bytes=r.bytes_out,
                        **({"warnings": list(r.warnings)} if r.warnings else {}))
         claiming.drop_record(c)  # after the line: a kill between leaves it for the next start
 
@@ -195,7 +196,8 @@ class Fates:
             self._log.error("file.quarantined", input=c.rel, claim=c.token, reason=reason,
                             error=error,
                             error_type=error_type, quarantined_as=dest,
-                            worker=r.worker if r else None, attempt=r.attempt if r else 0)
+                            worker_pid=r.worker if r else None,
+                            attempt=r.attempt if r else 0)
             claiming.drop_record(c)
 
         self._carry_out(c, "quarantine", carry_out)

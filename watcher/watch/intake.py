@@ -139,7 +139,7 @@ class Intake:
                                             self._ctx.folders.output):
             self._log.info("file.temp_removed", path=path, why="left by a process that is gone")
         for src, c in taken:
-            self._log.warning("claim.recovered", claim=src, to=c.work_path, input=c.rel,
+            self._log.warning("claim.recovered", claim_path=src, to=c.work_path, input=c.rel,
                               why="its instance's heartbeat is older than "
                                   f"{self._ctx.settings.watch.stale_claims_after:g} s")
             self._held.rels.add(c.rel)
@@ -166,7 +166,7 @@ class Intake:
             self._ctx.metrics.reconcile_found.inc(found)
             self._log.warning("reconcile.found", files=found,
                               why="no event arrived for them (missed or overflowed)")
-        self._log.debug("reconcile.done", new=found, pending=len(self.tracker),
+        self._log.debug("reconcile.done", files=found, pending=len(self.tracker),
                         in_flight=len(self._held.claims))
         return found
 
