@@ -35,16 +35,12 @@ def _checker(s: Setting) -> Callable[[str], str]:
     return check
 
 
-# The commands that read WATCHER_* (a batch takes its file and flags only).
-READS_ENVIRONMENT = ("watch", "requeue", "health", "check-config")
-
-
 def help_text(s: Setting, command: str) -> str:
     default = s.default_doc or s.default_value()
     if isinstance(default, tuple):
         default = ",".join(default)
     extra = f" (default: {default})" if default not in ("", None) else ""
-    env = f" [{s.env}]" if s.env and command in READS_ENVIRONMENT else ""
+    env = f" [{s.env}]" if s.env and command in schema.READS_ENVIRONMENT else ""
     return f"{s.help}{extra}{env}".replace("%", "%%")
 
 
