@@ -265,7 +265,7 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
     for item in p.done:
         logger.info("file.skipped", input=item.input, outputs=item.outputs, reason=item.reason)
     report.workers = min(workers, len(p.tasks))
-    bar = _bar(len(inputs), progress)
+    bar = progress_bar(len(inputs), progress)
     bar.update(len(p.done))
 
     def record(r: Result) -> None:
@@ -380,7 +380,8 @@ class _NoBar:
         pass
 
 
-def _bar(total: int, enabled: bool) -> Any:
+def progress_bar(total: int, enabled: bool, unit: str = "img") -> Any:
+    """A tqdm bar on stderr when ``enabled`` (a terminal), else one that shows nothing."""
     if not enabled:
         return _NoBar()
     from tqdm import tqdm  # noqa: PLC0415
@@ -393,6 +394,7 @@ def _bar(total: int, enabled: bool) -> Any:
         sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
     except OSError:
         sized = False
-    # A terminal that reports no width (some ptys) would get an invisible bar: use 80 columns.
-    return tqdm(total=total, unit="img", file=sys.stderr, leave=False,
-                dynamic_ncols=sized, ncols=None if sized else 80)
+    # A terminal that reports no size (some ptys: 0 x 0) would get an invisible bar (no width,
+    # and tqdm hides a bar below a screen of 0 rows): use 80 columns and 24 rows.
+    return tqdm(total=total, unit=unit, file=sys.stderr, leave=False,
+                dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24)

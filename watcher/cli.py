@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--report", metavar="FILE", help="write the full report as JSON ('-': stdout)")
     _log_args(b)
     b.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+    b.add_argument("--dry-run", action="store_true",
+                   help="print what would be done to which file; write nothing")
     flags.add(b, "batch")
     b.set_defaults(subparser=b)
 
@@ -96,8 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("-c", "--config", metavar="FILE", help="watcher.toml (default: $WATCHER_CONFIG"
                    ", or ./watcher.toml if present, else the built-ins)")
     _log_args(w)
+    w.add_argument("--dry-run", action="store_true",
+                   help="print what the daemon would do with each file in the inbox now, then "
+                        "exit; nothing is written or moved")
     flags.add(w, "watch")
     w.set_defaults(subparser=w)
+
+    q = sub.add_parser("quarantine", help="list the quarantined files, or show one",
+                       description="The quarantine of the daemon that watcher.toml (-c, "
+                       "$WATCHER_CONFIG or ./watcher.toml), WATCHER_* and the folder flags "
+                       "describe, as `watch` reads them.")
+    qs = q.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    qs.required = True
+    ql = qs.add_parser("list", help="a table of the quarantined files: name, reason, age, "
+                       "size, error; a count by reason on stderr")
+    ql.add_argument("--reason", action="append", default=[], metavar="REASON",
+                    help="only the files quarantined for this reason (repeatable)")
+    qw = qs.add_parser("show", help="everything known of one quarantined file")
+    qw.add_argument("name", metavar="NAME", help="its name in the quarantine, or its path")
+    for x in (ql, qw):
+        x.add_argument("--json", action="store_true", help="JSON for scripts")
+        x.add_argument("-c", "--config", metavar="FILE", help="watcher.toml (for the folders)")
+        flags.add(x, "quarantine")
+        x.set_defaults(subparser=x)
 
     r = sub.add_parser("requeue", help="move quarantined files back into the inbox",
                        usage="%(prog)s [options] [PATH ...]")
@@ -131,9 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("transforms", help="list the built-in transforms and their parameters")
 
-    s = sub.add_parser("make-samples", help="write a set of sample images to try watcher on")
-    s.add_argument("folder")
-    s.add_argument("-n", "--count", type=_positive_int, default=12)
+    s = sub.add_parser("make-samples", help="write a set of sample images to try watcher on "
+                       "(every format and mode, and one broken file for the quarantine)")
+    s.add_argument("folder", help="where to write them (created if missing)")
+    s.add_argument("-n", "--count", type=_positive_int, default=13,
+                   help="how many (default 13: one of each kind; sizes cycle, so many stay small)")
+    s.add_argument("--list", action="store_true", help="print each path as it is written")
     return parser
 
 
@@ -169,6 +196,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
         if exc.where.startswith("-"):  # a bad flag: a usage error, as in a batch
             args.subparser.error(str(exc))
         raise
+    if args.dry_run:
+        from watcher import dryrun  # noqa: PLC0415
+
+        settings = loader()
+        dryrun.watch_plan(settings, settings.select([]), sys.stdout)
+        return ExitCode.OK
     return Daemon(loader, log_format=fmt, log_level=args.log_level).run()
 
 
@@ -199,6 +232,39 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     for src, dest in moved:
         print(f"{src} -> {dest}")
     print(f"requeued {len(moved)} file(s)", file=sys.stderr)
+    return ExitCode.OK
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from watcher.watch import quarantine  # noqa: PLC0415
+
+    folder = watch_loader(args, "quarantine")().watch.folders()["quarantine"]
+    if args.action == "show":
+        entry = quarantine.find(folder, args.name)
+        print(json.dumps(entry.to_dict(), indent=2) if args.json else quarantine.describe(entry))
+        return ExitCode.OK
+    rows = list(quarantine.entries(folder, reasons=args.reason))
+    if args.json:
+        print(json.dumps([e.to_dict() for e in rows], indent=2))
+    elif rows:
+        print(quarantine.table(rows, shutil.get_terminal_size((120, 24)).columns))
+    print(quarantine.summary(rows) + f" ({folder})", file=sys.stderr)
+    return ExitCode.OK
+
+
+def cmd_make_samples(args: argparse.Namespace) -> int:
+    from watcher import samples  # noqa: PLC0415
+
+    bar = batch.progress_bar(args.count, sys.stderr.isatty(), unit="file")
+
+    def written(path: str) -> None:
+        if args.list:
+            print(path)
+        bar.update(1)
+    try:
+        print(samples.write_all(args.folder, args.count, written))
+    finally:
+        bar.close()
     return ExitCode.OK
 
 
@@ -266,6 +332,11 @@ def _run_batch(args: argparse.Namespace, settings: config.Settings, pipes: tuple
             except OSError as exc:
                 raise ConfigError(f"--list {name}", exc.strerror or str(exc)) from exc
     found, missing = batch.expand(paths)
+    if args.dry_run:
+        from watcher import dryrun  # noqa: PLC0415
+
+        failing = dryrun.batch_plan(found, missing, args.out, pipes, settings, sys.stdout)
+        return ExitCode.SOME_FAILED if failing else ExitCode.OK
     progress = sys.stderr.isatty() and not args.no_progress
     report = batch.run(found, args.out, pipes, settings, progress=progress, log_format=fmt,
                        log_level="warning", failures=missing, report_to=args.report or "")
@@ -316,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_watch(args)
         if args.command == "requeue":
             return cmd_requeue(args)
+        if args.command == "quarantine":
+            return cmd_quarantine(args)
         if args.command == "health":
             return cmd_health(args)
         if args.command == "check-config":
@@ -323,11 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "transforms":
             return cmd_transforms()
         if args.command == "make-samples":
-            from watcher.samples import make_samples  # noqa: PLC0415
-
-            for path in make_samples(args.folder, args.count):
-                print(path)
-            return ExitCode.OK
+            return cmd_make_samples(args)
     except ConfigError as exc:
         print(f"watcher: config error: {exc}", file=sys.stderr)
         return ExitCode.USAGE

@@ -1,17 +1,24 @@
-"""Sample images to try watcher on: photo-like pictures in every supported format and mode.
+"""Sample images to try watcher on: photo-like pictures in every supported format and mode, and
+one broken file (a JPEG cut short), so that a first run shows the quarantine too.
 
-Made here, deterministically, so the first run needs nothing but the package.
+Made here, deterministically, so the first run needs nothing but the package. Sizes cycle with
+the kinds, so a large count stays small on disk (about 1.5 MB a file on average).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import time
+from collections.abc import Callable, Iterator
 
 from PIL import Image, ImageDraw
 
 _KINDS = ("jpeg", "png-alpha", "bmp", "webp", "gif-animated", "tiff-16bit", "jpeg-rotated",
-          "png-palette", "jpeg-cmyk", "avif", "png-gray", "jpeg-large")
+          "png-palette", "jpeg-cmyk", "avif", "png-gray", "jpeg-large", "jpeg-truncated")
+BROKEN = "jpeg-truncated"  # the one the daemon quarantines (reason: truncated)
+DEFAULT_COUNT = len(_KINDS)
 
 
 def picture(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -31,54 +38,89 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
     return im
 
 
-def make_samples(folder: str, count: int = 12) -> list[str]:
+def make_samples(folder: str, count: int = DEFAULT_COUNT) -> list[str]:
+    """Write ``count`` samples into ``folder``; return their paths."""
+    return list(iter_samples(folder, count))
+
+
+def write_all(folder: str, count: int, on_file: Callable[[str], object]) -> str:
+    """Write ``count`` samples, calling ``on_file(path)`` after each; return a summary line."""
+    t0, size, broken = time.monotonic(), 0, []
+    for i, path in enumerate(iter_samples(folder, count)):
+        size += os.path.getsize(path)
+        if kind_of(i) == BROKEN:
+            broken.append(os.path.basename(path))
+        on_file(path)
+    more = ", ..." if len(broken) > 3 else ""
+    note = f"; {len(broken)} broken on purpose ({', '.join(broken[:3])}{more}): the daemon " \
+        "quarantines them" if broken else ""
+    return (f"wrote {count} sample image(s), {size / 1e6:.1f} MB, to {folder} in "
+            f"{time.monotonic() - t0:.1f} s{note}")
+
+
+def kind_of(i: int) -> str:
+    return _KINDS[i % len(_KINDS)]
+
+
+def iter_samples(folder: str, count: int = DEFAULT_COUNT) -> Iterator[str]:
+    """Write the samples one by one, yielding each path once it is written."""
     os.makedirs(folder, exist_ok=True)
-    out = []
     for i in range(count):
-        kind = _KINDS[i % len(_KINDS)]
-        base = picture(640 + 16 * i, 480 + 8 * i, i)
-        path = os.path.join(folder, f"sample_{i:03d}")
-        if kind == "jpeg":
-            path += ".jpg"
-            base.save(path, quality=90)
-        elif kind == "png-alpha":
-            path += ".png"
-            im = base.convert("RGBA")
-            im.putalpha(Image.linear_gradient("L").resize(base.size))
-            im.save(path)
-        elif kind == "bmp":
-            path += ".bmp"
-            base.save(path)
-        elif kind == "webp":
-            path += ".webp"
-            base.save(path, quality=85)
-        elif kind == "gif-animated":
-            path += ".gif"
-            frames = [picture(320, 240, i + k) for k in range(4)]
-            frames[0].save(path, save_all=True, append_images=frames[1:], duration=200, loop=0)
-        elif kind == "tiff-16bit":
-            path += ".tif"
-            gray = base.convert("L").point(lambda v: v * 257, "I").convert("I;16")
-            gray.save(path)
-        elif kind == "jpeg-rotated":
-            path += ".jpg"
-            exif = Image.Exif()
-            exif[0x0112] = 6  # stored sideways; auto_orient turns it upright
-            base.save(path, quality=90, exif=exif.tobytes())
-        elif kind == "png-palette":
-            path += ".png"
-            base.quantize(64).save(path)
-        elif kind == "jpeg-cmyk":
-            path += ".jpg"
-            base.convert("CMYK").save(path, quality=90)
-        elif kind == "avif":
-            path += ".avif"
-            base.save(path, quality=70)
-        elif kind == "png-gray":
-            path += ".png"
-            base.convert("L").save(path)
-        else:
-            path += ".jpg"
-            picture(4000, 3000, i).save(path, quality=90)
-        out.append(path)
-    return out
+        yield _write(folder, i)
+
+
+def _write(folder: str, i: int) -> str:
+    kind = kind_of(i)
+    step = i % len(_KINDS)  # sizes cycle with the kinds: many samples stay small
+    base = picture(640 + 16 * step, 480 + 8 * step, i)
+    path = os.path.join(folder, f"sample_{i:03d}")
+    if kind == "jpeg":
+        path += ".jpg"
+        base.save(path, quality=90)
+    elif kind == "png-alpha":
+        path += ".png"
+        im = base.convert("RGBA")
+        im.putalpha(Image.linear_gradient("L").resize(base.size))
+        im.save(path)
+    elif kind == "bmp":
+        path += ".bmp"
+        base.save(path)
+    elif kind == "webp":
+        path += ".webp"
+        base.save(path, quality=85)
+    elif kind == "gif-animated":
+        path += ".gif"
+        frames = [picture(320, 240, i + k) for k in range(4)]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=200, loop=0)
+    elif kind == "tiff-16bit":
+        path += ".tif"
+        gray = base.convert("L").point(lambda v: v * 257, "I").convert("I;16")
+        gray.save(path)
+    elif kind == "jpeg-rotated":
+        path += ".jpg"
+        exif = Image.Exif()
+        exif[0x0112] = 6  # stored sideways; auto_orient turns it upright
+        base.save(path, quality=90, exif=exif.tobytes())
+    elif kind == "png-palette":
+        path += ".png"
+        base.quantize(64).save(path)
+    elif kind == "jpeg-cmyk":
+        path += ".jpg"
+        base.convert("CMYK").save(path, quality=90)
+    elif kind == "avif":
+        path += ".avif"
+        base.save(path, quality=70)
+    elif kind == "png-gray":
+        path += ".png"
+        base.convert("L").save(path)
+    elif kind == "jpeg-large":
+        path += ".jpg"  # a 12 MP photo (shrink-on-load); 3 MP after the first
+        w, h = (4000, 3000) if i < len(_KINDS) else (2000, 1500)
+        picture(w, h, i).save(path, quality=90)
+    else:  # BROKEN: a JPEG cut off after its first third
+        path += ".jpg"
+        buf = io.BytesIO()
+        base.save(buf, "JPEG", quality=90)
+        with open(path, "wb") as f:
+            f.write(buf.getvalue()[: buf.tell() // 3])
+    return path

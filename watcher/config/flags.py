@@ -35,10 +35,6 @@ def _checker(s: Setting) -> Callable[[str], str]:
     return check
 
 
-# The commands that read WATCHER_* (a batch takes its file and flags only).
-READS_ENVIRONMENT = ("watch", "requeue", "health", "check-config")
-
-
 def _choice(text: str) -> str:
     """A choice as every other surface reads one: case and surrounding spaces ignored."""
     return text.strip().lower()
@@ -49,7 +45,7 @@ def help_text(s: Setting, command: str) -> str:
     if isinstance(default, tuple):
         default = ",".join(default)
     extra = f" (default: {default})" if default not in ("", None) else ""
-    env = f" [{s.env}]" if s.env and command in READS_ENVIRONMENT else ""
+    env = f" [{s.env}]" if s.env and command in schema.READS_ENVIRONMENT else ""
     return f"{s.help}{extra}{env}".replace("%", "%%")
 
 

@@ -50,7 +50,8 @@ def render() -> str:
            "`python -m watcher.config.reference`; do not edit by hand.", "",
            "Settings come from, last one winning: the built-in defaults, the config file "
            "(`--config`, else `$WATCHER_CONFIG`, else `./watcher.toml` if present), the "
-           "`WATCHER_*` environment (read by `watch`, `requeue`, `health` and `check-config`; "
+           "`WATCHER_*` environment (read by "
+           + ", ".join(f"`{c}`" for c in schema.READS_ENVIRONMENT) + "; "
            "an unknown `WATCHER_*` name is refused), then the command line's flags or the "
            "keywords of `process_images` (`[engine]`, `[input]` and `[output]` keys). A bad "
            "value is refused at start naming the file and key, the variable or the flag. "

@@ -155,6 +155,23 @@ def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
         raise
 
 
+def probe(path: str, *, limits: DecodeLimits, nofollow: bool = False) -> tuple[str, int, int]:
+    """Read only the header of ``path`` as ``decode`` would (the same limits and allowed
+    decoders): its format, pixel count and frames, or the ``RejectedInput`` a header-level
+    fault gets (not an image, a format not allowed, too large, a damaged header). A fault in
+    the pixels is found only by decoding them."""
+    raw, _ = inputfile.open_regular(path, nofollow=nofollow, max_size=limits.max_file_size)
+    f = InputFile(raw)
+    try:
+        load_plugins()
+        ensure_formats(limits.formats)
+        Image.MAX_IMAGE_PIXELS = limits.pixel_limit
+        im, fmt, n_frames, _ = _header(f, path, limits)
+        return fmt, im.width * im.height, n_frames
+    finally:
+        f.close()
+
+
 def _header(f: InputFile, path: str, limits: DecodeLimits,
             ) -> tuple[Image.Image, str, int, tuple[bytes | None, bytes | None, bytes | None]]:
     """Open ``f`` with the allowed decoders and read what the header tells: the image (no

@@ -98,7 +98,9 @@ def _colour(value: str, where: str) -> str:
 
 
 S = Setting
-FOLDER_COMMANDS = ("watch", "requeue")
+FOLDER_COMMANDS = ("watch", "requeue", "quarantine")
+# The commands that read WATCHER_* (a batch takes its file and flags only).
+READS_ENVIRONMENT = ("watch", "requeue", "quarantine", "health", "check-config")
 SETTINGS: tuple[Setting, ...] = (
     # -- [engine]: the pool of worker processes ------------------------------------------------
     S(section="engine", name="workers", kind="int", default=_workers, lo=1, hi=1024, short="-j",

@@ -14,6 +14,7 @@ import errno
 import itertools
 import json
 import os
+import shlex
 import shutil
 import socket
 import stat
@@ -182,7 +183,7 @@ def quarantine(folders: Folders, c: Claim, info: Mapping[str, Any]) -> str:
                    **info, "detected_at": iso(c.detected_at),
                    "claimed_at": iso(c.claimed_at), "quarantined_at": iso(time.time()),
                    "host": socket.gethostname(), "daemon_pid": os.getpid(),
-                   "retry": f"move it back into the inbox, or: watcher requeue {dest}"}
+                   "retry": "move it back into the inbox, or: " + requeue_command(folders, dest)}
             data = json.dumps(doc, indent=2).encode() + b"\n"
             try:
                 _write_new_at(dfd, dname + SIDECAR, data)
@@ -199,6 +200,13 @@ def quarantine(folders: Folders, c: Claim, info: Mapping[str, Any]) -> str:
             os.fsync(dfd)
             os.fsync(sfd)
             return dest
+
+
+def requeue_command(folders: Folders, path: str) -> str:
+    """The command that puts ``path`` back into this daemon's inbox from any folder, whatever
+    config the daemon was started with: its two folders are named."""
+    return " ".join(["watcher requeue", "--inbox", shlex.quote(folders.inbox), "--quarantine",
+                     shlex.quote(folders.quarantine), shlex.quote(path)])
 
 
 def _write_new_at(dfd: int, name: str, data: bytes) -> None:
