@@ -14,6 +14,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from watcher.engine import runlock
+from watcher.engine.executor import EngineError
 from watcher.engine.slot import (
     COMMIT_FROM,
     COMMIT_SEQ,
@@ -34,6 +35,7 @@ from watcher.tasks import Task
 WEDGE_MARGIN = 10.0  # seconds past the timeout a worker may hold tasks without any progress
 COMMITTER_STALE = 5.0  # seconds without a beat from an idle committer thread: it is gone
 LOCK_WAIT = 1.0  # seconds to wait for a worker's slot lock (a worker killed holding it)
+SPAWN_TRIES = 8  # tries to start a worker while a killed forkserver is being replaced
 
 
 @dataclass
@@ -102,7 +104,19 @@ def launch(ctx: Any, index: int, cfg: bytes, log_setup: tuple[str, str],
                        args=(index, task_recv, send, shared, lock, cfg, inherited, log_setup,
                              runlock.held()),
                        daemon=True)
-    proc.start()
+    for attempt in range(1, SPAWN_TRIES + 1):
+        try:
+            proc.start()
+            break
+        except (EOFError, OSError) as exc:
+            # The forkserver was killed (its workers die with it) and is not gone yet: it
+            # refused or dropped the request; multiprocessing starts a new one once it is.
+            if attempt == SPAWN_TRIES:
+                for c in (recv, send, task_recv, task_send):
+                    c.close()
+                raise EngineError(f"cannot start a worker process: {exc!r}") from exc
+            logger.warning("engine.forkserver_gone", error=repr(exc), attempt=attempt)
+            time.sleep(0.05 * attempt)
     send.close()  # the worker holds the only writing end: EOF means it is gone
     task_recv.close()
     return Handle(index, proc, recv, shared, lock, task_send)

@@ -61,7 +61,6 @@ from watcher.settings.schema import DecodeLimits, EngineSettings
 from watcher.tasks import Result, Task
 
 EARLY_DEATHS = 5  # workers dying in a row before taking any task: they cannot start
-SPAWN_TRIES = 8  # tries to start a worker while a killed forkserver is being replaced
 
 
 class Engine(Executor):
@@ -110,17 +109,7 @@ class Engine(Executor):
         # A forked worker closes this side's pipe ends first, its siblings' too (see launch).
         ends = [c for h in self._slots.values() for c in (h.conn, h.tasks_conn)] \
             if self.start_method == "fork" else None
-        for attempt in range(SPAWN_TRIES):
-            try:
-                slot = launch(self._ctx, index, self._cfg, self._log_setup, ends, self._log)
-                break
-            except (EOFError, OSError) as exc:
-                # The forkserver was killed (its workers die with it) and is not gone yet: it
-                # refused or dropped the request; multiprocessing starts a new one once it is.
-                if attempt + 1 == SPAWN_TRIES:
-                    raise EngineError(f"cannot start a worker process: {exc!r}") from exc
-                self._log.warning("engine.forkserver_gone", error=repr(exc), retry=attempt + 1)
-                time.sleep(0.05 * (attempt + 1))
+        slot = launch(self._ctx, index, self._cfg, self._log_setup, ends, self._log)
         self._slots[index] = slot
         for fd in (slot.conn.fileno(), slot.proc.sentinel):
             self._poller.register(fd, select.POLLIN)
