@@ -27,6 +27,7 @@ from watcher.errors import ConfigError
 from watcher.extensions import output_ext
 from watcher.fs.durable import fsync_dir
 from watcher.fs.files import remove_dead_temps, walk_images
+from watcher.fs.folders import writable_folder
 from watcher.fs.naming import OutputNames
 from watcher.imaging.pipeline import Pipeline
 from watcher.tasks import OutputPlan, Result, Task
@@ -103,7 +104,8 @@ class Report:
 # --- inputs -------------------------------------------------------------------------------------
 
 def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
-    """Files, folders and globs -> inputs (first occurrence wins); unmatched globs -> failures."""
+    """Files, folders and globs -> inputs (first occurrence wins); paths that do not exist and
+    globs that match nothing -> failures (reason ``missing``), found before any worker starts."""
     inputs: list[Input] = []
     missing: list[ItemReport] = []
     seen: set[str] = set()
@@ -129,9 +131,23 @@ def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
                         add(Input(path, os.path.relpath(os.path.dirname(path) or ".", m)))
                 else:
                     add(Input(m))
+        elif _absent(arg):
+            missing.append(ItemReport(arg, "failed", reason="missing",
+                                      error=f"{arg}: no such file or folder"))
         else:
             add(Input(arg))
     return inputs, missing
+
+
+def _absent(path: str) -> bool:
+    """``path`` certainly does not exist (an unreadable parent is left to the worker to say)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def read_list(stream: Iterable[str]) -> list[str]:
@@ -209,41 +225,50 @@ class _Signals:
 
 def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], settings: Settings,
         *, progress: bool = False, log_format: str = "json", log_level: str = "warning",
-        failures: Sequence[ItemReport] = (),
+        failures: Sequence[ItemReport] = (), out_where: str = "output_dir",
         on_result: Callable[[ItemReport], None] | None = None) -> Report:
-    """Process ``inputs`` with every pipeline in ``pipelines``; never raises for a bad input."""
+    """Process ``inputs`` with every pipeline in ``pipelines``; never raises for a bad input.
+
+    Raises ``ConfigError`` (naming ``out_where``) before anything starts when ``out_dir`` cannot
+    be created or written into. ``failures``: inputs already known to have failed (missing), each
+    logged once here. No worker starts unless some input has an output to make."""
     t0 = time.perf_counter()
     logger = log.get("watcher.batch")
     names = [p.name for p in pipelines]
     if len(set(names)) != len(names):
         raise ConfigError("pipelines", f"a pipeline is named twice: {names}")
-    os.makedirs(out_dir, exist_ok=True)
+    writable_folder(out_dir, out_where)
     report = Report([*failures], workers=0)
+    for item in failures:
+        logger.error("file.failed", input=item.input, reason=item.reason, error=item.error)
     if not inputs:
-        logger.info("batch.empty", output=out_dir, note="no inputs; nothing to do")
+        if not failures:
+            logger.info("batch.empty", output=out_dir, note="no inputs; nothing to do")
         report.wall_time = round(time.perf_counter() - t0, 6)
         return report
 
-    # The workers start first: they get ready while the inputs are planned.
-    workers = max(1, min(settings.engine.workers, len(inputs)))
-    wait = BATCH_CLUSTER_WAIT if settings.engine.cluster_wait is None \
-        else settings.engine.cluster_wait
-    engine = create_executor(replace(settings.engine, workers=workers, cluster_wait=wait),
-                           {x.name: x for x in pipelines}, settings.limits,
-                           log_format=log_format, log_level=log_level)
-    try:
-        engine.start()
-        p = plan(inputs, out_dir, pipelines, settings.on_conflict, settings.limits.formats)
-        # what an earlier run of these outputs left half-written (it was killed, or its workers)
-        for path in remove_dead_temps([o.path for t in p.tasks for o in t.outputs], out_dir,
-                                      engine.writer_gone):
-            logger.info("file.temp_removed", path=path, why="left by a process that is gone")
-    except BaseException:
-        engine.close(0)
-        raise
+    p = plan(inputs, out_dir, pipelines, settings.on_conflict, settings.limits.formats)
     for item in p.done:
         logger.info("file.skipped", input=item.input, outputs=item.outputs, reason=item.reason)
-    report.workers = min(workers, len(p.tasks))
+    workers = max(1, min(settings.engine.workers, len(p.tasks)))
+    wait = BATCH_CLUSTER_WAIT if settings.engine.cluster_wait is None \
+        else settings.engine.cluster_wait
+    engine = None
+    if p.tasks:
+        engine = create_executor(replace(settings.engine, workers=workers, cluster_wait=wait),
+                                 {x.name: x for x in pipelines}, settings.limits,
+                                 log_format=log_format, log_level=log_level)
+        try:
+            engine.start()
+            # what an earlier run of these outputs left half-written (it was killed, or its
+            # workers)
+            for path in remove_dead_temps([o.path for t in p.tasks for o in t.outputs], out_dir,
+                                          engine.writer_gone):
+                logger.info("file.temp_removed", path=path, why="left by a process that is gone")
+        except BaseException:
+            engine.close(0)
+            raise
+        report.workers = workers
     bar = _bar(len(inputs), progress)
     bar.update(len(p.done))
 
@@ -259,9 +284,7 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
         if on_result:
             on_result(item)
 
-    if not p.tasks:
-        engine.close(0)
-    else:
+    if engine is not None:
         with _Signals() as sigs:
             try:
                 for task in p.tasks:
@@ -296,7 +319,7 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
     order = {path: i for i, path in enumerate(p.order)}
     report.items.sort(key=lambda i: order.get(i.input, -1))
     report.wall_time = round(time.perf_counter() - t0, 6)
-    _log_summary(logger, report)
+    _log_summary(logger, report, settings.on_conflict)
     return report
 
 
@@ -317,12 +340,22 @@ def _log_fate(logger: Any, item: ItemReport, r: Result, *, quiet: bool) -> None:
         logger.error("file.failed", **fields)
 
 
-def _log_summary(logger: Any, report: Report) -> None:
+def _log_summary(logger: Any, report: Report, on_conflict: str) -> None:
     wall = report.wall_time or 1e-9
     done = report.succeeded + report.failed
+    extra: dict[str, Any] = {}
+    if report.skipped:  # say why, and what to do: a rerun that did nothing is not a mystery
+        extra["note"] = skipped_note(report.skipped, on_conflict)
     logger.info("batch.finished", **report.totals, wall_time_s=round(report.wall_time, 3),
                 images_per_s=round(done / wall, 2), workers=report.workers,
-                interrupted=report.interrupted or None)
+                interrupted=report.interrupted or None, **extra)
+
+
+def skipped_note(count: int, on_conflict: str) -> str:
+    """``12 skipped: their outputs exist (on_conflict=skip); ...`` for the summary line."""
+    return (f"{count} skipped: their outputs exist (on_conflict={on_conflict}); use "
+            "--on-conflict overwrite (on_conflict=\"overwrite\") to redo them, or rename to "
+            "keep both")
 
 
 class _NoBar:
