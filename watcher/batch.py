@@ -23,6 +23,7 @@ from typing import Any
 from watcher import log
 from watcher.config import Settings
 from watcher.engine.factory import create_executor
+from watcher.engine.mainscript import refuse_in_bootstrap
 from watcher.errors import ConfigError
 from watcher.extensions import output_ext
 from watcher.fs.durable import fsync_dir
@@ -232,6 +233,7 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
     Raises ``ConfigError`` (naming ``out_where``) before anything starts when ``out_dir`` cannot
     be created or written into. ``failures``: inputs already known to have failed (missing), each
     logged once here. No worker starts unless some input has an output to make."""
+    refuse_in_bootstrap()  # a worker re-running an unguarded script starts no batch
     t0 = time.perf_counter()
     logger = log.get("watcher.batch")
     names = [p.name for p in pipelines]

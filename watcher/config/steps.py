@@ -14,6 +14,7 @@ from typing import Any
 
 from watcher import transforms
 from watcher.config.stepsyntax import read_step
+from watcher.engine.mainscript import ByValue, main_importable
 from watcher.errors import ConfigError
 from watcher.imaging.pipeline import Pipeline, Step
 from watcher.settings.schema import OutputOptions
@@ -130,12 +131,8 @@ def step_from_callable(func: Callable[..., Any], where: str) -> Step:
             "nested function or a method), or use a registered name such as 'grayscale'")
     if not callable(func) or not qual or "<" in qual or "." in qual or module is None:
         raise ConfigError(where, f"{func!r} cannot be sent to a worker process: {hint}")
-    if module == "__main__":
-        import __main__  # noqa: PLC0415
-
-        if not getattr(__main__, "__file__", None):
-            raise ConfigError(where, f"{qual} is defined in an interactive session, which worker "
-                                     f"processes cannot import: {hint}")
+    if module == "__main__" and not main_importable():
+        return _by_value(func, qual, where, hint)
     import pickle  # noqa: PLC0415
 
     try:
@@ -144,6 +141,27 @@ def step_from_callable(func: Callable[..., Any], where: str) -> Step:
         raise ConfigError(where, f"{qual} cannot be sent to a worker process ({exc}): "
                                  f"{hint}") from exc
     return Step(name=f"{module}.{qual}", func=func)
+
+
+def _by_value(func: Callable[..., Any], qual: str, where: str, hint: str) -> Step:
+    """A function of a ``__main__`` that workers cannot import (a notebook, ``python -c``,
+    ``python -``): sent by value with cloudpickle, its code and the globals it uses."""
+    import cloudpickle  # noqa: PLC0415
+
+    try:
+        cloudpickle.dumps(func)
+    except Exception as exc:
+        raise ConfigError(where, f"{qual} is defined in {_main_name()} and cannot be sent to a "
+                                 f"worker process by value ({type(exc).__name__}: {exc}); "
+                                 f"{hint}") from exc
+    return Step(name=f"__main__.{qual}", func=ByValue(func))
+
+
+def _main_name() -> str:
+    import __main__  # noqa: PLC0415
+
+    path = getattr(__main__, "__file__", None)
+    return "a script read from stdin" if path == "<stdin>" else "an interactive session"
 
 
 def check_suffix(suffix: Any, where: str) -> str:

@@ -14,6 +14,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from watcher.engine import runlock
+from watcher.engine.mainscript import main_hidden
 from watcher.engine.slot import (
     COMMIT_FROM,
     COMMIT_SEQ,
@@ -101,7 +102,8 @@ def launch(ctx: Any, index: int, cfg: bytes, log_setup: tuple[str, str],
                        args=(index, task_recv, send, shared, lock, cfg, inherited, log_setup,
                              runlock.held()),
                        daemon=True)
-    proc.start()
+    with main_hidden():  # a main it cannot import (python -) is not run by the worker
+        proc.start()
     send.close()  # the worker holds the only writing end: EOF means it is gone
     task_recv.close()
     return Handle(index, proc, recv, shared, lock, task_send)
