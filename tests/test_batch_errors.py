@@ -6,13 +6,16 @@ worker starts."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import json_lines, make_image, run_cli
+from tests.conftest import ROOT, json_lines, make_image, run_cli
 from watcher import ConfigError, process_images
 
 pytestmark = pytest.mark.integration
@@ -81,10 +84,29 @@ def test_a_read_only_output_folder_is_found_once_at_start(tmp_path: Path, read_o
                                   "Read-only file system"]
     with pytest.raises(ConfigError, match=r"^output_dir: cannot write in .*Read-only file"):
         process_images([str(tmp_path / "photos")], ro / "out", ["grayscale"])
-    watch = run_cli("watch", "--inbox", "in", "--output", str(ro / "out"), cwd=tmp_path)
-    assert watch.returncode == 2
-    assert lines(watch.stderr) == [f"watcher: config error: watch.output: cannot write in "
-                                   f"{ro}/out: Read-only file system"]
+    # (the daemon starts on an unwritable output on purpose: it retries, degraded, as a full
+    # disk; tests/test_fates.py)
+
+
+def test_an_unwritable_output_folder_for_a_user_whom_mode_bits_bind(tmp_path: Path) -> None:
+    """Root without its permission override (setpriv), as an ordinary user: a folder 0555."""
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("needs setpriv to drop root's permission override")
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+              "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    photos(tmp_path / "photos")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out").chmod(0o555)
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-m", "watcher", "batch", "photos", "-o",
+                               "out"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    finally:
+        (tmp_path / "out").chmod(0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert lines(proc.stderr) == ["watcher: config error: --out: cannot write in out: "
+                                  "Permission denied"]
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_the_probe_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -142,3 +164,31 @@ def test_a_rerun_that_skips_everything_says_why_and_what_to_do(tmp_path: Path) -
                    cwd=tmp_path)
     redone = [e for e in json_lines(redo.stderr) if e["event"] == "batch.finished"]
     assert redo.returncode == 0 and redone[0]["succeeded"] == 12 and "note" not in redone[0]
+
+
+def test_a_read_only_sub_folder_fails_its_inputs_naming_their_outputs(tmp_path: Path,
+                                                                      tmpfs: Any) -> None:
+    """The start-up probe covers the output folder; a read-only mount below it (a mirrored
+    sub-folder) fails only its own inputs, naming the output (not a hidden temp file), and
+    costs no worker."""
+    make_image(tmp_path / "photos" / "top.png")
+    make_image(tmp_path / "photos" / "a" / "x.png", seed=1)
+    make_image(tmp_path / "photos" / "a" / "y.jpg", seed=2)
+    out = tmpfs("out")
+    sub = out / "a"
+    sub.mkdir()
+    subprocess.run(["mount", "--bind", str(sub), str(sub)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(sub)], check=True)
+        proc = run_cli("batch", "photos", "-o", str(out), cwd=tmp_path)
+    finally:
+        subprocess.run(["umount", str(sub)], check=False)
+    assert proc.returncode == 1, proc.stderr
+    logs = json_lines(proc.stderr)
+    failed = {e["input"]: e["error"] for e in logs if e["event"] == "file.failed"}
+    assert failed == {
+        "photos/a/x.png": f"[Errno 30] Read-only file system: '{sub}/x_thumbnail.png'",
+        "photos/a/y.jpg": f"[Errno 30] Read-only file system: '{sub}/y_thumbnail.jpg'"}
+    assert ".watcher-tmp" not in proc.stderr
+    assert not [e for e in logs if e["event"] in ("worker.failed", "worker.died")]
+    assert (out / "top_thumbnail.png").is_file()

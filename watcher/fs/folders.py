@@ -3,8 +3,10 @@ missing, must be a folder, and must take a new file (a real probe file is create
 permission bits alone say nothing about a read-only mount, nor about root).
 
 A folder that fails is a configuration error naming the setting or flag at fault (``--out:
-cannot write in out: Read-only file system``), so a batch or a daemon stops at once with one
-line and exit 2, instead of failing every input with ``write-failed``.
+cannot write in out: Read-only file system``), so a batch stops at once with one line and exit
+2, instead of failing every input with ``write-failed``. The daemon creates its folders with
+``ensure_folder`` but does not refuse an unwritable output: it keeps the inputs and retries, as
+on a full disk, until the retry bound (a mount that comes back needs no restart).
 """
 
 from __future__ import annotations

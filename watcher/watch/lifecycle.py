@@ -21,7 +21,7 @@ from watcher.errors import ConfigError
 from watcher.fs import safefs
 from watcher.fs.durable import fsync_dir
 from watcher.fs.files import HOST, TEMP_SUFFIX, pid_alive, temp_owner
-from watcher.fs.folders import check_writable, ensure_folder
+from watcher.fs.folders import ensure_folder
 from watcher.ops.health import HEARTBEAT
 from watcher.watch.claiming import Claim, drop_record, leftover, new_token, save_record
 from watcher.watch.layout import check_layout, within
@@ -57,9 +57,6 @@ class Folders:
                 ensure_folder(path, f"watch.{key}")
             if not os.path.isdir(path):
                 raise ConfigError(f"watch.{key}", f"{path} is not a folder")
-        if create:  # the folders the daemon writes into (inbox and work: the rename probe)
-            for key in ("output", "archive", "quarantine"):
-                check_writable(named[key], f"watch.{key}")
         if os.stat(self.work).st_dev != os.stat(self.inbox).st_dev:
             raise ConfigError("watch.work", f"{self.work} is on another file system than the "
                               f"inbox {self.inbox}; claims must be atomic renames")
