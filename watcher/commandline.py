@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from typing import Any, NoReturn
 
 from watcher import __version__
@@ -134,8 +135,10 @@ def _log_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sub(sub: Any, name: str, summary: str, **kw: Any) -> argparse.ArgumentParser:
+    # The epilogs are laid out by hand (RawDescriptionHelpFormatter), so the description is
+    # wrapped here.
     p: argparse.ArgumentParser = sub.add_parser(
-        name, help=summary, description=DESCRIPTIONS[name],
+        name, help=summary, description=textwrap.fill(DESCRIPTIONS[name], 79),
         formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
     return p
 
