@@ -59,6 +59,11 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
     """
     from dataclasses import asdict, replace  # noqa: PLC0415
 
+    from watcher.engine.executor import UnguardedMainError  # noqa: PLC0415
+    from watcher.engine.mainscript import refuse_in_bootstrap  # noqa: PLC0415
+
+    refuse_in_bootstrap()  # in a worker re-running a script that has no __main__ guard
+
     from watcher import batch, log  # noqa: PLC0415
     from watcher import config as cfg  # noqa: PLC0415
     from watcher.settings.schema import OutputOptions  # noqa: PLC0415
@@ -87,5 +92,8 @@ def process_images(inputs: Iterable[str | os.PathLike[str]], output_dir: str | o
                                                         None if whole else p.output))
                       for p in effective.select(names))
     found, missing = batch.expand(os.fspath(i) for i in inputs)
-    return batch.run(found, os.fspath(output_dir), pipes, effective, progress=progress,
-                     failures=missing, log_format=log.resolve_format("auto"))
+    try:
+        return batch.run(found, os.fspath(output_dir), pipes, effective, progress=progress,
+                         failures=missing, log_format=log.resolve_format("auto"))
+    except UnguardedMainError as exc:  # the fix is at the caller's line: show that, not ours
+        raise UnguardedMainError(str(exc)) from None

@@ -13,20 +13,21 @@ import contextlib
 import glob
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from watcher import console, log
+from watcher import batchlog, console, log
 from watcher.config import Settings
 from watcher.engine.factory import create_executor
+from watcher.engine.mainscript import refuse_in_bootstrap
 from watcher.errors import ConfigError
 from watcher.extensions import output_ext
 from watcher.fs.durable import fsync_dir
 from watcher.fs.files import remove_dead_temps, walk_images
+from watcher.fs.folders import writable_folder
 from watcher.fs.naming import OutputNames
 from watcher.imaging.pipeline import Pipeline
 from watcher.tasks import OutputPlan, Result, Task
@@ -118,7 +119,8 @@ class Report:
 # --- inputs -------------------------------------------------------------------------------------
 
 def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
-    """Files, folders and globs -> inputs (first occurrence wins); unmatched globs -> failures."""
+    """Files, folders and globs -> inputs (first occurrence wins); paths that do not exist and
+    globs that match nothing -> failures (reason ``missing``), found before any worker starts."""
     inputs: list[Input] = []
     missing: list[ItemReport] = []
     seen: set[str] = set()
@@ -144,9 +146,23 @@ def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
                         add(Input(path, os.path.relpath(os.path.dirname(path) or ".", m)))
                 else:
                     add(Input(m))
+        elif _absent(arg):
+            missing.append(ItemReport(arg, "failed", reason="missing",
+                                      error=f"{arg}: no such file or folder"))
         else:
             add(Input(arg))
     return inputs, missing
+
+
+def _absent(path: str) -> bool:
+    """``path`` certainly does not exist (an unreadable parent is left to the worker to say)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def read_list(stream: Iterable[str]) -> list[str]:
@@ -224,48 +240,57 @@ class _Signals:
 
 def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], settings: Settings,
         *, progress: bool = False, log_format: str = "json", log_level: str = "warning",
-        failures: Sequence[ItemReport] = (),
+        failures: Sequence[ItemReport] = (), out_where: str = "output_dir",
         on_result: Callable[[ItemReport], None] | None = None,
         report_to: str | None = None) -> Report:
     """Process ``inputs`` with every pipeline in ``pipelines``; never raises for a bad input.
 
-    ``report_to``: where the caller writes the report (a file, ``-`` for stdout, ``""`` for
-    nowhere; None: the caller reads the returned report), named by the line that sums up the
-    inputs an interruption cancelled."""
+    Raises ``ConfigError`` (naming ``out_where``) before anything starts when ``out_dir`` cannot
+    be created or written into. ``failures``: inputs already known to have failed (missing), each
+    logged once here. No worker starts unless some input has an output to make. ``report_to``:
+    where the caller writes the report (a file, ``-`` for stdout, ``""`` for nowhere; None: the
+    caller reads the returned report), named by the line that sums up the inputs an
+    interruption cancelled."""
+    refuse_in_bootstrap()  # a worker re-running an unguarded script starts no batch
     t0 = time.perf_counter()
     logger = log.get("watcher.batch")
     names = [p.name for p in pipelines]
     if len(set(names)) != len(names):
         raise ConfigError("pipelines", f"a pipeline is named twice: {names}")
-    os.makedirs(out_dir, exist_ok=True)
+    writable_folder(out_dir, out_where)
     console.set_output_folder(out_dir)  # console lines show outputs relative to it
     report = Report([*failures], workers=0)
+    for item in failures:
+        logger.error("file.failed", input=item.input, reason=item.reason, error=item.error)
     if not inputs:
-        logger.info("batch.empty", output=out_dir, why="no inputs; nothing to do")
+        if not failures:
+            logger.info("batch.empty", output=out_dir, why="no inputs; nothing to do")
         report.wall_time_s = round(time.perf_counter() - t0, 6)
         return report
 
-    # The workers start first: they get ready while the inputs are planned.
-    workers = max(1, min(settings.engine.workers, len(inputs)))
-    wait = BATCH_CLUSTER_WAIT if settings.engine.cluster_wait is None \
-        else settings.engine.cluster_wait
-    engine = create_executor(replace(settings.engine, workers=workers, cluster_wait=wait),
-                           {x.name: x for x in pipelines}, settings.limits,
-                           log_format=log_format, log_level=log_level)
-    try:
-        engine.start()
-        p = plan(inputs, out_dir, pipelines, settings.on_conflict, settings.limits.formats)
-        # what an earlier run of these outputs left half-written (it was killed, or its workers)
-        for path in remove_dead_temps([o.path for t in p.tasks for o in t.outputs], out_dir,
-                                      engine.writer_gone):
-            logger.info("file.temp_removed", path=path, why="left by a process that is gone")
-    except BaseException:
-        engine.close(0)
-        raise
+    p = plan(inputs, out_dir, pipelines, settings.on_conflict, settings.limits.formats)
     for item in p.done:
         logger.info("file.skipped", input=item.input, outputs=item.outputs, reason=item.reason)
-    report.workers = min(workers, len(p.tasks))
-    bar = progress_bar(len(inputs), progress)
+    workers = max(1, min(settings.engine.workers, len(p.tasks)))
+    wait = BATCH_CLUSTER_WAIT if settings.engine.cluster_wait is None \
+        else settings.engine.cluster_wait
+    engine = None
+    if p.tasks:
+        engine = create_executor(replace(settings.engine, workers=workers, cluster_wait=wait),
+                                 {x.name: x for x in pipelines}, settings.limits,
+                                 log_format=log_format, log_level=log_level)
+        try:
+            engine.start()
+            # what an earlier run of these outputs left half-written (it was killed, or its
+            # workers)
+            for path in remove_dead_temps([o.path for t in p.tasks for o in t.outputs], out_dir,
+                                          engine.writer_gone):
+                logger.info("file.temp_removed", path=path, why="left by a process that is gone")
+        except BaseException:
+            engine.close(0)
+            raise
+        report.workers = workers
+    bar = batchlog.progress_bar(len(inputs), progress)
     bar.update(len(p.done))
 
     def record(r: Result) -> None:
@@ -276,15 +301,13 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
         item.duration_ms = round(r.duration * 1000, 3)
         item.warnings = list(r.warnings)
         item.worker_pid, item.worker_peak_rss_kb = r.worker, r.peak_rss_kb
-        _log_fate(logger, item, r, quiet=progress, console=log_format == "console")
+        batchlog.log_fate(logger, item, r, quiet=progress, console=log_format == "console")
         if item.status != "cancelled":  # the bar shows work done, not work given up
             bar.update(1)
         if on_result:
             on_result(item)
 
-    if not p.tasks:
-        engine.close(0)
-    else:
+    if engine is not None:
         with _Signals() as sigs:
             try:
                 for task in p.tasks:
@@ -320,81 +343,7 @@ def run(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline], se
     report.items.sort(key=lambda i: order.get(i.input, -1))
     report.wall_time_s = round(time.perf_counter() - t0, 6)
     if report.cancelled:
-        _log_cancelled(logger, report.cancelled, report_to, settings.on_conflict,
+        batchlog.log_cancelled(logger, report.cancelled, report_to, settings.on_conflict,
                        console=log_format == "console")
-    _log_summary(logger, report)
+    batchlog.log_summary(logger, report, settings.on_conflict)
     return report
-
-
-def _log_fate(logger: Any, item: ItemReport, r: Result, *, quiet: bool, console: bool) -> None:
-    fields: dict[str, Any] = {"input": item.input, "outputs": list(r.outputs),
-                              "duration_ms": round(r.duration * 1000, 1), "worker_pid": r.worker}
-    if r.ok:
-        fields.update(input_bytes=r.bytes_in, output_bytes=r.bytes_out)
-        if r.warnings:
-            fields["warnings"] = list(r.warnings)
-        (logger.debug if quiet and not r.warnings else logger.info)("file.processed", **fields)
-    elif item.status == "cancelled":
-        # one line per input in JSON (every input's fate is a line); on a terminal only at
-        # debug: an interrupted run of thousands is one batch.cancelled line there
-        (logger.debug if console else logger.info)("file.cancelled", input=item.input,
-                                                   reason="cancelled", error=r.error)
-    else:
-        fields.update(reason=r.reason, error=r.error, attempt=r.attempt)
-        if r.warnings:
-            fields["warnings"] = list(r.warnings)
-        logger.error("file.failed", **fields)
-
-
-def _log_cancelled(logger: Any, count: int, report_to: str | None, on_conflict: str, *,
-                   console: bool) -> None:
-    """One line for the inputs an interruption cancelled: how many, and where their list is."""
-    if report_to is None:
-        where = "the returned report's items"
-    elif report_to == "-":
-        where = "the report on stdout"
-    elif report_to:
-        where = report_to
-    elif console:
-        where = "not kept: add --report FILE (or --log-level debug)"
-    else:
-        where = "the file.cancelled lines"
-    hint = "run the same command again to finish them (existing outputs are skipped)" \
-        if on_conflict == "skip" else None
-    logger.warning("batch.cancelled", cancelled=count, list=where, hint=hint)
-
-
-def _log_summary(logger: Any, report: Report) -> None:
-    wall = report.wall_time_s or 1e-9
-    done = report.succeeded + report.failed
-    logger.info("batch.finished", **report.totals, wall_time_s=round(report.wall_time_s, 3),
-                images_per_s=round(done / wall, 2), workers=report.workers,
-                interrupted=report.interrupted or None)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(total: int, enabled: bool, unit: str = "img") -> Any:
-    """A tqdm bar on stderr when ``enabled`` (a terminal), else one that shows nothing."""
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm  # noqa: PLC0415
-
-    # No monitor thread: a batch forks its workers from this process, which must then run no
-    # other thread (see engine.helpers.resolve_start_method).
-    tqdm.monitor_interval = 0
-
-    try:
-        sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
-    except OSError:
-        sized = False
-    # A terminal that reports no size (some ptys: 0 x 0) would get an invisible bar (no width,
-    # and tqdm hides a bar below a screen of 0 rows): use 80 columns and 24 rows.
-    return tqdm(total=total, unit=unit, file=sys.stderr, leave=False,
-                dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24)

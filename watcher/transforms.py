@@ -20,6 +20,7 @@ from typing import Any
 
 from watcher.errors import ConfigError
 from watcher.imaging.pil import Image, ImageColor, ImageEnhance, ImageFilter, ImageOps
+from watcher.settings.setting import did_you_mean
 
 Size = tuple[int, int]
 LANCZOS = 1  # Image.Resampling.LANCZOS, without loading Pillow to read it
@@ -322,17 +323,17 @@ class TransformSpec:
         """Validate arguments; returns sorted (name, value) pairs with defaults filled in."""
         where = f"{where}[{self.name}]" if where else self.name
         if len(args) > len(self.params):
-            raise ConfigError(where, f"takes at most {len(self.params)} arguments "
-                                     f"({', '.join(p.name for p in self.params) or 'none'}), "
-                                     f"got {len(args)}")
+            raise ConfigError(where, (f"takes at most {len(self.params)} arguments (" + ", ".join(
+                p.name for p in self.params) + ")" if self.params else "takes no arguments")
+                + f", got {len(args)}")
         values: dict[str, Any] = {}
         for p, v in zip(self.params, args, strict=False):
             values[p.name] = v
         known = {p.name for p in self.params}
         for k, v in kwargs.items():
             if k not in known:
-                raise ConfigError(join(where, k), "unknown parameter; known: "
-                                  + (", ".join(sorted(known)) or "none"))
+                raise ConfigError(join(where, k), "unknown parameter" + (
+                    did_you_mean(k, known) if known else f"; {self.name} takes none"))
             if k in values:
                 raise ConfigError(join(where, k), "given twice")
             values[k] = v
@@ -405,8 +406,8 @@ ALIASES = {"to_grayscale": "grayscale", "resize_thumbnail": "thumbnail", "exif_t
 def lookup(name: str, where: str = "") -> TransformSpec:
     spec = REGISTRY.get(ALIASES.get(name, name))
     if spec is None:
-        raise ConfigError(where or name, f"unknown transform {name!r}; known: "
-                          + ", ".join(sorted(REGISTRY)))
+        raise ConfigError(where or name, f"unknown transform {name!r}"
+                          + did_you_mean(name, [*REGISTRY, *ALIASES], REGISTRY))
     return spec
 
 

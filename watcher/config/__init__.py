@@ -18,6 +18,7 @@ from watcher.config.loader import (
 from watcher.config.steps import (
     builtin_pipelines,
     check_suffix,
+    parse_ops,
     parse_step,
     pipeline_from,
     split_ops,
@@ -35,4 +36,5 @@ from watcher.settings.setting import parse_size
 __all__ = ["DEFAULT_IGNORE", "DecodeLimits", "EngineSettings", "OutputOptions", "Settings",
            "WatchSettings", "apply_overrides", "builtin_pipelines", "check_suffix",
            "default_settings", "from_environment", "load", "output_options", "parse",
-           "parse_size", "parse_step", "pipeline_from", "split_ops", "step_from_callable"]
+           "parse_ops", "parse_size", "parse_step", "pipeline_from", "split_ops",
+           "step_from_callable"]

@@ -8,13 +8,14 @@ each mistake is refused naming where it is, e.g. ``--ops[thumbnail].width``.
 
 from __future__ import annotations
 
-import ast
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from watcher import transforms
+from watcher.config.stepsyntax import read_step
+from watcher.engine.mainscript import ByValue, main_importable
 from watcher.errors import ConfigError
 from watcher.imaging.pipeline import Pipeline, Step
 from watcher.settings.schema import OutputOptions
@@ -43,51 +44,42 @@ _SPLIT = re.compile(r"[|;]")
 
 def split_ops(text: str) -> list[str]:
     """Split ``"auto_orient, thumbnail(128,128) | blur(1)"`` at separators outside brackets."""
-    items, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "([":
+    return [item for item, _ in split_spans(text)]
+
+
+def split_spans(text: str) -> list[tuple[str, int]]:
+    """``split_ops``, each step with where it starts in ``text`` (for a caret under a fault)."""
+    items: list[tuple[str, int]] = []
+    depth, start, quote = 0, 0, ""
+    for i in range(len(text) + 1):
+        ch = text[i] if i < len(text) else ""
+        if ch and quote:  # a separator inside quoted text separates nothing
+            quote = "" if ch == quote and text[i - 1] != "\\" else quote
+            continue
+        if ch in ("'", '"'):
+            quote = ch
+        elif ch in ("(", "["):
             depth += 1
-        elif ch in ")]":
+        elif ch in (")", "]"):
             depth -= 1
-        if depth == 0 and (ch == "," or _SPLIT.match(ch)):
-            items.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    items.append("".join(cur).strip())
-    return [i for i in items if i]
+        elif not ch or (depth <= 0 and (ch == "," or _SPLIT.match(ch))):
+            piece = text[start:i]
+            if piece.strip():
+                items.append((piece.strip(), start + len(piece) - len(piece.lstrip())))
+            start, depth = i + 1, 0
+    return items
 
 
-def parse_step(text: str, where: str) -> Step:
-    """``"thumbnail(128, 128)"``, ``"resize(width=800)"`` or ``"grayscale"`` -> a bound Step."""
-    try:
-        node = ast.parse(text.strip(), mode="eval").body
-    except SyntaxError as exc:
-        raise ConfigError(where, f"cannot parse step {text!r}: {exc.msg}") from exc
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    if isinstance(node, ast.Call):
-        func = node.func
-        try:
-            args = [ast.literal_eval(a) for a in node.args]
-            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}
-        except ValueError as exc:
-            raise ConfigError(where, f"step {text!r}: arguments must be literals") from exc
-        node = func
-    name = _dotted(node)
-    if name is None:
-        raise ConfigError(where, f"step {text!r}: expected NAME, NAME(args) or "
-                                 "package.module.function(args)")
-    return make_step(name, args, kwargs, where)
+def parse_step(text: str, where: str, source: str | None = None, offset: int = 0) -> Step:
+    """``"thumbnail(128, 128)"``, ``"resize(width=800)"`` or ``"grayscale"`` -> a bound Step.
+    ``source``/``offset``: the whole ``--ops`` text and where this step starts in it."""
+    call = read_step(text, where, source, offset)
+    return make_step(call.name, call.args, call.kwargs, where)
 
 
-def _dotted(node: ast.expr) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        head = _dotted(node.value)
-        return f"{head}.{node.attr}" if head else None
-    return None
+def parse_ops(text: str, where: str) -> list[Step]:
+    """Every step of an ``--ops`` string; a fault is shown in the whole string."""
+    return [parse_step(item, where, text, at) for item, at in split_spans(text)]
 
 
 def make_step(name: str, args: Sequence[Any], kwargs: Mapping[str, Any], where: str) -> Step:
@@ -165,12 +157,8 @@ def step_from_callable(func: Callable[..., Any], where: str) -> Step:
             "nested function or a method), or use a registered name such as 'grayscale'")
     if not callable(func) or not qual or "<" in qual or "." in qual or module is None:
         raise ConfigError(where, f"{func!r} cannot be sent to a worker process: {hint}")
-    if module == "__main__":
-        import __main__  # noqa: PLC0415
-
-        if not getattr(__main__, "__file__", None):
-            raise ConfigError(where, f"{qual} is defined in an interactive session, which worker "
-                                     f"processes cannot import: {hint}")
+    if module == "__main__" and not main_importable():
+        return _by_value(func, qual, where, hint)
     import pickle  # noqa: PLC0415
 
     try:
@@ -179,6 +167,27 @@ def step_from_callable(func: Callable[..., Any], where: str) -> Step:
         raise ConfigError(where, f"{qual} cannot be sent to a worker process ({exc}): "
                                  f"{hint}") from exc
     return Step(name=f"{module}.{qual}", func=func)
+
+
+def _by_value(func: Callable[..., Any], qual: str, where: str, hint: str) -> Step:
+    """A function of a ``__main__`` that workers cannot import (a notebook, ``python -c``,
+    ``python -``): sent by value with cloudpickle, its code and the globals it uses."""
+    import cloudpickle  # noqa: PLC0415
+
+    try:
+        cloudpickle.dumps(func)
+    except Exception as exc:
+        raise ConfigError(where, f"{qual} is defined in {_main_name()} and cannot be sent to a "
+                                 f"worker process by value ({type(exc).__name__}: {exc}); "
+                                 f"{hint}") from exc
+    return Step(name=f"__main__.{qual}", func=ByValue(func))
+
+
+def _main_name() -> str:
+    import __main__  # noqa: PLC0415
+
+    path = getattr(__main__, "__file__", None)
+    return "a script read from stdin" if path == "<stdin>" else "an interactive session"
 
 
 def check_suffix(suffix: Any, where: str) -> str:
@@ -197,7 +206,7 @@ def pipeline_from(items: Sequence[Any], name: str = "processed", suffix: str | N
         if isinstance(item, Step):
             steps.append(item)
         elif isinstance(item, str):
-            steps.extend(parse_step(s, where) for s in split_ops(item))
+            steps.extend(parse_ops(item, where))
         else:
             steps.append(step_from_callable(item, where))
     if not steps:

@@ -28,6 +28,10 @@ class EngineError(WatcherError):
     """The engine cannot run (workers fail to start, the cluster cannot be reached)."""
 
 
+class UnguardedMainError(EngineError):
+    """Workers re-running the main script met a call of watcher at its top level (no guard)."""
+
+
 @dataclass
 class Stats:
     """What an executor has done since it started (gauges and the batch report read these)."""

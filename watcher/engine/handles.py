@@ -15,6 +15,7 @@ from typing import Any
 
 from watcher.engine import runlock
 from watcher.engine.executor import EngineError
+from watcher.engine.mainscript import main_hidden
 from watcher.engine.slot import (
     COMMIT_FROM,
     COMMIT_SEQ,
@@ -106,7 +107,8 @@ def launch(ctx: Any, index: int, cfg: bytes, log_setup: tuple[str, str],
                        daemon=True)
     for attempt in range(1, SPAWN_TRIES + 1):
         try:
-            proc.start()
+            with main_hidden():  # a main it cannot import (python -) is not run by the worker
+                proc.start()
             break
         except (EOFError, OSError) as exc:
             # The forkserver was killed (its workers die with it) and is not gone yet: it

@@ -29,3 +29,4 @@ EXIT_INIT_FAILED = 3  # the worker could not even start: the supervisor stops, n
 EXIT_COMMIT_FAILED = 4  # a thread of the worker failed: it ended itself (respawned)
 EXIT_TERMINATED = 5  # it stopped on SIGTERM, after finishing its task (respawned a tick later)
 EXIT_MAIN_FAILED = 1  # its main thread raised (a bug, a transform that calls sys.exit)
+EXIT_UNGUARDED_MAIN = 6  # it was re-running a main script that starts watcher (no __main__ guard)

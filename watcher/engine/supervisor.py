@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from watcher import log
-from watcher.engine.executor import EngineError, Executor, Stats, failure
+from watcher.engine.executor import EngineError, Executor, Stats, UnguardedMainError, failure
 from watcher.engine.handles import (
     Handle,
     launch,
@@ -53,7 +53,14 @@ from watcher.engine.handles import (
 )
 from watcher.engine.helpers import PRELOAD, resolve_start_method, start_helpers
 from watcher.engine.ledger import Ledger
-from watcher.engine.slot import EXIT_COMMIT_FAILED, EXIT_INIT_FAILED, EXIT_TERMINATED, HALT
+from watcher.engine.mainscript import refuse_in_bootstrap, unguarded_message
+from watcher.engine.slot import (
+    EXIT_COMMIT_FAILED,
+    EXIT_INIT_FAILED,
+    EXIT_TERMINATED,
+    EXIT_UNGUARDED_MAIN,
+    HALT,
+)
 from watcher.engine.worker import WorkerConfig
 from watcher.imaging import memory
 from watcher.imaging.pipeline import Pipeline
@@ -100,6 +107,7 @@ class Engine(Executor):
 
     def start(self) -> None:
         """Start the workers; each is handed its first tasks (submitted before) as it starts."""
+        refuse_in_bootstrap()  # a worker re-running an unguarded script starts no engine
         self._started = True
         for i in range(self.settings.workers):
             self._spawn(i)
@@ -262,6 +270,8 @@ class Engine(Executor):
             code = slot.proc.exitcode
             seq = slot.seq
             self._book.settle(slot, code)
+            if code == EXIT_UNGUARDED_MAIN:
+                raise UnguardedMainError(unguarded_message(self.start_method))
             if code == EXIT_TERMINATED:
                 self._log.info("worker.terminated", worker_pid=slot.proc.pid,
                                why="SIGTERM: it finished its task and stopped")
@@ -282,9 +292,8 @@ class Engine(Executor):
                 if self._early_deaths >= EARLY_DEATHS:
                     raise EngineError(
                         f"{self._early_deaths} worker processes in a row died before finishing "
-                        f"any task (last exit code {code}); not respawning them. If a script "
-                        "calls watcher, guard its top level with "
-                        "`if __name__ == \"__main__\":` (workers import the main module)")
+                        f"any task (last exit code {code}); not respawning them (their "
+                        "errors are above)")
             if code == EXIT_TERMINATED:
                 # A SIGTERM: most often sent to the whole process group, this process too, which
                 # acts on it when this tick returns. A worker started now would take a task no

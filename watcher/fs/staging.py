@@ -34,9 +34,10 @@ class _Spool:
     creates the temp file, writes, fsyncs and publishes it.
     """
 
-    def __init__(self, folder: Callable[[], int], name: str) -> None:
+    def __init__(self, folder: Callable[[], int], name: str, final: str = "") -> None:
         self._folder = folder  # the descriptor of the folder the temp file goes in
         self.name = name
+        self.final = final  # the output it becomes: what an error names
         self._mem: io.BytesIO | None = io.BytesIO()
         self._file: IO[bytes] | None = None
 
@@ -89,10 +90,15 @@ class _Spool:
         dirfd = self._folder()
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(self.name, flags, 0o666, dir_fd=dirfd)
-        except FileExistsError:  # left by an earlier process with a recycled pid
-            os.unlink(self.name, dir_fd=dirfd)
-            fd = os.open(self.name, flags, 0o666, dir_fd=dirfd)
+            try:
+                fd = os.open(self.name, flags, 0o666, dir_fd=dirfd)
+            except FileExistsError:  # left by an earlier process with a recycled pid
+                os.unlink(self.name, dir_fd=dirfd)
+                fd = os.open(self.name, flags, 0o666, dir_fd=dirfd)
+        except OSError as exc:  # name the output, not its hidden temp file (same errno, type)
+            if not self.final:
+                raise
+            raise OSError(exc.errno, exc.strerror, self.final) from exc
         return os.fdopen(fd, "wb")
 
     def _spill(self) -> None:
@@ -153,7 +159,7 @@ class Staged:
         self.tmp = temp_name(final, os.getpid())
         self.root = root
         self._dirfd = -1
-        self._out: _Spool | None = _Spool(self._folder, os.path.basename(self.tmp))
+        self._out: _Spool | None = _Spool(self._folder, os.path.basename(self.tmp), final)
         try:
             write(self._out)  # type: ignore[arg-type]
             self.size = self._out.size
@@ -233,7 +239,10 @@ class Staged:
             self._out.close()
             self._out = None
         if self._dirfd >= 0:
-            with contextlib.suppress(FileNotFoundError):
+            # Cleanup never raises: on a read-only file system unlink says EROFS even for a
+            # temp file that could not be created; one that could not be removed is a dead
+            # writer's temp for the next run (remove_dead_temps).
+            with contextlib.suppress(OSError):
                 os.unlink(os.path.basename(self.tmp), dir_fd=self._dirfd)
             self._close_folder()
 

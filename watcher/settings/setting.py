@@ -221,10 +221,11 @@ _PARSERS: dict[str, Callable[[Setting, Any, str, bool], Any]] = {
     "path": _str, "list": _list, "size": _size}
 
 
-def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """`` (did you mean 'workers'?)`` for a near miss, else ``"; known: a, b, c"``."""
+def did_you_mean(name: str, known: Iterable[str], listed: Iterable[str] | None = None) -> str:
+    """`` (did you mean 'workers'?)`` for a near miss, else ``"; known: a, b, c"`` (``listed``,
+    if given, is what that list shows: the close match may also be an alias)."""
     known = sorted(set(known))
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     if close:
         return f"; did you mean {close[0]!r}?"
-    return "; known: " + ", ".join(known)
+    return "; known: " + ", ".join(sorted(set(known if listed is None else listed)))

@@ -21,6 +21,7 @@ from watcher.errors import ConfigError
 from watcher.fs import safefs
 from watcher.fs.durable import fsync_dir
 from watcher.fs.files import HOST, TEMP_SUFFIX, pid_alive, temp_owner
+from watcher.fs.folders import ensure_folder
 from watcher.ops.health import HEARTBEAT
 from watcher.watch.claiming import Claim, drop_record, leftover, new_token, save_record
 from watcher.watch.layout import check_layout, within
@@ -53,11 +54,7 @@ class Folders:
         check_layout(named, self.work_root)
         for key, path in named.items():
             if create:
-                try:
-                    os.makedirs(path, exist_ok=True)
-                except OSError as exc:
-                    raise ConfigError(f"watch.{key}", f"cannot create {path}: {exc.strerror}") \
-                        from exc
+                ensure_folder(path, f"watch.{key}")
             if not os.path.isdir(path):
                 raise ConfigError(f"watch.{key}", f"{path} is not a folder")
         if os.stat(self.work).st_dev != os.stat(self.inbox).st_dev:
