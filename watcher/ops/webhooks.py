@@ -133,7 +133,8 @@ class Notifications:
             if not batch:
                 return
             try:
-                self._deliver(batch)
+                if not self._deliver(batch):
+                    return  # the flush is over: stop() counts this batch with the queue
             except Exception as exc:  # noqa: BLE001 - a bug here must not end the deliveries
                 self._log.error("notify.failed", sink="all", error=f"{type(exc).__name__}: "
                                 f"{exc}", documents=len(batch), gave_up=True)
@@ -148,9 +149,9 @@ class Notifications:
         with self._cond:
             while not self._queue and not self._stopping():
                 self._cond.wait()
-            if size > 1 and self._queue and not self._stopping():
+            if size > 1 and self._queue:  # a stop ends the wait for more: flush what is here
                 until = time.monotonic() + ns.notify_batch_delay
-                while len(self._queue) < size and not self._stopping() and \
+                while len(self._queue) < size and self._deadline is None and \
                         (rest := until - time.monotonic()) > 0:
                     self._cond.wait(rest)
             if self._closed or self._left() <= 0:
@@ -165,21 +166,22 @@ class Notifications:
         return self._closed or (self._deadline is not None
                                 and (self._left() <= 0 or not self._queue))
 
-    def _deliver(self, batch: list[dict[str, Any]]) -> None:
+    def _deliver(self, batch: list[dict[str, Any]]) -> bool:
+        """Deliver to every sink; False when the flush ended first."""
         ns = self._settings()
         docs = [with_sizes(d) for d in batch]
         body = json.dumps(docs if ns.notify_batch > 1 else docs[0],
                           ensure_ascii=False, default=str).encode("utf-8")
         inputs = [d.get("input") for d in docs]
-        for sink in list(self._sinks):
-            self._try(sink, body, len(docs), inputs)
+        return all(self._try(sink, body, len(docs), inputs) for sink in list(self._sinks))
 
-    def _try(self, sink: Sink, body: bytes, count: int, inputs: list[Any]) -> None:
+    def _try(self, sink: Sink, body: bytes, count: int, inputs: list[Any]) -> bool:
+        """Deliver to one sink, retrying; False when the flush ended first."""
         for attempt in range(1, 1 << 30):
             ns = self._settings()
             timeout = min(ns.notify_timeout, self._left())
             if timeout <= 0 or self._closed:
-                return  # stop()'s line counts them
+                return False
             try:
                 sink.send(body, timeout)
             except DeliveryError as exc:
@@ -195,7 +197,7 @@ class Notifications:
                                   documents=count, inputs=inputs[:10], **fields)
                 self._report_drops()
                 if last:
-                    return
+                    return True
                 with self._cond:  # a stop() cuts the wait short to its flush deadline
                     until = time.monotonic() + delay
                     while not self._closed and (rest := min(until - time.monotonic(),
@@ -203,7 +205,8 @@ class Notifications:
                         self._cond.wait(rest)
                 continue
             self._metrics.notify_sent.labels(sink.name).inc(count)
-            return
+            return True
+        return True
 
     def _report_drops(self) -> None:
         with self._cond:
