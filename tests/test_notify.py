@@ -165,7 +165,7 @@ def test_a_failing_then_stalled_endpoint_never_holds_up_the_daemon_and_gets_ever
         fails = daemon.wait_for("notify.failed", 3)  # 500s, retried with back-off
         assert [f["attempt"] for f in fails[:3]] == [1, 2, 3]
         assert all(f["sink"] == "webhook" and f["error"].startswith("HTTP 500") and
-                   f["to"] == receiver.url.split("?")[0] and f["inputs"] == ["first.jpg"]
+                   f["endpoint"] == receiver.url.split("?")[0] and f["for_inputs"] == ["first.jpg"]
                    for f in fails)
         receiver.mode = "stall"
         wait_until(lambda: receiver.seen["stall"] >= 1, 30, "a request to stall on")
@@ -207,15 +207,15 @@ def test_a_full_queue_drops_the_oldest_first_with_a_count(tmp_path: Path,
         daemon.wait_for("file.processed", 6)
         order = inputs_in_order(daemon, "file.processed")
         assert order[0] == "held.jpg"
-        wait_until(lambda: sum(e["count"] for e in daemon.seen("notify.dropped")) >= 3, 30,
+        wait_until(lambda: sum(e["documents"] for e in daemon.seen("notify.dropped")) >= 3, 30,
                    "three documents dropped")
-        assert all(e["why"] == "queue-full" and e["queue"] == 2
+        assert all(e["why"] == "queue-full" and e["notify_queue"] == 2
                    for e in daemon.seen("notify.dropped"))
         receiver.mode = "ok"
         wait_until(lambda: len(receiver.docs()) >= 3, 30, "the three kept documents")
         time.sleep(1)  # nothing more comes
         assert [d["input"] for d in receiver.docs()] == [order[0], order[4], order[5]]
-        assert sum(e["count"] for e in daemon.seen("notify.dropped")) == 3
+        assert sum(e["documents"] for e in daemon.seen("notify.dropped")) == 3
         text = scrape(port, "/metrics")[1]
         assert metric(text, 'watcher_notify_dropped_total{why="queue-full"}') == 3
         assert metric(text, "watcher_notify_queue_depth") == 0
@@ -234,7 +234,7 @@ def test_on_stop_a_short_flush_then_the_rest_dropped_with_one_line(
     daemon.wait_for("file.processed", 3)
     assert daemon.stop(timeout=30) == 0
     dropped = daemon.seen("notify.dropped")
-    assert len(dropped) == 1 and dropped[0]["why"] == "stopping" and dropped[0]["count"] == 3
+    assert len(dropped) == 1 and dropped[0]["why"] == "stopping" and dropped[0]["documents"] == 3
     stopped = daemon.seen("daemon.stopped")[0]
     assert daemon.events.index(dropped[0]) < daemon.events.index(stopped)
 
@@ -294,7 +294,8 @@ def test_a_hook_that_hangs_is_killed_at_its_timeout(tmp_path: Path) -> None:
     try:
         bad(tmp_path, "bad.jpg")
         failed = daemon.wait_for("notify.failed", timeout=60)[0]
-        assert failed["sink"] == "command" and failed["gave_up"] is True
+        assert failed["sink"] == "command" and failed["retries_left"] == 0
+        assert "retry_in_s" not in failed  # the only try: dropped
         assert "timed out after 1 s and was killed" in failed["error"]
         pid = int(pidfile.read_text())
 
@@ -364,4 +365,4 @@ def test_sigterm_with_notifications_on_exits_promptly_even_mid_stall(
     wait_until(lambda: receiver.seen["stall"] >= 1, 30, "a stalled request")
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.exit_code(timeout=20) == 0  # the flush (1 s) bounds the stalled POST
-    assert daemon.seen("notify.dropped", why="stopping")[0]["count"] == 1
+    assert daemon.seen("notify.dropped", why="stopping")[0]["documents"] == 1

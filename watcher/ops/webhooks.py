@@ -117,8 +117,8 @@ class Notifications:
         self._metrics.notify_queue.set(0)
         if left:
             self._metrics.notify_dropped.labels("stopping").inc(left)
-            self._log.warning("notify.dropped", count=left, why="stopping",
-                              flush_s=flush, fix="raise [notify] notify_flush, or look at "
+            self._log.warning("notify.dropped", documents=left, why="stopping",
+                              notify_flush=flush, fix="raise [notify] notify_flush, or look at "
                               "why deliveries fail (notify.failed lines)")
 
     # --- the thread's side ------------------------------------------------------------------
@@ -137,7 +137,7 @@ class Notifications:
                     return  # the flush is over: stop() counts this batch with the queue
             except Exception as exc:  # noqa: BLE001 - a bug here must not end the deliveries
                 self._log.error("notify.failed", sink="all", error=f"{type(exc).__name__}: "
-                                f"{exc}", documents=len(batch), gave_up=True)
+                                f"{exc}", documents=len(batch), retries_left=0)
             with self._cond:
                 self._batch = []
             self._report_drops()
@@ -188,13 +188,13 @@ class Notifications:
                 self._metrics.notify_failed.labels(sink.name).inc()
                 last = attempt >= ns.notify_tries
                 delay = min(ns.notify_backoff_max, ns.notify_backoff * 2 ** (attempt - 1))
-                fields: dict[str, Any] = {"retry_in_s": round(delay, 2)}
+                fields: dict[str, Any] = {} if last else {"retry_in_s": round(delay, 2)}
                 if last:
-                    fields = {"gave_up": True}
                     self._metrics.notify_dropped.labels("gave-up").inc(count)
-                self._log.warning("notify.failed", sink=sink.name, to=sink.shown,
-                                  error=str(exc), attempt=attempt, tries=ns.notify_tries,
-                                  documents=count, inputs=inputs[:10], **fields)
+                self._log.warning("notify.failed", sink=sink.name, endpoint=sink.shown,
+                                  error=str(exc), attempt=attempt,
+                                  retries_left=max(0, ns.notify_tries - attempt),
+                                  documents=count, for_inputs=inputs[:10], **fields)
                 self._report_drops()
                 if last:
                     return True
@@ -212,8 +212,8 @@ class Notifications:
         with self._cond:
             n, self._dropped = self._dropped, 0
         if n:
-            self._log.warning("notify.dropped", count=n, why="queue-full",
-                              queue=self._settings().notify_queue,
+            self._log.warning("notify.dropped", documents=n, why="queue-full",
+                              notify_queue=self._settings().notify_queue,
                               fix="the oldest documents went first; raise [notify] "
                                   "notify_queue, or look at why deliveries fail")
 
