@@ -366,3 +366,35 @@ def test_sigterm_with_notifications_on_exits_promptly_even_mid_stall(
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.exit_code(timeout=20) == 0  # the flush (1 s) bounds the stalled POST
     assert daemon.seen("notify.dropped", why="stopping")[0]["documents"] == 1
+
+
+def test_a_reload_moves_notifications_to_the_new_endpoint_and_a_bad_one_keeps_the_old(
+        tmp_path: Path, receiver: Receiver) -> None:
+    second = Receiver()
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(f'[notify]\nnotify_url = "{receiver.url}"\nnotify_fates = ["all"]\n')
+    (tmp_path / "tok").write_text(TOKEN + "\n")
+    daemon = Daemon(tmp_path, "-c", str(cfg))
+    try:
+        drop(tmp_path, "before.jpg")
+        wait_until(receiver.docs, 30, "the first document")
+        cfg.write_text(f'[notify]\nnotify_url = "{second.url}"\nnotify_fates = ["all"]\n'
+                       'notify_token_file = "tok"\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for("config.reloaded")
+        drop(tmp_path, "after.jpg", seed=1)
+        wait_until(second.docs, 30, "a document at the new endpoint")
+        assert second.headers[0]["Authorization"] == f"Bearer {TOKEN}"  # from the file
+        cfg.write_text(f'[notify]\nnotify_url = "{receiver.url}"\n'
+                       'notify_token_file = "gone"\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        failed = daemon.wait_for("config.reload_failed")[0]
+        assert "notify.notify_token_file: cannot read" in failed["error"]
+        drop(tmp_path, "kept.jpg", seed=2)
+        wait_until(lambda: len(second.docs()) >= 2, 30, "the kept endpoint's next document")
+    finally:
+        assert daemon.stop() == 0
+        second.close()
+    assert [d["input"] for d in receiver.docs()] == ["before.jpg"]
+    assert [d["input"] for d in second.docs()] == ["after.jpg", "kept.jpg"]
+    assert TOKEN not in json.dumps(daemon.events)
