@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import run_cli, wait_until
+from tests.test_fates import _unprivileged
 from tests.test_ops import free_port, metric, scrape
 from tests.test_watch import Daemon, drop
 from watcher.fs.files import HOST
@@ -398,3 +399,26 @@ def test_a_reload_moves_notifications_to_the_new_endpoint_and_a_bad_one_keeps_th
     assert [d["input"] for d in receiver.docs()] == ["before.jpg"]
     assert [d["input"] for d in second.docs()] == ["after.jpg", "kept.jpg"]
     assert TOKEN not in json.dumps(daemon.events)
+
+
+def test_retries_and_a_gave_up_quarantine_are_notified_with_their_reasons(
+        tmp_path: Path, receiver: Receiver) -> None:
+    (tmp_path / "processed").mkdir()
+    (tmp_path / "processed").chmod(0o555)  # the outputs cannot be written: not the input's fault
+    daemon = Daemon(tmp_path, "--retry-max", "2", "--retry-backoff", "0.2",
+                    "--retry-backoff-max", "0.3", "--notify-url", receiver.url,
+                    "--notify-fates", "retried,quarantined", prefix=_unprivileged())
+    try:
+        drop(tmp_path, "x.png")
+        daemon.wait_for("file.quarantined", input="x.png", timeout=60)
+        wait_until(lambda: len(receiver.docs()) >= 3, 30, "two retries and the quarantine")
+    finally:
+        (tmp_path / "processed").chmod(0o755)
+        assert daemon.stop() == 0
+    docs = receiver.docs()
+    assert [d["fate"] for d in docs] == ["retried", "retried", "quarantined"]
+    assert [d["reason"] for d in docs] == ["write-failed", "write-failed", "gave-up"]
+    assert [d["transient_failures"] for d in docs] == [1, 2, 3]
+    assert "write-failed" in docs[2]["error"] and docs[2]["moved_to"].startswith(
+        str(tmp_path / "quarantine"))
+    assert len({d["claim"] for d in docs}) == 1 and docs[0]["attempt"] == 1
