@@ -40,7 +40,7 @@ def to_toml(s: Settings) -> str:
             if v is None:
                 lines.append(f"# {setting.name}: not set ({setting.default_doc or 'default'})")
                 continue
-            if setting.kind == "path":
+            if setting.kind == "path" and v:
                 v = os.path.abspath(v)
             lines.append(f"{setting.name} = {value(v)}")
     for name, p in s.pipelines.items():

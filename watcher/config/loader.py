@@ -29,6 +29,7 @@ from watcher.settings import schema
 from watcher.settings.schema import (
     DecodeLimits,
     EngineSettings,
+    NotifySettings,
     OutputOptions,
     OutputSettings,
     WatchSettings,
@@ -36,7 +37,8 @@ from watcher.settings.schema import (
 from watcher.settings.setting import ENV_PREFIX, Setting, did_you_mean
 
 # The attribute of ``Settings`` each section's values live in.
-_FIELD = {"engine": "engine", "input": "limits", "output": "output", "watch": "watch"}
+_FIELD = {"engine": "engine", "input": "limits", "output": "output", "watch": "watch",
+          "notify": "notify"}
 _TABLES = ("pipelines", "defaults", *_FIELD)
 
 
@@ -49,6 +51,7 @@ class Settings:
     limits: Any = field(default_factory=DecodeLimits)
     output: Any = field(default_factory=OutputSettings)
     watch: Any = field(default_factory=WatchSettings)
+    notify: Any = field(default_factory=NotifySettings)
     source: str = "<built-in>"
     # For each key set, how the layer that set it names a setting (for a broken rule).
     chosen_by: Mapping[str, Callable[[Setting], str]] = field(

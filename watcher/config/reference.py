@@ -16,6 +16,9 @@ _INTRO = {
     "input": "What is decoded at all; anything else is refused with its reason.",
     "output": "Which pipelines make outputs, and what happens when an output exists.",
     "watch": "The inbox daemon: its five folders, how arrivals are noticed, retries, metrics.",
+    "notify": "Notifications: on each fate chosen, a JSON document (see docs/operations.md, "
+              "\"Notifications\") POSTed to `notify_url` and/or piped to `notify_command`, "
+              "from a bounded queue drained by a thread of its own, retried with back-off.",
     "pipeline": "How a pipeline's output is encoded: in `[defaults]` (for every pipeline the "
                 "file defines; the built-in ones keep theirs) or "
                 "in `[pipelines.NAME]` beside its `steps` and `suffix`; `output={...}` in the "

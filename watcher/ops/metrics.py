@@ -1,7 +1,8 @@
 """Prometheus metrics and the optional HTTP endpoint: /metrics, /healthz, /readyz.
 
 Off by default; ``metrics_port`` turns it on, bound to 127.0.0.1 unless ``metrics_host`` says
-otherwise. The daemon loop is the only writer of the metrics; the server thread only reads.
+otherwise. The daemon loop writes the metrics, and the notifications' thread its own
+(``watcher_notify_*``; prometheus_client's values are thread-safe); the server thread only reads.
 
 Names follow Prometheus' conventions: ``watcher_`` first, the unit last and in its base unit
 (``_seconds``, ``_bytes``), ``_total`` on counters only. Every labelled series a run can have is
@@ -88,6 +89,20 @@ class Metrics:
         self.overflows = Counter("watcher_observer_overflows", "Times the kernel's event queue "
                                  "overflowed (each followed by a rescan of the inbox)",
                                  registry=r)
+        self.notify_sent = Counter("watcher_notify_delivered", "Fate documents delivered, per "
+                                   "sink (webhook, command)", ["sink"], registry=r)
+        self.notify_failed = Counter("watcher_notify_failures", "Failed tries to deliver fate "
+                                     "documents, per sink", ["sink"], registry=r)
+        self.notify_dropped = Counter("watcher_notify_dropped", "Fate documents dropped "
+                                      "undelivered, per why (queue-full, gave-up, stopping)",
+                                      ["why"], registry=r)
+        self.notify_queue = Gauge("watcher_notify_queue_depth", "Fate documents waiting to be "
+                                  "delivered", registry=r)
+        for sink in ("webhook", "command"):
+            self.notify_sent.labels(sink)
+            self.notify_failed.labels(sink)
+        for why in ("queue-full", "gave-up", "stopping"):
+            self.notify_dropped.labels(why)
         self.last_tick = time.monotonic()
         self.ready = False
 

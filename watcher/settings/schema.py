@@ -19,12 +19,14 @@ from watcher.settings.setting import Setting, parse_size
 
 # The TOML tables of settings, in the order the reference lists them; "pipeline" holds the
 # output options of a pipeline ([defaults], [pipelines.NAME]).
-SECTIONS = ("engine", "input", "output", "watch", "pipeline")
+SECTIONS = ("engine", "input", "output", "watch", "notify", "pipeline")
 # The subcommands whose flags a section's settings get unless a setting names its own.
 COMMANDS = {"engine": ("batch", "watch"), "input": ("batch", "watch"),
-            "output": ("batch", "watch"), "watch": ("watch",), "pipeline": ("batch",)}
-# WATCHER_* names that are not settings: the config file, and test and tooling hooks.
-OTHER_ENV = ("WATCHER_CONFIG",)
+            "output": ("batch", "watch"), "watch": ("watch",), "notify": ("watch",),
+            "pipeline": ("batch",)}
+# WATCHER_* names that are not settings: the config file, the webhook's token (a secret: never a
+# setting, so check-config never prints it), and test and tooling hooks.
+OTHER_ENV = ("WATCHER_CONFIG", "WATCHER_NOTIFY_TOKEN")
 OTHER_ENV_PREFIXES = ("WATCHER_TEST_", "WATCHER_DEBUG_", "WATCHER_FUZZ_", "WATCHER_DEPLOY_",
                       "WATCHER_SKIP_")
 
@@ -94,6 +96,39 @@ def _colour(value: str, where: str) -> str:
         ImageColor.getrgb(value)
     except ValueError as exc:
         raise ConfigError(where, f"not a colour: {value!r}") from exc
+    return value
+
+
+# The fates a notification can be sent for ([notify] notify_fates; "all" is every one).
+NOTIFY_FATES = ("processed", "quarantined", "retried", "vanished")
+
+
+def _webhook_url(value: str, where: str) -> str:
+    if not value:
+        return value
+    m = re.fullmatch(r"(?i)(https?)://([^/?#\s]+)([^\s]*)", value)
+    if not m:
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        got = f"scheme {scheme!r}" if scheme else "no scheme"
+        raise ConfigError(where, f"expected an http:// or https:// URL, got {got}")
+    return value
+
+
+def _headers(value: tuple[str, ...], where: str) -> tuple[str, ...]:
+    for i, v in enumerate(value):
+        name, colon, rest = v.partition(":")
+        if not colon or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name) or \
+                any(ch in rest for ch in "\r\n"):
+            raise ConfigError(f"{where}[{i}]", "expected \"Name: value\" (a header name, a colon, "
+                                               "a value on one line)")
+    return value
+
+
+def _notify_fates(value: tuple[str, ...], where: str) -> tuple[str, ...]:
+    for i, v in enumerate(value):
+        if v not in (*NOTIFY_FATES, "all"):
+            raise ConfigError(f"{where}[{i}]", f"expected one of {', '.join(NOTIFY_FATES)}, all; "
+                                               f"got {v!r}")
     return value
 
 
@@ -201,6 +236,43 @@ SETTINGS: tuple[Setting, ...] = (
     S(section="watch", name="hard_links", kind="choice", default="quarantine",
       choices=("quarantine", "process"),
       help="an input with other hard links (its data may be a file elsewhere)"),
+    # -- [notify]: a JSON document per fate, POSTed to a webhook and/or piped to a command -------
+    S(section="notify", name="notify_url", kind="str", default="", allow_empty=True,
+      check=_webhook_url, metavar="URL",
+      help="POST each fate's JSON document here (http:// or https://; \"\": no webhook)"),
+    S(section="notify", name="notify_headers", kind="list", default=(), allow_empty=True,
+      check=_headers, metavar="'NAME: VALUE'",
+      help="extra HTTP headers of the webhook's POST (the token goes in WATCHER_NOTIFY_TOKEN or "
+           "notify_token_file, never here)"),
+    S(section="notify", name="notify_token_file", kind="path", default="", allow_empty=True,
+      metavar="FILE", default_doc="none",
+      help="a file holding the webhook's token, sent as Authorization: Bearer (else "
+           "$WATCHER_NOTIFY_TOKEN); never logged"),
+    S(section="notify", name="notify_command", kind="list", default=(), allow_empty=True,
+      metavar="ARG", help="run this command (argv, no shell) with each document on stdin; "
+                          "a non-zero exit is a failed delivery"),
+    S(section="notify", name="notify_fates", kind="list", default=("quarantined",),
+      check=_notify_fates, metavar="FATE,FATE",
+      help="the fates notified: processed, quarantined (gave-up included), retried, "
+           "vanished, or all"),
+    S(section="notify", name="notify_timeout", kind="float", default=10.0, lo=0.1, hi=3600,
+      metavar="S", help="seconds one POST (connect, each read) or command run may take"),
+    S(section="notify", name="notify_tries", kind="int", default=5, lo=1, hi=1000, metavar="N",
+      help="tries per delivery before its documents are dropped"),
+    S(section="notify", name="notify_backoff", kind="float", default=1.0, lo=0.01, hi=3600,
+      metavar="S", help="first wait after a failed delivery (doubles each try)"),
+    S(section="notify", name="notify_backoff_max", kind="float", default=60.0, lo=0.01,
+      hi=86400, metavar="S", help="the longest wait between tries"),
+    S(section="notify", name="notify_queue", kind="int", default=1000, lo=1, hi=1_000_000,
+      metavar="N", help="documents waiting at most; when full the oldest is dropped"),
+    S(section="notify", name="notify_batch", kind="int", default=1, lo=1, hi=10_000,
+      metavar="N", help="up to this many documents per POST or run, as a JSON array (1: one "
+                        "document, not an array)"),
+    S(section="notify", name="notify_batch_delay", kind="float", default=1.0, lo=0, hi=3600,
+      metavar="S", help="notify_batch > 1: how long the first document waits for others"),
+    S(section="notify", name="notify_flush", kind="float", default=5.0, lo=0, hi=3600,
+      metavar="S", help="on stop: seconds to deliver what is queued; the rest is dropped, "
+                        "counted"),
     # -- [defaults] and [pipelines.NAME]: how a pipeline's output is encoded -------------------
     S(section="pipeline", name="format", kind="choice", default="same", env=None,
       choices=("same", *OUTPUT_FORMATS), help="output format (same: the input's)"),
@@ -296,6 +368,7 @@ DecodeLimits = section_type("input", "DecodeLimits", "What inputs are decoded at
 OutputSettings = section_type("output", "OutputSettings", "Which pipelines; existing outputs.")
 WatchSettings = section_type("watch", "WatchSettings", "The inbox daemon's folders and ways.",
                              instance_name=property(_instance_name), folders=_folders)
+NotifySettings = section_type("notify", "NotifySettings", "What is sent on each fate, and how.")
 OutputOptions = section_type("pipeline", "OutputOptions", "How a pipeline's output is encoded.")
 TYPES = {"engine": EngineSettings, "input": DecodeLimits, "output": OutputSettings,
-         "watch": WatchSettings, "pipeline": OutputOptions}
+         "watch": WatchSettings, "notify": NotifySettings, "pipeline": OutputOptions}

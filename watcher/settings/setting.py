@@ -91,7 +91,7 @@ class Setting:
             value = _PARSERS[self.kind](self, value, where, text)
         if self.check is not None:
             value = self.check(value, where)
-        if self.kind == "path" and base and not os.path.isabs(value):
+        if self.kind == "path" and base and value and not os.path.isabs(value):
             value = os.path.join(base, value)
         return value
 

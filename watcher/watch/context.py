@@ -1,6 +1,6 @@
 """What the parts of one running daemon share: the settings in force (replaced on reload), its
-folders, its engines, the counters of its ``daemon.stopped`` line and heartbeat, its metrics and
-its log; and the claims it holds (``InFlight``).
+folders, its engines, the counters of its ``daemon.stopped`` line and heartbeat, its metrics,
+its notifications and its log; and the claims it holds (``InFlight``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from watcher.errors import ConfigError
 from watcher.fs.naming import OutputNames
 from watcher.imaging.pipeline import Pipeline
 from watcher.ops.metrics import Metrics
+from watcher.ops.webhooks import Notifications
 from watcher.watch.claiming import Claim
 from watcher.watch.lifecycle import Folders
 
@@ -34,6 +35,9 @@ class Context:
                        "reconcile_found": 0, "gave_up": 0, "overflows": 0}
         self.metrics = Metrics()
         self.metrics.know_pipelines(p.name for p in self.pipelines)
+        # each fate's document, to [notify]'s webhook and/or command (off without either)
+        self.notify = Notifications(lambda: self.settings.notify, self.metrics,
+                                    log.get("watcher.notify"))
 
     @property
     def pipelines(self) -> tuple[Pipeline, ...]:

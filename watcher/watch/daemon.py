@@ -112,6 +112,7 @@ class Daemon:
                 self._server.start()
                 self._log.info("metrics.listening", host=self._server.address[0],
                                port=self._server.address[1])
+            ctx.notify.start()
             ctx.metrics.ready = True  # before daemon.started: that line means "up and ready"
             self._log.info("daemon.started", daemon_pid=os.getpid(), **folders.named(),
                            observer=self.intake.observer.kind, workers=ctx.settings.engine.workers,
@@ -236,6 +237,11 @@ class Daemon:
             self._log.warning("config.folders_unchanged",
                               why="folders cannot change on reload; restart the daemon for that")
             new = replace(new, watch=replace(new.watch, **ctx.settings.watch.folders()))
+        try:
+            ctx.notify.configure(new.notify)
+        except ConfigError as exc:
+            self._log.error("config.reload_failed", error=str(exc), kept="the running config")
+            return
         old_engine = ctx.engine
         ctx.settings = new
         ctx.metrics.know_pipelines(p.name for p in ctx.pipelines)
@@ -275,6 +281,7 @@ class Daemon:
                 self.fates.fate(r)
         ctx.draining.clear()
         ctx.engine = None
+        ctx.notify.stop()  # the last fates are in: a bounded flush, the rest dropped, counted
         left = len(list(claiming.leftover_claims(ctx.folders)))
         self.heartbeat.stopped()
         self._log.info("daemon.stopped", **ctx.counts, left_in_work=left,
@@ -289,6 +296,7 @@ class Daemon:
         if self._server is not None:
             self._server.stop()
         self.heartbeat.notifier.close()
+        self.ctx.notify.stop()  # a no-op after _shutdown's
         self.signals.restore_handlers()
         self.intake.stop()
         for e in [self.ctx.engine, *self.ctx.draining]:

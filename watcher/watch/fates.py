@@ -16,7 +16,7 @@ from typing import Any
 from watcher.errors import TRANSIENT_REASONS
 from watcher.fs import files
 from watcher.tasks import Result
-from watcher.watch import claiming, moves
+from watcher.watch import claiming, fatedoc, moves
 from watcher.watch.claiming import Claim, identity
 from watcher.watch.context import Context, InFlight
 
@@ -43,7 +43,8 @@ class Fates:
     A fate whose own move fails (a full archive or quarantine) is not re-processed: the input
     stays in the work folder and the move is retried (``_Deferred``).
 
-    ``kept(dest)`` hears where keep mode put a processed input back in the inbox.
+    ``kept(dest)`` hears where keep mode put a processed input back in the inbox. Each fate
+    line is followed by its notification (``_notify``: a queue put, when that fate is wanted).
     """
 
     def __init__(self, ctx: Context, held: InFlight, kept: Callable[[str], None]) -> None:
@@ -65,7 +66,7 @@ class Fates:
             # A writer still had it open and changed it after it was claimed: the result (an
             # output, or "truncated") may be of a version that no longer is. Made again from
             # what is there now, bounded like any retry.
-            self.transient(c, "changed", "the input changed while it was processed", common)
+            self.transient(c, "changed", "the input changed while it was processed", common, r)
         elif r.ok:
             self._successes += 1
             self._carry_out(c, "archive", lambda: self._processed(c, r, common))
@@ -75,6 +76,7 @@ class Fates:
         elif r.reason == "missing":
             self._held.forget(c)
             self._log.warning("file.vanished", input=c.rel, claim=c.token, why=r.error)
+            self._notify("vanished", c, r, reason="missing", error=r.error)
             claiming.drop_record(c)
         elif r.reason == "write-failed" and "[Errno 36]" in r.error:  # ENAMETOOLONG
             self.quarantine(c, "path-too-long", r.error, r.error_type, list(r.outputs), r)
@@ -84,9 +86,9 @@ class Fates:
             for path in r.outputs:
                 files.remove_output(path, self._ctx.folders.output)
             c.outputs = ()
-            self.transient(c, r.reason, r.error, common)
+            self.transient(c, r.reason, r.error, common, r)
         elif r.reason in TRANSIENT_REASONS:
-            self.transient(c, r.reason, r.error, common)
+            self.transient(c, r.reason, r.error, common, r)
         else:
             self.quarantine(c, r.reason, r.error, r.error_type, list(r.outputs), r)
 
@@ -102,6 +104,7 @@ class Fates:
         self._log.info("file.processed", **common, on_success=self._ctx.settings.watch.on_success,
                        moved_to=where, input_bytes=r.bytes_in, output_bytes=r.bytes_out,
                        **({"warnings": list(r.warnings)} if r.warnings else {}))
+        self._notify("processed", c, r, outputs=list(r.outputs), moved_to=where)
         claiming.drop_record(c)  # after the line: a kill between leaves it for the next start
 
     def _success(self, c: Claim) -> str | None:
@@ -127,6 +130,7 @@ class Fates:
             self._ctx.counts["processed"] += 1
             self._log.info("file.processed", input=c.rel, claim=c.token, outputs=outputs,
                            on_success=self._ctx.settings.watch.on_success, recovered=True, why=why)
+            self._notify("processed", c, None, outputs=outputs, recovered=True)
         elif fate == "quarantined":
             self._ctx.counts["quarantined"] += 1
             self._log.error("file.quarantined", input=c.rel, claim=c.token,
@@ -135,13 +139,17 @@ class Fates:
                             quarantined_as=os.path.join(self._ctx.folders.quarantine,
                                                         str(doc.get("quarantined_as", ""))),
                             recovered=True, why=why)
+            self._notify("quarantined", c, None, reason=doc.get("reason"), error=doc.get("error"),
+                         error_type=doc.get("error_type"), recovered=True)
         elif fate == "vanished":
             self._log.warning("file.vanished", input=c.rel, claim=c.token, recovered=True,
                               why="its claim's file is gone from the work folder and not "
                                   "every output it planned exists")
+            self._notify("vanished", c, None, recovered=True)
         claiming.drop_record(c)
 
-    def transient(self, c: Claim, reason: str, error: str, common: dict[str, Any]) -> None:
+    def transient(self, c: Claim, reason: str, error: str, common: dict[str, Any],
+                  r: Result | None = None) -> None:
         ws = self._ctx.settings.watch
         now = time.time()
         if c.transient_failures and self._successes > c.successes_seen:
@@ -177,6 +185,7 @@ class Fates:
                           failures=c.transient_failures, retry_in_s=round(delay, 2),
                           retries_left=ws.retry_max - c.transient_failures + 1,
                           why="not the input's fault: kept and retried later")
+        self._notify("retried", c, r, reason=reason, error=error)
 
     def quarantine(self, c: Claim, reason: str, error: str, error_type: str,
                    outputs: list[str], r: Result | None = None) -> None:
@@ -198,9 +207,20 @@ class Fates:
                             error_type=error_type, quarantined_as=dest,
                             worker_pid=r.worker if r else None,
                             attempt=r.attempt if r else 0)
+            self._notify("quarantined", c, r, outputs=outputs, reason=reason, error=error,
+                         error_type=error_type, moved_to=dest)
             claiming.drop_record(c)
 
         self._carry_out(c, "quarantine", carry_out)
+
+    def _notify(self, fate: str, c: Claim, r: Result | None, **fields: Any) -> None:
+        """Queue this fate's document when notifications want it (O(1), never blocks)."""
+        notify = self._ctx.notify
+        if notify.wants(fate):
+            ws = self._ctx.settings.watch
+            notify.put(fatedoc.document(fate, c, r, inbox=self._ctx.folders.inbox,
+                                        instance=ws.instance_name if ws.instance else "",
+                                        **fields))
 
     def _carry_out(self, c: Claim, what: str, act: Callable[[], None]) -> None:
         """Carry out a decided fate; when its move fails (a full disk), keep the input in the
