@@ -256,3 +256,74 @@ def test_make_samples_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None
     text = out.decode(errors="replace")
     assert "/14 [" in text and "file/s" in text  # tqdm's bar, counting files
     assert "wrote 14 sample image(s)" in text and "1 broken on purpose" in text
+
+
+def _sidecar(path: Path, reason: str = "not-an-image") -> None:
+    Path(str(path) + ".error.json").write_text(json.dumps({"reason": reason, "error": "e"}))
+
+
+def test_requeue_never_follows_a_link_in_the_inbox_and_goes_on_past_a_bad_one(
+        tmp_path: Path) -> None:
+    """helper-10: with inbox/sub a link to a folder outside, requeue (and --all) moved the file
+    out there, creating folders; --all stopped at the first quarantined link."""
+    inbox, q, outside = tmp_path / "in", tmp_path / "q", tmp_path / "outside"
+    for d in (inbox, q / "sub", q / "a" / "b", outside):
+        d.mkdir(parents=True)
+    (inbox / "sub").symlink_to(outside)
+    (inbox / "a").symlink_to(outside)
+    for rel in ("sub/s.jpg", "a/b/c.jpg", "m.jpg"):
+        (q / rel).write_text("x")
+        _sidecar(q / rel)
+    (q / "m_link.jpg").symlink_to("/etc/passwd")  # the daemon quarantines links as links
+    _sidecar(q / "m_link.jpg", "symlink")
+    r = run_cli("requeue", "--all", "--inbox", str(inbox), "--quarantine", str(q), cwd="/")
+    assert r.returncode == 1, r.stderr
+    assert sorted(os.listdir(outside)) == []  # nothing written through the links
+    assert (inbox / "m.jpg").read_text() == "x"
+    assert os.readlink(inbox / "m_link.jpg") == "/etc/passwd"  # moved back as the link it is
+    assert "not requeued" in r.stderr and "sub/s.jpg" in r.stderr and "a/b/c.jpg" in r.stderr
+    assert "requeued 2 file(s), 2 not" in r.stderr
+    assert (q / "sub" / "s.jpg").exists() and (q / "a" / "b" / "c.jpg").exists()
+    assert (q / "sub" / "s.jpg.error.json").exists()  # a file not moved keeps its reason
+
+
+def test_an_input_named_like_a_sidecar_can_be_shown_and_requeued(tmp_path: Path) -> None:
+    inbox, q = tmp_path / "in", tmp_path / "q"
+    inbox.mkdir()
+    q.mkdir()
+    (q / "x.error.json").write_text("an input with an unlucky name")
+    _sidecar(q / "x.error.json", "not-an-image")
+    folders = ("--inbox", str(inbox), "--quarantine", str(q))
+    shown = run_cli("quarantine", "show", "--json", "x.error.json", *folders, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["name"] == "x.error.json"
+    r = run_cli("requeue", str(q / "x.error.json"), *folders, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (inbox / "x.error.json").read_text() == "an input with an unlucky name"
+    assert os.listdir(q) == []
+
+
+def test_the_sidecars_retry_command_ignores_the_config_where_it_is_run(tmp_path: Path) -> None:
+    inbox, q = tmp_path / "in", tmp_path / "q"
+    inbox.mkdir()
+    q.mkdir()
+    (q / "p.jpg").write_text("x")
+    _sidecar(q / "p.jpg")
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    (elsewhere / "watcher.toml").write_text("[watch]\ninbx = 'typo'\n")  # broken, unrelated
+    r = run_cli("requeue", "--inbox", str(inbox), "--quarantine", str(q), str(q / "p.jpg"),
+                cwd=elsewhere, env={"WATCHER_CONFIG": "/nonexistent", "WATCHER_WORKERS": "abc"})
+    assert r.returncode == 0, r.stderr
+    assert (inbox / "p.jpg").exists()
+
+
+def test_watch_dry_run_refuses_folders_the_daemon_refuses(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "in").mkdir()
+    for folders, key in (((("--inbox", "afile"),), "watch.inbox"),
+                         ((("--inbox", "in"), ("--output", "in")), "")):
+        args = [x for pair in folders for x in pair]
+        r = run_cli("watch", "--dry-run", *args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "config error" in r.stderr and key in r.stderr

@@ -255,11 +255,11 @@ def test_quarantine_writes_sidecar_and_requeue_undoes_it(tmp_path: Path) -> None
     side = json.loads(Path(dest + moves.SIDECAR).read_text())
     assert side["reason"] == "not-an-image" and side["input"] == "bad.jpg"
     assert {"detected_at", "claimed_at", "quarantined_at", "host", "attempts"} <= set(side)
-    moved = lifecycle.requeue(f)
+    moved = lifecycle.requeue(f.inbox, f.quarantine)
     assert moved == [(dest, str(Path(f.inbox) / "bad.jpg"))]
     assert not Path(dest + moves.SIDECAR).exists()
     with pytest.raises(ConfigError, match="not a quarantined file"):
-        lifecycle.requeue(f, [str(Path(f.inbox) / "bad.jpg")])
+        lifecycle.requeue(f.inbox, f.quarantine, [str(Path(f.inbox) / "bad.jpg")])
 
 
 def test_stale_temps_of_dead_processes_are_removed(tmp_path: Path) -> None:

@@ -79,17 +79,29 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         args.subparser.error("--claims-of/--stale-claims move claims; give them alone")
     if not claims and bool(args.paths) == bool(args.all):
         args.subparser.error("give quarantined PATHs, --all, --claims-of or --stale-claims")
-    s = watch_loader(args, "requeue")()
-    folders = Folders(s.watch.folders(), work_root=s.watch.work)
-    if claims:
-        moved = recover_claims(folders, s.watch.stale_claims_after,
-                               only=args.claims_of or None)
+    inbox, quarantine = getattr(args, "watch.inbox", None), getattr(args, "watch.quarantine", None)
+    errors: list[tuple[str, str]] = []
+    if not claims and inbox and quarantine and not args.config:
+        # both folders named (the sidecar's retry command): nothing else is read, so it works
+        # from any folder, whatever watcher.toml or WATCHER_* is there
+        s = None
+        moved = requeue(inbox, quarantine, None if args.all else list(args.paths), errors)
     else:
-        moved = requeue(folders, None if args.all else list(args.paths))
+        s = watch_loader(args, "requeue")()
+        folders = Folders(s.watch.folders(), work_root=s.watch.work)
+        if claims:
+            moved = recover_claims(folders, s.watch.stale_claims_after,
+                                   only=args.claims_of or None)
+        else:
+            moved = requeue(folders.inbox, folders.quarantine,
+                            None if args.all else list(args.paths), errors)
     for src, dest in moved:
         print(f"{src} -> {dest}")
-    print(f"requeued {len(moved)} file(s)", file=sys.stderr)
-    return ExitCode.OK
+    for path, why in errors:
+        print(f"watcher: not requeued: {path}: {why}", file=sys.stderr)
+    print(f"requeued {len(moved)} file(s)" + (f", {len(errors)} not" if errors else ""),
+          file=sys.stderr)
+    return ExitCode.SOME_FAILED if errors else ExitCode.OK
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
@@ -226,7 +238,7 @@ def cmd_transforms() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "watch":
+    if args.command == "watch" and not args.dry_run:
         start_forkserver()  # already running when started through watcher.launch
     try:
         if args.command == "batch":

@@ -17,7 +17,7 @@ from typing import TextIO
 
 from watcher import batch
 from watcher.config.loader import Settings
-from watcher.errors import RejectedInput
+from watcher.errors import ConfigError, RejectedInput
 from watcher.extensions import output_ext
 from watcher.fs import naming, safefs
 from watcher.imaging import codec
@@ -71,6 +71,12 @@ def watch_plan(settings: Settings, pipelines: Sequence[Pipeline], out: TextIO) -
     ws = settings.watch
     folders = ws.folders()
     inbox = folders["inbox"]
+    from watcher.watch.layout import check_layout  # noqa: PLC0415
+
+    check_layout(folders, ws.work if ws.instance else None)  # as the daemon refuses them
+    for key, path in folders.items():
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise ConfigError(f"watch.{key}", f"{path} is not a folder")
     if not os.path.isdir(inbox):
         print(f"dry run: the inbox {inbox} does not exist (the daemon would create it); "
               "nothing to do", file=out)
@@ -79,27 +85,24 @@ def watch_plan(settings: Settings, pipelines: Sequence[Pipeline], out: TextIO) -
 
     fate = {"archive": f"archive to {folders['archive']}", "delete": "delete the input",
             "keep": "leave the input in the inbox"}[ws.on_success]
-    root = safefs.root(inbox)
+    root = safefs.root(inbox)  # kept by safefs for the process: not closed here
     counts = {"process": 0, "quarantine": 0}
-    try:
-        for rel in sources.scan(root, recursive=ws.recursive, patterns=ws.ignore):
-            reason, what = _judge(root, rel, inbox, settings)
-            if reason:
-                counts["quarantine"] += 1
-                print(f"quarantine {rel}: {reason}: {what}", file=out)
-                continue
-            counts["process"] += 1
-            print(f"process  {rel} ({what}); then {fate}", file=out)
-            rel_dir, name = os.path.split(rel)
-            stem = os.path.splitext(name)[0]
-            for p in pipelines:
-                ext = output_ext(p.output, os.path.join(inbox, rel), settings.limits.formats)
-                dest = os.path.join(folders["output"], rel_dir,
-                                    naming.output_name(stem, p.suffix, ext))
-                taken = " (exists: a free name with a counter)" if os.path.lexists(dest) else ""
-                print(f"           -> {dest}  [{p.name}]{taken}", file=out)
-    finally:
-        os.close(root)
+    for rel in sources.scan(root, recursive=ws.recursive, patterns=ws.ignore):
+        reason, what = _judge(root, rel, inbox, settings)
+        if reason:
+            counts["quarantine"] += 1
+            print(f"quarantine {rel}: {reason}: {what}", file=out)
+            continue
+        counts["process"] += 1
+        print(f"process  {rel} ({what}); then {fate}", file=out)
+        rel_dir, name = os.path.split(rel)
+        stem = os.path.splitext(name)[0]
+        for p in pipelines:
+            ext = output_ext(p.output, os.path.join(inbox, rel), settings.limits.formats)
+            dest = os.path.join(folders["output"], rel_dir,
+                                naming.output_name(stem, p.suffix, ext))
+            taken = " (exists: a free name with a counter)" if os.path.lexists(dest) else ""
+            print(f"           -> {dest}  [{p.name}]{taken}", file=out)
     print(f"dry run: {counts['process']} to process, {counts['quarantine']} to quarantine; "
           "nothing was written or moved", file=out)
     return counts["quarantine"]

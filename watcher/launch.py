@@ -17,7 +17,7 @@ from watcher.engine.helpers import start_forkserver
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] == "watch" and not {"-h", "--help"} & set(args):
+    if args and args[0] == "watch" and not {"-h", "--help", "--dry-run"} & set(args):
         start_forkserver()
     from watcher.cli import main as cli_main  # noqa: PLC0415
 

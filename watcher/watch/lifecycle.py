@@ -24,8 +24,9 @@ from watcher.fs.files import HOST, TEMP_SUFFIX, pid_alive, temp_owner
 from watcher.fs.folders import ensure_folder
 from watcher.ops.health import HEARTBEAT
 from watcher.watch.claiming import Claim, drop_record, leftover, new_token, save_record
-from watcher.watch.layout import check_layout, within
+from watcher.watch.layout import check_layout
 from watcher.watch.moves import SIDECAR, move_no_clobber
+from watcher.watch.quarantine import is_sidecar, quarantined_names
 
 # A temp file from another host (a shared folder) untouched this long is abandoned.
 STALE_TEMP_AGE = 3600.0
@@ -89,27 +90,48 @@ class Folders:
         os.unlink(dest)
 
 
-def requeue(folders: Folders, paths: list[str] | None = None) -> list[tuple[str, str]]:
+def requeue(inbox: str, quarantine: str, paths: list[str] | None = None,
+            errors: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     """Move quarantined files back into the inbox (all of them when ``paths`` is None), removing
-    their sidecars. Returns (from, to) pairs."""
+    their sidecars. Returns (from, to) pairs.
+
+    Both folders are walked and written by descriptor (``safefs`` roots): a link anywhere below
+    them (a sub-folder of the inbox swapped for one) is never followed, and a quarantined link
+    moves back as the link it is. A file that cannot be moved raises ``ConfigError``; with
+    ``errors``, it is recorded there instead and the others are moved."""
+    inbox, quarantine = os.path.abspath(inbox), os.path.abspath(quarantine)
+    safefs.root(inbox)
+    qfd = safefs.root(quarantine)
     if paths is None:
-        paths = [os.path.join(d, n) for d, _, names in os.walk(folders.quarantine)
-                 for n in sorted(names) if not n.endswith(SIDECAR) and not n.endswith(TEMP_SUFFIX)]
+        paths = [os.path.join(quarantine, n) for n in quarantined_names(qfd)]
     moved = []
     for given in paths:
         path = os.path.abspath(given)
-        if not within(path, folders.quarantine) or path.endswith(SIDECAR):
-            raise ConfigError(path, f"not a quarantined file (below {folders.quarantine})")
-        if not os.path.lexists(path):
-            raise ConfigError(path, "no such file")
-        rel_dir, name = os.path.split(os.path.relpath(path, folders.quarantine))
-        same_fs = os.stat(os.path.dirname(path)).st_dev == os.stat(folders.inbox).st_dev
-        dest = move_no_clobber(path, os.path.join(folders.inbox, rel_dir), name,
-                               rename=same_fs)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + SIDECAR)
-        moved.append((path, dest))
+        try:
+            moved.append((path, _requeue_one(path, inbox, quarantine)))
+        except (ConfigError, OSError) as exc:
+            if errors is None:
+                raise
+            errors.append((path, exc.strerror if isinstance(exc, OSError) and exc.strerror
+                           else str(exc)))
     return moved
+
+
+def _requeue_one(path: str, inbox: str, quarantine: str) -> str:
+    # the folder resolved, not the name: a quarantined link is itself the file
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    rel = os.path.relpath(real, os.path.realpath(quarantine))
+    if rel.startswith("..") or rel == "." or is_sidecar(real):
+        raise ConfigError(path, f"not a quarantined file (below {quarantine})")
+    if not os.path.lexists(path):
+        raise ConfigError(path, "no such file")
+    rel_dir, name = os.path.split(rel)
+    same_fs = os.lstat(os.path.dirname(real)).st_dev == os.stat(inbox).st_dev
+    dest = move_no_clobber(os.path.join(quarantine, rel), os.path.join(inbox, rel_dir), name,
+                           rename=same_fs)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(quarantine, rel) + SIDECAR)
+    return dest
 
 
 def _stale_instances(folders: Folders, max_age: float, only: list[str] | None,

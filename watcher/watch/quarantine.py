@@ -54,32 +54,46 @@ def entries(quarantine: str, *, reasons: Sequence[str] = (),
     except OSError as exc:
         raise ConfigError("watch.quarantine", f"cannot read {quarantine}: {exc.strerror}") \
             from exc
-    try:
-        names = {e.rel for e in safefs.walk(root, skip=lambda rel: rel.endswith(TEMP_SUFFIX))
-                 if not e.is_dir}
-        # a name is a sidecar when it ends so and is not itself a file with a sidecar (an input
-        # may be called x.error.json: its own sidecar is then x.error.json.error.json)
-        files = {n for n in names if not n.endswith(SIDECAR) or n + SIDECAR in names}
-        orphans = {n[:-len(SIDECAR)] for n in names - files} - files - {""}
-        for rel in sorted(files | orphans):
-            entry = _entry(root, rel, rel in files, now)
-            if not reasons or entry.reason in reasons:
-                yield entry
-    finally:
-        os.close(root)
+    files, orphans = _names(root)  # the root's descriptor is safefs's, kept for the process
+    for rel in sorted(files | orphans):
+        entry = _entry(root, rel, rel in files, now)
+        if not reasons or entry.reason in reasons:
+            yield entry
+
+
+def _names(root: int) -> tuple[set[str], set[str]]:
+    """(the quarantined files, the sidecars whose file is gone: their files' names) below the
+    quarantine's descriptor, walked without following links."""
+    names = {e.rel for e in safefs.walk(root, skip=lambda rel: rel.endswith(TEMP_SUFFIX))
+             if not e.is_dir}
+    # a name is a sidecar when it ends so and is not itself a file with a sidecar (an input
+    # may be called x.error.json: its own sidecar is then x.error.json.error.json)
+    files = {n for n in names if not n.endswith(SIDECAR) or n + SIDECAR in names}
+    orphans = {n[:-len(SIDECAR)] for n in names - files} - files - {""}
+    return files, orphans
+
+
+def quarantined_names(root: int) -> list[str]:
+    """The quarantined files below the quarantine's descriptor (not their sidecars), sorted."""
+    return sorted(_names(root)[0])
+
+
+def is_sidecar(path: str) -> bool:
+    """Whether ``path`` is a sidecar: named so, and not itself a quarantined file with one."""
+    return path.endswith(SIDECAR) and not os.path.lexists(path + SIDECAR)
 
 
 def find(quarantine: str, name: str, now: float | None = None) -> Entry:
     """The quarantined file ``name`` (below the quarantine, or a path into it)."""
     rel = os.path.relpath(os.path.abspath(name), os.path.abspath(quarantine)) \
         if os.path.isabs(name) or os.path.lexists(name) else name
-    if rel.endswith(SIDECAR):
-        rel = rel[:-len(SIDECAR)]
     if rel.startswith("..") or os.path.isabs(rel) or not safefs.parts(rel):
         raise ConfigError(name, f"not in the quarantine ({quarantine})")
-    for e in entries(quarantine, now=now):
-        if e.name == rel:
-            return e
+    found = {e.name: e for e in entries(quarantine, now=now)}
+    if rel in found:
+        return found[rel]
+    if rel.endswith(SIDECAR) and rel[:-len(SIDECAR)] in found:  # its sidecar named
+        return found[rel[:-len(SIDECAR)]]
     raise ConfigError(name, f"no such quarantined file in {quarantine}")
 
 
