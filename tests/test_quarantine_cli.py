@@ -327,3 +327,31 @@ def test_watch_dry_run_refuses_folders_the_daemon_refuses(tmp_path: Path) -> Non
         r = run_cli("watch", "--dry-run", *args, cwd=tmp_path)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "config error" in r.stderr and key in r.stderr
+
+
+def test_hostile_names_never_reach_the_terminal_raw(tmp_path: Path) -> None:
+    """helper-10: a name with an escape sequence or a newline cleared the screen, set the
+    window title or forged a row of `quarantine list` and `--dry-run`."""
+    inbox, q = tmp_path / "in", tmp_path / "q"
+    inbox.mkdir()
+    q.mkdir()
+    evil = "a\x1b[2J\x1b]0;PWNED\x07\nfake.jpg"
+    wide = "写真" * 30 + ".jpg"  # 120 columns of CJK
+    for name in (evil, wide):
+        (q / name).write_text("x")
+        _sidecar(q / name)
+    make_image(inbox / (evil + ".png"))
+    folders = ("--inbox", str(inbox), "--quarantine", str(q))
+    listing = run_cli("quarantine", "list", *folders, cwd=tmp_path,
+                      env={"COLUMNS": "100"})
+    shown = run_cli("quarantine", "show", evil, *folders, cwd=tmp_path)
+    dry = run_cli("watch", "--dry-run", *folders, "--output", str(tmp_path / "o"),
+                  "--archive", str(tmp_path / "a"), "--work", str(tmp_path / "w"), cwd=tmp_path)
+    for r in (listing, shown, dry):
+        assert r.returncode == 0, r.stderr
+        assert "\x1b" not in r.stdout + r.stderr and "\x07" not in r.stdout
+        assert "\\x1b[2J" in r.stdout
+    rows = listing.stdout.splitlines()
+    assert len(rows) == 3  # the header and one row each: the newline did not forge a row
+    from watcher.watch.quarantine import columns
+    assert all(columns(row) <= 100 for row in rows), [columns(r) for r in rows]

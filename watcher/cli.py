@@ -24,6 +24,7 @@ from watcher.commandline import build_parser
 from watcher.config import dump, flags
 from watcher.engine.helpers import start_forkserver
 from watcher.errors import REASONS, ConfigError, ExitCode, WatcherError
+from watcher.textsafe import visible
 
 __all__ = ["build_parser", "main", "watch_loader"]
 
@@ -96,9 +97,9 @@ def cmd_requeue(args: argparse.Namespace) -> int:
             moved = requeue(folders.inbox, folders.quarantine,
                             None if args.all else list(args.paths), errors)
     for src, dest in moved:
-        print(f"{src} -> {dest}")
+        print(f"{visible(src)} -> {visible(dest)}")
     for path, why in errors:
-        print(f"watcher: not requeued: {path}: {why}", file=sys.stderr)
+        print(f"watcher: not requeued: {visible(path)}: {visible(why)}", file=sys.stderr)
     print(f"requeued {len(moved)} file(s)" + (f", {len(errors)} not" if errors else ""),
           file=sys.stderr)
     return ExitCode.SOME_FAILED if errors else ExitCode.OK

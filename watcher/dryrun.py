@@ -23,6 +23,7 @@ from watcher.fs import naming, safefs
 from watcher.imaging import codec
 from watcher.imaging.pipeline import Pipeline
 from watcher.settings.schema import DecodeLimits
+from watcher.textsafe import visible
 
 
 def _look(path: str, limits: DecodeLimits, nofollow: bool) -> tuple[str, str]:
@@ -46,20 +47,20 @@ def batch_plan(inputs: Sequence[batch.Input], failures: Sequence[batch.ItemRepor
     p = batch.plan(inputs, out_dir, pipelines, settings.on_conflict, limits.formats)
     failing = len(failures)
     for item in failures:
-        print(f"fail     {item.input}: {item.reason}: {item.error}", file=out)
+        print(f"fail     {visible(item.input)}: {item.reason}: {visible(item.error)}", file=out)
     for item in p.done:
-        print(f"skip     {item.input}: {item.error}", file=out)
+        print(f"skip     {visible(item.input)}: {visible(item.error)}", file=out)
     for task in p.tasks:
         reason, what = _look(task.path, limits, nofollow=False)
         if reason:
             failing += 1
-            print(f"fail     {task.path}: {reason}: {what}", file=out)
+            print(f"fail     {visible(task.path)}: {reason}: {visible(what)}", file=out)
             continue
         verb = "replace " if task.overwrite and any(os.path.lexists(o.path)
                                                      for o in task.outputs) else "process "
-        print(f"{verb} {task.path} ({what})", file=out)
+        print(f"{verb} {visible(task.path)} ({visible(what)})", file=out)
         for o in task.outputs:
-            print(f"           -> {o.path}  [{o.pipeline}]", file=out)
+            print(f"           -> {visible(o.path)}  [{o.pipeline}]", file=out)
     print(f"dry run: {len(p.tasks) - failing + len(failures)} to process, {len(p.done)} "
           f"skipped, {failing} would fail; nothing was written", file=out)
     return failing
@@ -91,10 +92,10 @@ def watch_plan(settings: Settings, pipelines: Sequence[Pipeline], out: TextIO) -
         reason, what = _judge(root, rel, inbox, settings)
         if reason:
             counts["quarantine"] += 1
-            print(f"quarantine {rel}: {reason}: {what}", file=out)
+            print(f"quarantine {visible(rel)}: {reason}: {visible(what)}", file=out)
             continue
         counts["process"] += 1
-        print(f"process  {rel} ({what}); then {fate}", file=out)
+        print(f"process  {visible(rel)} ({visible(what)}); then {visible(fate)}", file=out)
         rel_dir, name = os.path.split(rel)
         stem = os.path.splitext(name)[0]
         for p in pipelines:
@@ -102,7 +103,7 @@ def watch_plan(settings: Settings, pipelines: Sequence[Pipeline], out: TextIO) -
             dest = os.path.join(folders["output"], rel_dir,
                                 naming.output_name(stem, p.suffix, ext))
             taken = " (exists: a free name with a counter)" if os.path.lexists(dest) else ""
-            print(f"           -> {dest}  [{p.name}]{taken}", file=out)
+            print(f"           -> {visible(dest)}  [{p.name}]{taken}", file=out)
     print(f"dry run: {counts['process']} to process, {counts['quarantine']} to quarantine; "
           "nothing was written or moved", file=out)
     return counts["quarantine"]

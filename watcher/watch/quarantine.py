@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from watcher.errors import ConfigError
 from watcher.fs import safefs
 from watcher.fs.files import TEMP_SUFFIX
+from watcher.textsafe import visible
 from watcher.watch.moves import SIDECAR
 
 SIDECAR_MAX = 1 << 20  # a sidecar larger than this is not one of ours
@@ -170,19 +172,45 @@ def human_age(seconds: float) -> str:
 def table(rows: Sequence[Entry], width: int = 100) -> str:
     """A fixed-width table, one row per file, the error cut to fit ``width`` columns."""
     head = ("NAME", "REASON", "AGE", "SIZE", "ERROR")
-    cells = [(e.name, e.reason, human_age(e.age_s), human_size(e.size), _short(e.error))
-             for e in rows]
-    widths = [max([len(head[i])] + [len(c[i]) for c in cells]) for i in range(4)]
+    cells = [(visible(e.name), visible(e.reason), human_age(e.age_s), human_size(e.size),
+              visible(_short(e.error))) for e in rows]
+    widths = [max([len(head[i])] + [columns(c[i]) for c in cells]) for i in range(4)]
     widths[0] = min(widths[0], 40)
     lines = []
     for c in [head, *cells]:
-        name = c[0] if len(c[0]) <= widths[0] else "…" + c[0][-(widths[0] - 1):]
-        left = f"{name:<{widths[0]}}  {c[1]:<{widths[1]}}  {c[2]:>{widths[2]}}  " \
-               f"{c[3]:>{widths[3]}}  "
-        room = max(10, width - len(left))
-        err = c[4] if len(c[4]) <= room else c[4][:room - 1] + "…"
+        name = c[0] if columns(c[0]) <= widths[0] else "…" + _last(c[0], widths[0] - 1)
+        left = "  ".join([_pad(name, widths[0]), _pad(c[1], widths[1]),
+                          _pad(c[2], widths[2], right=True), _pad(c[3], widths[3], right=True),
+                          ""])
+        room = max(10, width - columns(left))
+        err = c[4] if columns(c[4]) <= room else _first(c[4], room - 1) + "…"
         lines.append((left + err).rstrip())
     return "\n".join(lines)
+
+
+def columns(text: str) -> int:
+    """The terminal columns ``text`` takes: wide (East Asian) characters take two, combining
+    marks none."""
+    return sum(0 if unicodedata.combining(ch) else
+               2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _pad(text: str, width: int, *, right: bool = False) -> str:
+    fill = " " * max(0, width - columns(text))
+    return fill + text if right else text + fill
+
+
+def _first(text: str, width: int) -> str:
+    out = ""
+    for ch in text:
+        if columns(out + ch) > width:
+            break
+        out += ch
+    return out
+
+
+def _last(text: str, width: int) -> str:
+    return _first(text[::-1], width)[::-1]
 
 
 def _short(error: str) -> str:
@@ -198,14 +226,15 @@ def summary(rows: Sequence[Entry]) -> str:
     counts: dict[str, int] = {}
     for e in rows:
         counts[e.reason] = counts.get(e.reason, 0) + 1
-    parts = ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1],
+    parts = ", ".join(f"{n} {visible(r)}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1],
                                                                                      kv[0])))
     return f"{len(rows)} file(s) in the quarantine" + (f": {parts}" if parts else "")
 
 
 def describe(e: Entry) -> str:
     """Everything known of one quarantined file, a line per fact."""
-    lines = [f"name: {e.name}", f"reason: {e.reason}", f"error: {e.error}",
+    lines = [f"name: {visible(e.name)}", f"reason: {visible(e.reason)}",
+             f"error: {visible(e.error)}",
              f"size: {human_size(e.size)}" + ("" if e.kind in ("file", "missing")
                                               else f" ({e.kind})"),
              f"age: {human_age(e.age_s)}"]
@@ -216,5 +245,5 @@ def describe(e: Entry) -> str:
         if key in shown:
             continue
         text = value if isinstance(value, str) else json.dumps(value)
-        lines.append(f"{key}: {text}")
+        lines.append(f"{visible(str(key))}: {visible(text)}")
     return "\n".join(lines)
