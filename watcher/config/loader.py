@@ -29,6 +29,7 @@ from watcher.settings import schema
 from watcher.settings.schema import (
     DecodeLimits,
     EngineSettings,
+    OpsSettings,
     OutputOptions,
     OutputSettings,
     WatchSettings,
@@ -36,7 +37,8 @@ from watcher.settings.schema import (
 from watcher.settings.setting import ENV_PREFIX, Setting, did_you_mean
 
 # The attribute of ``Settings`` each section's values live in.
-_FIELD = {"engine": "engine", "input": "limits", "output": "output", "watch": "watch"}
+_FIELD = {"engine": "engine", "input": "limits", "output": "output", "watch": "watch",
+          "ops": "ops"}
 _TABLES = ("pipelines", "defaults", *_FIELD)
 
 
@@ -49,6 +51,7 @@ class Settings:
     limits: Any = field(default_factory=DecodeLimits)
     output: Any = field(default_factory=OutputSettings)
     watch: Any = field(default_factory=WatchSettings)
+    ops: Any = field(default_factory=OpsSettings)
     source: str = "<built-in>"
     # For each key set, how the layer that set it names a setting (for a broken rule).
     chosen_by: Mapping[str, Callable[[Setting], str]] = field(
@@ -98,6 +101,10 @@ def apply(s: Settings, values: Iterable[Value], label: Callable[[Setting], str],
             s.engine.executor == "local":
         engine["executor"] = "dask"  # a scheduler given alone implies executor dask
         given.add("engine.executor")
+    ops = changes.get("ops", {})
+    if "status_port" in ops and "ops.status_page" not in given:
+        ops["status_page"] = True  # a port given alone turns the page on
+        given.add("ops.status_page")
     out: dict[str, Any] = {_FIELD[section]: replace(getattr(s, _FIELD[section]), **attrs)
                            for section, attrs in changes.items()}
     s = replace(s, **out, chosen_by={**s.chosen_by, **dict.fromkeys(given, label)})

@@ -16,6 +16,8 @@ _INTRO = {
     "input": "What is decoded at all; anything else is refused with its reason.",
     "output": "Which pipelines make outputs, and what happens when an output exists.",
     "watch": "The inbox daemon: its five folders, how arrivals are noticed, retries, metrics.",
+    "ops": "The status page (`/` and `/status`), served by the daemon when turned on; see "
+           "docs/operations.md.",
     "pipeline": "How a pipeline's output is encoded: in `[defaults]` (for every pipeline the "
                 "file defines; the built-in ones keep theirs) or "
                 "in `[pipelines.NAME]` beside its `steps` and `suffix`; `output={...}` in the "

@@ -13,8 +13,10 @@ from watcher.errors import ConfigError
 from watcher.fs.naming import OutputNames
 from watcher.imaging.pipeline import Pipeline
 from watcher.ops.metrics import Metrics
+from watcher.ops.status import Board
 from watcher.watch.claiming import Claim
 from watcher.watch.lifecycle import Folders
+from watcher.watch.qindex import QuarantineIndex
 
 if TYPE_CHECKING:
     from watcher.engine.executor import Executor
@@ -34,6 +36,8 @@ class Context:
                        "reconcile_found": 0, "gave_up": 0, "overflows": 0}
         self.metrics = Metrics()
         self.metrics.know_pipelines(p.name for p in self.pipelines)
+        self.board = Board()  # what the status page and ``watcher status`` show
+        self.quarantine_index = QuarantineIndex(self.folders.quarantine)
 
     @property
     def pipelines(self) -> tuple[Pipeline, ...]:

@@ -54,19 +54,18 @@ def entries(quarantine: str, *, reasons: Sequence[str] = (),
     except OSError as exc:
         raise ConfigError("watch.quarantine", f"cannot read {quarantine}: {exc.strerror}") \
             from exc
-    try:
-        names = {e.rel for e in safefs.walk(root, skip=lambda rel: rel.endswith(TEMP_SUFFIX))
-                 if not e.is_dir}
-        # a name is a sidecar when it ends so and is not itself a file with a sidecar (an input
-        # may be called x.error.json: its own sidecar is then x.error.json.error.json)
-        files = {n for n in names if not n.endswith(SIDECAR) or n + SIDECAR in names}
-        orphans = {n[:-len(SIDECAR)] for n in names - files} - files - {""}
-        for rel in sorted(files | orphans):
-            entry = _entry(root, rel, rel in files, now)
-            if not reasons or entry.reason in reasons:
-                yield entry
-    finally:
-        os.close(root)
+    # ``root`` is safefs's own descriptor, kept for the process: never closed here (a daemon
+    # listing its quarantine goes on moving files below it)
+    names = {e.rel for e in safefs.walk(root, skip=lambda rel: rel.endswith(TEMP_SUFFIX))
+             if not e.is_dir}
+    # a name is a sidecar when it ends so and is not itself a file with a sidecar (an input
+    # may be called x.error.json: its own sidecar is then x.error.json.error.json)
+    files = {n for n in names if not n.endswith(SIDECAR) or n + SIDECAR in names}
+    orphans = {n[:-len(SIDECAR)] for n in names - files} - files - {""}
+    for rel in sorted(files | orphans):
+        entry = _entry(root, rel, rel in files, now)
+        if not reasons or entry.reason in reasons:
+            yield entry
 
 
 def find(quarantine: str, name: str, now: float | None = None) -> Entry:
