@@ -155,7 +155,7 @@ def human_age(seconds: float) -> str:
 def table(rows: Sequence[Entry], width: int = 100) -> str:
     """A fixed-width table, one row per file, the error cut to fit ``width`` columns."""
     head = ("NAME", "REASON", "AGE", "SIZE", "ERROR")
-    cells = [(e.name, e.reason, human_age(e.age_s), human_size(e.size), _short(e.error))
+    cells = [(e.name, e.reason, human_age(e.age_s), human_size(e.size), short_error(e.error))
              for e in rows]
     widths = [max([len(head[i])] + [len(c[i]) for c in cells]) for i in range(4)]
     widths[0] = min(widths[0], 40)
@@ -170,7 +170,7 @@ def table(rows: Sequence[Entry], width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def _short(error: str) -> str:
+def short_error(error: str) -> str:
     """The error on one line, without the leading path of the claimed file it names (the NAME
     column says which file)."""
     error = " ".join(error.split())
