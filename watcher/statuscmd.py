@@ -108,9 +108,9 @@ def render(doc: dict[str, Any], width: int = 100) -> str:
              + (f", pipelines {', '.join(doc['pipelines'])}" if doc.get("pipelines") else "")]
     lines.append(f"  from {doc.get('source', '?')}")
     if doc.get("note"):
-        lines.append(f"  note: {_cut(doc['note'], width - 8)}")
+        lines.append(f"  note: {doc['note']}")  # whole: it says why
     for p in doc.get("problems", []) or []:
-        lines.append(f"  problem: {_cut(p, width - 11)}")
+        lines.append(f"  problem: {p}")
     if state in ("absent",):
         return "\n".join(lines)
     c, q = doc.get("counts", {}), doc.get("queue", {})

@@ -149,7 +149,7 @@ class StatusApp:
                                        "frame-ancestors 'none'; form-action 'none'",
             "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 
-    def _file(self, path: str) -> Reply:
+    def _file(self, path: str) -> Reply | None:
         found: tuple[str, str] | None = None
         key: tuple[str, int, int] = ("", 0, 0)
         if m := _ROUTES["output"].fullmatch(path):
@@ -158,8 +158,10 @@ class StatusApp:
         elif m := _ROUTES["quarantined"].fullmatch(path):
             key = ("quarantined", int(m[1]), 0)
             found = self.steer.file(key[1])
-        else:
+        elif path.startswith("/files/"):
             return _text(404, "not found\n")
+        else:
+            return None  # /metrics, /healthz, /readyz, or a 404 from there
         shown = self.previews.get(key, *found) if found is not None else None
         if shown is None:
             return _text(404, "not found\n")
