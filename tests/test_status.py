@@ -199,7 +199,7 @@ def test_a_post_needs_the_csrf_token_and_requeue_and_delete_act(tmp_path: Path) 
                                 {"X-CSRF-Token": token,
                                  "Origin": f"http://127.0.0.1:{port}"})
         assert code == 200 and json.loads(body)["requeued"] == "one.jpg", body
-        d.wait_for("file.requeued", input="one.jpg")
+        d.wait_for("quarantine.requeued", input="one.jpg")
         d.wait_for("file.quarantined", count=3)
         assert len(d.seen("file.quarantined", input="one.jpg")) == 2
         # delete: the file and its sidecar are gone

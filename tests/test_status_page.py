@@ -144,7 +144,7 @@ def test_the_page_in_a_real_browser(tmp_path: Path, browser: Any) -> None:
         # Requeue: back through the inbox; its other name gone, it is processed this time
         outside.unlink()
         press(browser, "linked.png", "requeue")
-        d.wait_for("file.requeued", input="linked.png")
+        d.wait_for("quarantine.requeued", input="linked.png")
         d.wait_for("file.processed", input="linked.png", timeout=30)
         wait_until(lambda: "linked.png" not in quarantine_rows(browser), 10,
                    "the row to go")
@@ -152,7 +152,7 @@ def test_the_page_in_a_real_browser(tmp_path: Path, browser: Any) -> None:
         assert (tmp_path / "archive" / "linked.png").exists()
         # Requeue a file that is still bad: quarantined again, and back on the page
         press(browser, "broken.jpg", "requeue")
-        d.wait_for("file.requeued", input="broken.jpg")
+        d.wait_for("quarantine.requeued", input="broken.jpg")
         wait_until(lambda: len(d.seen("file.quarantined", input="broken.jpg")) == 2, 30,
                    "broken.jpg quarantined again")
         wait_until(lambda: "broken.jpg" in quarantine_rows(browser), 15,

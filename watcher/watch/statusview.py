@@ -134,7 +134,7 @@ class Actions:
         self.index.remove(item_id)
         dest = moved[0][1]
         self.ctx.board.record("requeued", item.name, reason=item.reason, where=dest)
-        self.ctx.log.info("file.requeued", input=item.name, to=dest, by="status page")
+        self.ctx.log.info("quarantine.requeued", input=item.name, to=dest, by="status page")
         return {"ok": True, "requeued": item.name, "to": os.path.relpath(
             dest, self.ctx.folders.inbox)}
 
@@ -144,7 +144,7 @@ class Actions:
             raise ConfigError(str(item_id), "no such quarantined file")
         self.index.delete(item)
         self.ctx.board.record("deleted", item.name, reason=item.reason)
-        self.ctx.log.info("file.deleted", input=item.name, reason=item.reason,
+        self.ctx.log.info("quarantine.deleted", input=item.name, reason=item.reason,
                           by="status page")
         return {"ok": True, "deleted": item.name}
 
