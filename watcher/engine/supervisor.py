@@ -138,13 +138,11 @@ class Engine(Executor):
         return [s.proc.pid for s in self._slots.values()]
 
     def running(self) -> list[str]:
-        """The inputs being processed at this moment."""
         tasks = self._book.tasks
         return [tasks[h.seq].path for h in self._slots.values() if h.seq in tasks]
 
     def worker_states(self) -> list[WorkerState]:
-        now = time.monotonic()
-        return [state(h, self._book.tasks, now) for h in self._slots.values()]
+        return [state(h, self._book.tasks, time.monotonic()) for h in self._slots.values()]
 
     def submit(self, task: Task) -> None:
         if not self._book.intake:
