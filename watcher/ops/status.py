@@ -94,6 +94,11 @@ class Board:
             self._buckets.append(_Bucket(start))
         return self._buckets[-1]
 
+    def totals(self) -> dict[str, int]:
+        """The count of each fate since start."""
+        with self._lock:
+            return dict(self.counts)
+
     def fates(self, n: int = RECENT) -> list[FateRecord]:
         """The last ``n`` fates, newest first."""
         with self._lock:
@@ -130,6 +135,6 @@ class Board:
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
         return {"started_at": self.started_at, "uptime_s": round(now - self.started_at, 1),
-                "counts": dict(self.counts), "per_hour": self.per_hour(),
+                "counts": self.totals(), "per_hour": self.per_hour(),
                 "throughput": self.throughput(now),
                 "recent": [r.to_dict() for r in self.fates()]}

@@ -48,7 +48,7 @@ class StatusView:
         now, mono = time.time(), time.monotonic()
         doc = self._core(state, r, now, mono)
         if self.full:
-            self.latest = {**doc, **self.board.snapshot(now),
+            self.latest = {**self.board.snapshot(now), **doc,
                            "quarantine": {**doc["quarantine"], "loaded": self.index.loaded}}
         return self._brief(doc)
 
@@ -77,7 +77,7 @@ class StatusView:
                                  "next_try_in_s": round(max(0.0, c.retry_at - mono), 1),
                                  "next_try_at": now + max(0.0, c.retry_at - mono),
                                  "last_error": c.last_error} for c in retry[:LIST_MAX]]},
-            "counts": {**self.board.counts, **r.counts},
+            "counts": {**self.board.totals(), **r.counts},
             "quarantine": {"total": len(self.index), "by_reason": self.index.counts()},
             "pipelines": [p.name for p in ctx.pipelines],
             "folders": ctx.folders.named(),
