@@ -451,3 +451,58 @@ def test_quarantine_index_pages_counts_and_follows_the_folder(tmp_path: Path) ->
     added = idx.add(str(q / "sub" / "n2.png"), "truncated", "cut")
     assert added is not None and idx.get(added.id) == added
     assert idx.add(str(tmp_path / "elsewhere.png"), "x", "y") is None
+
+
+def test_the_apps_guards_alone(tmp_path: Path) -> None:
+    from watcher.errors import ConfigError
+    from watcher.ops import web
+
+    class NoFiles:
+        def page(self, number: int, reason: str = "") -> dict[str, Any]:
+            return {"page": number, "reason": reason}
+
+        def file(self, item_id: int) -> None:
+            return None
+
+        def output(self, fate_id: int, index: int) -> None:
+            return None
+
+        def requeue(self, item_id: int) -> dict[str, Any]:
+            raise ConfigError(str(item_id), "no such quarantined file")
+
+        delete = requeue
+
+    app = web.StatusApp(lambda: {"state": "running"}, NoFiles(), html="{{CSRF}}")
+    for host in ("127.0.0.1:8470", "localhost", "[::1]:8470", "localhost:1"):
+        assert app.handle("GET", "/status", {"Host": host})[0] == 200, host  # type: ignore[index]
+    for host in ("127.0.0.2:8470", "example.com", "[::2]:80", "", "127.0.0.1.evil.example"):
+        assert app.handle("GET", "/status", {"Host": host})[0] == 403, host  # type: ignore[index]
+    ok = {"Host": "127.0.0.1:1"}
+    assert app.handle("GET", "/metrics", ok) is None  # the metrics server's own
+    assert app.handle("PUT", "/status", ok)[0] == 405  # type: ignore[index]
+    assert app.handle("GET", "/", ok)[1] == app.csrf.encode()  # type: ignore[index]
+    assert app.handle("POST", "/quarantine/7/requeue", {**ok, "X-CSRF-Token": app.csrf})[0] \
+        == 404  # type: ignore[index]
+    assert app.handle("GET", "/status/quarantine?page=x&reason=truncated", ok)[1] == \
+        b'{"page": 1, "reason": "truncated"}'  # type: ignore[index]
+    assert web.is_loopback("::1") and not web.is_loopback("127.0.0.2")
+    with pytest.raises(ConfigError, match=r"ops\.status_host.*needs a token"):
+        web.check_bind("0.0.0.0", "")
+    web.check_bind("0.0.0.0", "t")
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match=r"ops\.status_token_file.*holds no token"):
+        web.read_token({}, str(empty))
+    with pytest.raises(ConfigError, match=r"ops\.status_token_file.*cannot read"):
+        web.read_token({}, str(tmp_path / "nope"))
+    assert web.read_token({"WATCHER_STATUS_TOKEN": "a"}, str(tmp_path / "nope")) == "a"
+
+
+def test_the_pages_settings_are_checked_like_every_other() -> None:
+    r = run_cli("watch", "--status-port", "70000")
+    assert r.returncode == 2 and "--status-port: must be <= 65535" in r.stderr, r.stderr
+    r = run_cli("check-config", env={"WATCHER_STATUS_PAGE": "maybe"})
+    assert r.returncode == 2 and "WATCHER_STATUS_PAGE" in r.stderr, r.stderr
+    r = run_cli("check-config", env={"WATCHER_STATUS_TOKEN": "secret-never-printed"})
+    assert r.returncode == 0 and "secret-never-printed" not in r.stdout + r.stderr
+    assert "[ops]\nstatus_page = false" in r.stdout
