@@ -506,3 +506,28 @@ def test_the_pages_settings_are_checked_like_every_other() -> None:
     r = run_cli("check-config", env={"WATCHER_STATUS_TOKEN": "secret-never-printed"})
     assert r.returncode == 0 and "secret-never-printed" not in r.stdout + r.stderr
     assert "[ops]\nstatus_page = false" in r.stdout
+
+
+def test_previews_served_as_they_are_converted_apart_or_refused(tmp_path: Path) -> None:
+    from watcher.ops import thumbs
+
+    make_image(tmp_path / "a.tif", size=(900, 600))
+    make_image(tmp_path / "b.webp", size=(90, 60))
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 50)  # a JPEG in name only
+    (tmp_path / "noise.bin").write_bytes(os.urandom(4096))
+    (tmp_path / "link.tif").symlink_to(tmp_path / "a.tif")
+    (tmp_path / "dir").mkdir()
+    tif = thumbs.read(str(tmp_path), "a.tif")
+    assert tif is not None and thumbs.native(tif) is None  # not a browser's format
+    png = thumbs.convert(tif)
+    assert png is not None and Image.open(io.BytesIO(png)).size == (320, 213)
+    webp = thumbs.read(str(tmp_path), "b.webp")
+    assert webp is not None and thumbs.native(webp) == "image/webp"
+    assert thumbs.convert((tmp_path / "noise.bin").read_bytes()) is None  # does not decode
+    for rel in ("link.tif", "dir", "gone.png", "../x", "dir/../a.tif"):
+        assert thumbs.read(str(tmp_path), rel) is None, rel
+    assert thumbs.read(str(tmp_path), "a.tif", limit=100) is None  # too large
+    cache = thumbs.Previews(size=2)
+    assert cache.get(("q", 1, 0), str(tmp_path), "a.tif") == ("image/png", png)
+    assert cache.get(("q", 2, 0), str(tmp_path), "noise.bin") is None
+    assert cache.get(("q", 3, 0), str(tmp_path), "junk.jpg") is not None  # the browser judges

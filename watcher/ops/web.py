@@ -130,15 +130,22 @@ class StatusApp:
 
     def _authorized(self, headers: Mapping[str, str]) -> bool:
         auth = headers.get("Authorization", "")
-        given = auth[7:] if auth.startswith("Bearer ") else _cookie(headers.get("Cookie", ""))
-        return hmac.compare_digest(given.encode(), self.token.encode())
+        if auth.startswith("Bearer "):
+            return hmac.compare_digest(auth[7:].encode(), self.token.encode())
+        return hmac.compare_digest(_cookie(headers.get("Cookie", "")).encode(),
+                                   self._cookie_value().encode())
+
+    def _cookie_value(self) -> str:
+        """What the cookie holds: made from the token (never the token itself, which may hold
+        any character), the same for the daemon's run."""
+        return hmac.new(self.token.encode(), b"watcher status cookie", "sha256").hexdigest()
 
     def _login(self, given: str) -> Reply:
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             return _text(401, "wrong token\n")
         return 303, b"", "text/plain", {
             "Location": "/",
-            "Set-Cookie": f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/"}
+            "Set-Cookie": f"{COOKIE}={self._cookie_value()}; HttpOnly; SameSite=Strict; Path=/"}
 
     def _page(self) -> Reply:
         nonce = secrets.token_urlsafe(16)

@@ -107,7 +107,10 @@ class QuarantineIndex:
     def add(self, path: str, reason: str, error: str) -> Item | None:
         """The daemon quarantined a file (``path``: where it now lies)."""
         name = os.path.relpath(path, self.folder)
-        if name.startswith("..") or not safefs.parts(name):
+        try:
+            if not safefs.parts(name):  # refuses a name out of the folder (OSError)
+                return None
+        except OSError:
             return None
         size, kind = -1, "missing"
         with contextlib.suppress(OSError):
