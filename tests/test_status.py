@@ -531,3 +531,29 @@ def test_previews_served_as_they_are_converted_apart_or_refused(tmp_path: Path) 
     assert cache.get(("q", 1, 0), str(tmp_path), "a.tif") == ("image/png", png)
     assert cache.get(("q", 2, 0), str(tmp_path), "noise.bin") is None
     assert cache.get(("q", 3, 0), str(tmp_path), "junk.jpg") is not None  # the browser judges
+
+
+def test_the_page_lives_through_a_reload_and_shows_the_drain(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "watcher.toml").write_text(SLOW_TOML)
+    d = Daemon(tmp_path, "--config", str(tmp_path / "watcher.toml"), "--status-port", str(port),
+               "--grace", "30")
+    try:
+        drop(tmp_path, "before.png")
+        wait_until(lambda: status(port)["counts"]["processed"] == 1, 30, "one processed")
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for("config.reloaded")
+        drop(tmp_path, "after.png", seed=3)
+        s = wait_until(lambda: (s := status(port))["counts"]["processed"] == 2 and s, 30,
+                       "the count to go on after the reload")
+        assert s["pid"] == d.proc.pid and [f["input"] for f in s["recent"]][:2] == \
+            ["after.png", "before.png"]
+        crashers.slow_image(str(tmp_path / "inbox" / "long.png"), 4.0)
+        wait_until(lambda: any(w["input"] == "long.png" for w in status(port)["workers"]), 15,
+                   "a worker on long.png")
+        d.proc.send_signal(signal.SIGTERM)  # drains: the page says so while it does
+        wait_until(lambda: status(port)["state"] == "draining", 10, "the draining state")
+        assert d.exit_code() == 0
+    finally:
+        d.stop()
+    assert len(d.seen("file.processed", input="long.png")) == 1
