@@ -1,5 +1,6 @@
 """watcher beside its peers, in one run: jobs T G S M C W of ../shared/bench (and X: the worst
-worker peak on inputs that need gigabytes, under a memory cap), alternating
+worker peak on inputs that need gigabytes, under a memory cap; P: what the status page costs the
+daemon's start and its idle latency, scripts/bench_status.py), alternating
 implementations round by round, one table of medians and ratios, JSON and a chart.
 
 Peers come from ../shared/bench (run its setup.sh first: it builds the corpus into
@@ -730,6 +731,10 @@ def verdicts(results: dict[str, Any]) -> list[str]:
                        f"{o['overflow_to_first_claim_ms']} ms")
         elif o:
             out.append(f"W: overflow: {o}")
+    if "P" in results:
+        from bench_status import verdict
+
+        out += verdict(results["P"])
     return out
 
 
@@ -764,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a small slice, one round: seconds")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per job (default 3; quick 1)")
-    ap.add_argument("--jobs", default="T,G,S,M,X,C,W")
+    ap.add_argument("--jobs", default="T,G,S,M,X,C,W,P")
     ap.add_argument("--bursts", default="1000,10000,100000",
                     help="job W: burst sizes for the drain rate (default 1000,10000,100000)")
     ap.add_argument("--json", default="", help="write the figures here (default: bench.json in "
@@ -827,6 +832,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 sizes = [n // 10 for n in sizes[:2]]
             results["W"].update(bench_drain(sizes, work))
+        if "P" in jobs:
+            from bench_status import bench_status_page
+
+            results["P"] = bench_status_page(WATCHER, small, work, 1000 if args.quick else
+                                             10_000, 5 if args.quick else 50)
+            print("job P done", file=sys.stderr, flush=True)
         if args.executor != "local":
             results["executor"] = {}
             for job in ("S", "T"):

@@ -72,6 +72,15 @@ def cmd_health(args: argparse.Namespace) -> int:
     return ExitCode.OK if ok else ExitCode.SOME_FAILED
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from watcher import statuscmd  # noqa: PLC0415
+
+    s = watch_loader(args, "status")()
+    work = args.work or s.watch.folders()["work"]
+    return statuscmd.run(lambda: statuscmd.read(work, s.ops.status_token_file),
+                         as_json=args.json, watch=args.watch, interval=args.interval)
+
+
 def cmd_requeue(args: argparse.Namespace) -> int:
     from watcher.watch.lifecycle import Folders, recover_claims, requeue  # noqa: PLC0415
 
@@ -252,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_quarantine(args)
         if args.command == "health":
             return cmd_health(args)
+        if args.command == "status":
+            return cmd_status(args)
         if args.command == "check-config":
             return cmd_check_config(args)
         if args.command == "transforms":

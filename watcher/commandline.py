@@ -76,6 +76,11 @@ DESCRIPTIONS = {
     "health": "Ask a running daemon whether it is healthy, from the heartbeat file in its work "
               "folder: print one line, exit 0 when it is alive, its loop ticked recently and it "
               "is not degraded (files waiting to retry, stuck claims or workers), 1 otherwise.",
+    "status": "Show a running daemon's state as a compact table: state and problems, each "
+              "worker with its file, the queue, what waits to retry, the last fates, the "
+              "quarantine by reason. Read from its status endpoint when the page is on, else "
+              "from the heartbeat file in its work folder. Exit 0 while a daemon runs, 1 when "
+              "none does or it does not answer.",
     "check-config": "Validate a config file (and the WATCHER_* variables) and print the "
                     "effective settings as TOML that loads back; a mistake is refused naming "
                     "the file, table and key (exit 2).",
@@ -240,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--live", action="store_true",
                    help="liveness only: ok while the loop ticks, even when degraded (for a "
                         "probe that restarts the daemon: a restart cures no full disk)")
+
+    st = _sub(sub, "status", "the daemon's state: workers and their files, the queue, retries, "
+                             "the last fates, the quarantine by reason")
+    _config_arg(st, "watcher.toml (for the work folder and the status page's token; default "
+                    "as for watch)")
+    _completes(st.add_argument("--work", metavar="DIR", help="the daemon's work folder"),
+               DIRECTORY)
+    st.add_argument("--json", action="store_true", help="the status document as JSON, for "
+                    "scripts")
+    st.add_argument("--watch", action="store_true", help="redraw it live until Ctrl-C")
+    st.add_argument("--interval", type=_positive_float, default=1.0, metavar="S",
+                    help="seconds between redraws with --watch (default 1)")
 
     c = _sub(sub, "check-config", "validate a config file and print the effective settings")
     _config_arg(c, "watcher.toml to check (default: $WATCHER_CONFIG, or ./watcher.toml if "

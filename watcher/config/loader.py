@@ -30,6 +30,7 @@ from watcher.settings.schema import (
     DecodeLimits,
     EngineSettings,
     NotifySettings,
+    OpsSettings,
     OutputOptions,
     OutputSettings,
     WatchSettings,
@@ -38,7 +39,7 @@ from watcher.settings.setting import ENV_PREFIX, Setting, did_you_mean
 
 # The attribute of ``Settings`` each section's values live in.
 _FIELD = {"engine": "engine", "input": "limits", "output": "output", "watch": "watch",
-          "notify": "notify"}
+          "notify": "notify", "ops": "ops"}
 _TABLES = ("pipelines", "defaults", *_FIELD)
 
 
@@ -52,6 +53,7 @@ class Settings:
     output: Any = field(default_factory=OutputSettings)
     watch: Any = field(default_factory=WatchSettings)
     notify: Any = field(default_factory=NotifySettings)
+    ops: Any = field(default_factory=OpsSettings)
     source: str = "<built-in>"
     # For each key set, how the layer that set it names a setting (for a broken rule).
     chosen_by: Mapping[str, Callable[[Setting], str]] = field(
@@ -101,6 +103,10 @@ def apply(s: Settings, values: Iterable[Value], label: Callable[[Setting], str],
             s.engine.executor == "local":
         engine["executor"] = "dask"  # a scheduler given alone implies executor dask
         given.add("engine.executor")
+    ops = changes.get("ops", {})
+    if "status_port" in ops and "ops.status_page" not in given:
+        ops["status_page"] = True  # a port given alone turns the page on
+        given.add("ops.status_page")
     out: dict[str, Any] = {_FIELD[section]: replace(getattr(s, _FIELD[section]), **attrs)
                            for section, attrs in changes.items()}
     s = replace(s, **out, chosen_by={**s.chosen_by, **dict.fromkeys(given, label)})

@@ -19,6 +19,8 @@ _INTRO = {
     "notify": "Notifications: on each fate chosen, a JSON document (see docs/operations.md, "
               "\"Notifications\") POSTed to `notify_url` and/or piped to `notify_command`, "
               "from a bounded queue drained by a thread of its own, retried with back-off.",
+    "ops": "The status page (`/` and `/status`), served by the daemon when turned on; see "
+           "docs/operations.md.",
     "pipeline": "How a pipeline's output is encoded: in `[defaults]` (for every pipeline the "
                 "file defines; the built-in ones keep theirs) or "
                 "in `[pipelines.NAME]` beside its `steps` and `suffix`; `output={...}` in the "

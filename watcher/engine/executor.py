@@ -44,6 +44,20 @@ class Stats:
     duplicates: int = 0
 
 
+@dataclass(frozen=True, kw_only=True)
+class WorkerState:
+    """One worker as the status page shows it: what it is doing now and for how long."""
+
+    worker: str  # its name: the pid here, the address on a cluster
+    pid: int = 0
+    alive: bool = True
+    seq: int = -1  # the task it is decoding and encoding, or committing (-1: none)
+    path: str = ""  # that task's input (the claimed file)
+    phase: str = "idle"  # idle | processing | committing
+    elapsed_s: float = 0.0  # since it started that phase
+    tasks: int = 0  # results it has sent back
+
+
 def failure(task: Task, reason: str, error: str, worker: int = 0) -> Result:
     """The result of ``task`` when its executor, not its worker, decided it failed."""
     return Result(seq=task.seq, path=task.path, ok=False, reason=reason, error=error,
@@ -89,6 +103,12 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def problems(self) -> list[str]:
         """What is wrong right now, one line each ([]: nothing), for health checks."""
+
+    def worker_states(self) -> list[WorkerState]:
+        """Each worker and the task it holds at this moment, for the status page (read from
+        what the executor already knows: no round trip to a worker). The default knows
+        none."""
+        return []
 
     @property
     @abc.abstractmethod

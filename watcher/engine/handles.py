@@ -14,7 +14,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from watcher.engine import runlock
-from watcher.engine.executor import EngineError
+from watcher.engine.executor import EngineError, WorkerState
 from watcher.engine.mainscript import main_hidden
 from watcher.engine.slot import (
     COMMIT_FROM,
@@ -222,6 +222,23 @@ def problems(h: Handle, tasks: Mapping[int, Task], now: float, limit: float) -> 
         out.append(f"worker {pid}'s committer thread has not run for "
                    f"{now - h.shared[COMMITTER_BEAT]:.0f} s")
     return out
+
+
+def state(h: Handle, tasks: Mapping[int, Task], now: float) -> WorkerState:
+    """What this worker is doing now, from its slot: the task it prepares (since it took it)
+    or, when it prepares none, the one it commits (since the commit started)."""
+    sh = h.shared
+    seq, phase, since = int(sh[SEQ]), "processing", sh[STARTED]
+    if seq < 0 and sh[COMMIT_STARTED] >= 0:
+        seq, phase, since = int(sh[COMMIT_SEQ]), "committing", sh[COMMIT_STARTED]
+    task = tasks.get(seq) if seq >= 0 else None
+    alive = h.proc.is_alive() and not h.killed
+    if task is None:
+        return WorkerState(worker=str(h.proc.pid), pid=h.proc.pid or 0, alive=alive,
+                           tasks=h.tasks)
+    return WorkerState(worker=str(h.proc.pid), pid=h.proc.pid or 0, alive=alive, seq=seq,
+                       path=task.path, phase=phase, elapsed_s=max(0.0, now - since),
+                       tasks=h.tasks)
 
 
 def suspect(h: Handle, seq: int, position: int, charged: bool) -> bool:

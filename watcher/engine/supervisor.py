@@ -42,15 +42,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from watcher import log
-from watcher.engine.executor import EngineError, Executor, Stats, UnguardedMainError, failure
-from watcher.engine.handles import (
-    Handle,
-    launch,
-    locked,
-    moved,
-    problems,
-    verdict,
+from watcher.engine.executor import (
+    EngineError,
+    Executor,
+    Stats,
+    UnguardedMainError,
+    WorkerState,
+    failure,
 )
+from watcher.engine.handles import Handle, launch, locked, moved, problems, state, verdict
 from watcher.engine.helpers import PRELOAD, resolve_start_method, start_helpers
 from watcher.engine.ledger import Ledger
 from watcher.engine.mainscript import refuse_in_bootstrap, unguarded_message
@@ -138,9 +138,11 @@ class Engine(Executor):
         return [s.proc.pid for s in self._slots.values()]
 
     def running(self) -> list[str]:
-        """The inputs being processed at this moment."""
         tasks = self._book.tasks
         return [tasks[h.seq].path for h in self._slots.values() if h.seq in tasks]
+
+    def worker_states(self) -> list[WorkerState]:
+        return [state(h, self._book.tasks, time.monotonic()) for h in self._slots.values()]
 
     def submit(self, task: Task) -> None:
         if not self._book.intake:

@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from watcher import compat, log
 from watcher.ops import health
@@ -39,16 +40,19 @@ class Report:
 class Heartbeat:
     """Beats for one daemon: ``report`` says what to write, ``work`` is the work folder;
     ``own_pids`` names the engine's processes, which PID 1 never reaps (asked only then: on a
-    cluster it is a round trip to every worker)."""
+    cluster it is a round trip to every worker). ``publish(state, report)``, called each beat,
+    gives the further fields the heartbeat carries (the status ``watcher status`` reads)."""
 
     def __init__(self, work: str, metrics: Metrics, report: Callable[[], Report],
-                 own_pids: Callable[[], Iterable[int]], logger: log.Logger) -> None:
+                 own_pids: Callable[[], Iterable[int]], logger: log.Logger,
+                 publish: Callable[[str, Report], Mapping[str, Any]] | None = None) -> None:
         self.path = health.heartbeat_path(work)
         self.notifier = Notifier()
         self.failures = 0  # heartbeat writes failed in a row
         self._metrics = metrics
         self._report = report
         self._own_pids = own_pids
+        self._publish = publish
         self._log = logger
         self._next_beat = 0.0
         self._restarts_seen = 0
@@ -80,11 +84,13 @@ class Heartbeat:
             self._restarts_seen = r.restarts
         if r.problems and state == "running":
             state = "degraded"
+        extra = self._publish(state, r) if self._publish is not None else {}
         try:
             health.write(self.path, {
                 "state": state, "in_flight": r.in_flight, "pending": r.pending,
                 "retrying": r.retrying, "deferred": r.deferred,
-                "problems": list(r.problems), "workers_alive": r.workers_alive, **r.counts})
+                "problems": list(r.problems), "workers_alive": r.workers_alive, **r.counts,
+                **extra})
             self.failures = 0
         except OSError as exc:
             # A full disk must not make a live daemon look dead: the old heartbeat's time is

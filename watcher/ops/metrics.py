@@ -1,4 +1,5 @@
-"""Prometheus metrics and the optional HTTP endpoint: /metrics, /healthz, /readyz.
+"""Prometheus metrics and the optional HTTP endpoint: /metrics, /healthz, /readyz (and, given a
+``web.StatusApp``, the status page's routes beside them).
 
 Off by default; ``metrics_port`` turns it on, bound to 127.0.0.1 unless ``metrics_host`` says
 otherwise. The daemon loop writes the metrics, and the notifications' thread its own
@@ -18,10 +19,10 @@ from __future__ import annotations
 import platform
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,6 +38,11 @@ from prometheus_client import (
 
 from watcher import __version__
 from watcher.errors import QUARANTINE_REASONS, RETRY_REASONS
+
+if TYPE_CHECKING:
+    from watcher.ops.web import StatusApp
+
+MAX_BODY = 4096  # bytes of a request body read at most (the page's POSTs have none)
 
 
 def _version(dist: str) -> str:
@@ -115,8 +121,12 @@ class Metrics:
 class _Handler(BaseHTTPRequestHandler):
     metrics: Metrics
     max_age: float
+    app: StatusApp | None = None
+    timeout = 10  # seconds a client may take to send its request
 
     def do_GET(self) -> None:
+        if self._app("GET"):
+            return
         m = self.metrics
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
@@ -131,9 +141,31 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found: try /metrics, /healthz, /readyz\n")
 
-    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+    def do_POST(self) -> None:
+        if not self._app("POST"):
+            self._send(405, b"method not allowed\n")
+
+    def _app(self, method: str) -> bool:
+        """Let the status page answer (it checks the token first, on every path); False when
+        there is none or the path is not its own."""
+        if self.app is None:
+            return False
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(min(length, MAX_BODY)) if method == "POST" and length > 0 else b""
+        reply = self.app.handle(method, self.path, self.headers, body)
+        if reply is None:
+            return False
+        code, data, ctype, headers = reply
+        self._send(code, data, ctype, headers)
+        return True
+
+    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8",
+              headers: Mapping[str, str] | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -143,8 +175,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class MetricsServer:
-    def __init__(self, metrics: Metrics, host: str, port: int, max_age: float = 30.0) -> None:
-        handler = type("Handler", (_Handler,), {"metrics": metrics, "max_age": max_age})
+    def __init__(self, metrics: Metrics, host: str, port: int, max_age: float = 30.0,
+                 app: StatusApp | None = None) -> None:
+        handler = type("Handler", (_Handler,), {"metrics": metrics, "max_age": max_age,
+                                                "app": app})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.address = self.httpd.server_address

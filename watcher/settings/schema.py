@@ -19,14 +19,15 @@ from watcher.settings.setting import Setting, parse_size
 
 # The TOML tables of settings, in the order the reference lists them; "pipeline" holds the
 # output options of a pipeline ([defaults], [pipelines.NAME]).
-SECTIONS = ("engine", "input", "output", "watch", "notify", "pipeline")
+SECTIONS = ("engine", "input", "output", "watch", "notify", "ops", "pipeline")
 # The subcommands whose flags a section's settings get unless a setting names its own.
 COMMANDS = {"engine": ("batch", "watch"), "input": ("batch", "watch"),
             "output": ("batch", "watch"), "watch": ("watch",), "notify": ("watch",),
-            "pipeline": ("batch",)}
-# WATCHER_* names that are not settings: the config file, the webhook's token (a secret: never a
-# setting, so check-config never prints it), and test and tooling hooks.
-OTHER_ENV = ("WATCHER_CONFIG", "WATCHER_NOTIFY_TOKEN")
+            "ops": ("watch",), "pipeline": ("batch",)}
+# WATCHER_* names that are not settings: the config file, the tokens (secrets: never settings,
+# so check-config never prints them: the webhook's, the status page's), and test and tooling
+# hooks.
+OTHER_ENV = ("WATCHER_CONFIG", "WATCHER_NOTIFY_TOKEN", "WATCHER_STATUS_TOKEN")
 OTHER_ENV_PREFIXES = ("WATCHER_TEST_", "WATCHER_DEBUG_", "WATCHER_FUZZ_", "WATCHER_DEPLOY_",
                       "WATCHER_SKIP_")
 
@@ -135,7 +136,7 @@ def _notify_fates(value: tuple[str, ...], where: str) -> tuple[str, ...]:
 S = Setting
 FOLDER_COMMANDS = ("watch", "requeue", "quarantine")
 # The commands that read WATCHER_* (a batch takes its file and flags only).
-READS_ENVIRONMENT = ("watch", "requeue", "quarantine", "health", "check-config")
+READS_ENVIRONMENT = ("watch", "requeue", "quarantine", "health", "status", "check-config")
 SETTINGS: tuple[Setting, ...] = (
     # -- [engine]: the pool of worker processes ------------------------------------------------
     S(section="engine", name="workers", kind="int", default=_workers, lo=1, hi=1024, short="-j",
@@ -273,6 +274,17 @@ SETTINGS: tuple[Setting, ...] = (
     S(section="notify", name="notify_flush", kind="float", default=5.0, lo=0, hi=3600,
       metavar="S", help="on stop: seconds to deliver what is queued; the rest is dropped, "
                         "counted"),
+    # -- [ops]: what an operator watches and steers the daemon by -----------------------------
+    S(section="ops", name="status_page", kind="bool", default=False,
+      help="serve the status page (/) and its JSON (/status) beside /metrics, /healthz, /readyz "
+           "(giving status_port alone turns it on)"),
+    S(section="ops", name="status_port", kind="int", default=8470, lo=0, hi=65535,
+      metavar="PORT", help="the status page's port (0: any free one; the heartbeat names it)"),
+    S(section="ops", name="status_host", kind="str", default="127.0.0.1", metavar="ADDR",
+      help="the status page's address; any but loopback needs a token (WATCHER_STATUS_TOKEN "
+           "or status_token_file)"),
+    S(section="ops", name="status_token_file", kind="str", default="", allow_empty=True,
+      metavar="FILE", help="a file holding the status page's token (its first line)"),
     # -- [defaults] and [pipelines.NAME]: how a pipeline's output is encoded -------------------
     S(section="pipeline", name="format", kind="choice", default="same", env=None,
       choices=("same", *OUTPUT_FORMATS), help="output format (same: the input's)"),
@@ -372,3 +384,7 @@ NotifySettings = section_type("notify", "NotifySettings", "What is sent on each 
 OutputOptions = section_type("pipeline", "OutputOptions", "How a pipeline's output is encoded.")
 TYPES = {"engine": EngineSettings, "input": DecodeLimits, "output": OutputSettings,
          "watch": WatchSettings, "notify": NotifySettings, "pipeline": OutputOptions}
+OpsSettings = section_type("ops", "OpsSettings", "The status page: where, and its token.")
+OutputOptions = section_type("pipeline", "OutputOptions", "How a pipeline's output is encoded.")
+TYPES = {"engine": EngineSettings, "input": DecodeLimits, "output": OutputSettings,
+         "watch": WatchSettings, "ops": OpsSettings, "pipeline": OutputOptions}

@@ -13,9 +13,11 @@ from watcher.errors import ConfigError
 from watcher.fs.naming import OutputNames
 from watcher.imaging.pipeline import Pipeline
 from watcher.ops.metrics import Metrics
+from watcher.ops.status import Board
 from watcher.ops.webhooks import Notifications
 from watcher.watch.claiming import Claim
 from watcher.watch.lifecycle import Folders
+from watcher.watch.qindex import QuarantineIndex
 
 if TYPE_CHECKING:
     from watcher.engine.executor import Executor
@@ -38,6 +40,8 @@ class Context:
         # each fate's document, to [notify]'s webhook and/or command (off without either)
         self.notify = Notifications(lambda: self.settings.notify, self.metrics,
                                     log.get("watcher.notify"))
+        self.board = Board()  # what the status page and ``watcher status`` show
+        self.quarantine_index = QuarantineIndex(self.folders.quarantine)
 
     @property
     def pipelines(self) -> tuple[Pipeline, ...]:

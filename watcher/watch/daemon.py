@@ -41,9 +41,11 @@ from watcher.watch.dispatch import Dispatch
 from watcher.watch.fates import Fates
 from watcher.watch.intake import Intake
 from watcher.watch.signals import Signals
+from watcher.watch.statusview import Actions, StatusView
 
 if TYPE_CHECKING:
     from watcher.engine.executor import Executor
+    from watcher.ops.web import StatusApp
 
 TICK = 0.25  # longest wait between ticks; events, results and signals wake the loop sooner
 
@@ -61,9 +63,12 @@ class Daemon:
         self.fates = Fates(self.ctx, self.held, kept=self._kept_in_inbox)
         self.dispatch = Dispatch(self.ctx, self.held, self.fates)
         self.intake = Intake(self.ctx, self.held, self.dispatch, wake=self.signals.wake)
+        self.status = StatusView(self.ctx, self.held, self.fates, self.intake)
         self.heartbeat = Heartbeat(self.ctx.folders.work, self.ctx.metrics, self._report,
-                                   self._engine_pids, self._log)
+                                   self._engine_pids, self._log, publish=self.status.publish)
         self._server: MetricsServer | None = None
+        self._page: MetricsServer | None = None
+        self._app: StatusApp | None = None
         self._stopping = 0
 
     def _kept_in_inbox(self, dest: str) -> None:
@@ -93,6 +98,7 @@ class Daemon:
         if not self._runlock.exclusive:
             self._log.info("daemon.run_lock_shared", folder=self._runlock.folder,
                            why=self._runlock.why)
+        self._app = self._status_app()  # a page refused (no token) before any work starts
         self.signals.install()
         try:
             ctx.engine = self._new_engine()
@@ -103,15 +109,8 @@ class Daemon:
             self.intake.start_observer()
             assert self.intake.observer is not None
             backlog = self.intake.reconcile(count=False)
-            if ws.metrics_port:
-                try:
-                    self._server = MetricsServer(ctx.metrics, ws.metrics_host, ws.metrics_port)
-                except OSError as exc:  # no such host, port taken, no permission
-                    raise ConfigError("watch.metrics_host/metrics_port", f"cannot serve on "
-                                      f"{ws.metrics_host}:{ws.metrics_port}: {exc}") from exc
-                self._server.start()
-                self._log.info("metrics.listening", host=self._server.address[0],
-                               port=self._server.address[1])
+            ctx.quarantine_index.start()  # listed once, in a thread: the start does not wait
+            self._serve()
             ctx.notify.start()
             ctx.metrics.ready = True  # before daemon.started: that line means "up and ready"
             self._log.info("daemon.started", daemon_pid=os.getpid(), **folders.named(),
@@ -132,6 +131,48 @@ class Daemon:
             return self._shutdown()
         finally:
             self._restore()
+
+    def _serve(self) -> None:
+        """Start the HTTP endpoints that are on: /metrics (metrics_port) and the status page
+        (status_page); one server when they share a port."""
+        ws, ops = self.ctx.settings.watch, self.ctx.settings.ops
+        app = self._app
+        if app is not None:
+            self.status.full = True
+            shared = ws.metrics_port and (ws.metrics_host, ws.metrics_port) == \
+                (ops.status_host, ops.status_port)
+            self._page = self._listen("ops.status_host/status_port", ops.status_host,
+                                      ops.status_port, app)
+            host, port = self._page.address[:2]
+            shown = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 - a name
+            self.status.url = f"http://{shown}:{port}/"
+            self._log.info("status.listening", host=host, port=port, url=self.status.url,
+                           token=bool(app.token))
+            if shared:
+                return
+        if ws.metrics_port:
+            self._server = self._listen("watch.metrics_host/metrics_port", ws.metrics_host,
+                                        ws.metrics_port, None)
+            self._log.info("metrics.listening", host=self._server.address[0],
+                           port=self._server.address[1])
+
+    def _status_app(self) -> StatusApp | None:
+        ops = self.ctx.settings.ops
+        if not ops.status_page:
+            return None
+        from watcher.ops import web  # noqa: PLC0415 - only with the page on
+
+        token = web.read_token(os.environ, ops.status_token_file)
+        web.check_bind(ops.status_host, token)
+        return web.StatusApp(lambda: self.status.latest, Actions(self.ctx), token=token)
+
+    def _listen(self, key: str, host: str, port: int, app: StatusApp | None) -> MetricsServer:
+        try:
+            server = MetricsServer(self.ctx.metrics, host, port, app=app)
+        except OSError as exc:  # no such host, port taken, no permission
+            raise ConfigError(key, f"cannot serve on {host}:{port}: {exc}") from exc
+        server.start()
+        return server
 
     def _tick(self) -> None:
         self.heartbeat.stall_if_asked()
@@ -276,7 +317,7 @@ class Daemon:
                     not self.signals.second_stop():
                 for r in e.poll(TICK, respawn=False):
                     self.fates.fate(r)
-                self.heartbeat.beat(state="stopping")  # keep the watchdog fed while draining
+                self.heartbeat.beat(state="draining")  # keep the watchdog fed while draining
             for r in e.close(0 if e.outstanding else 1.0):
                 self.fates.fate(r)
         ctx.draining.clear()
@@ -293,8 +334,10 @@ class Daemon:
 
     def _restore(self) -> None:
         self.signals.restore_wakeup()
-        if self._server is not None:
-            self._server.stop()
+        for server in (self._server, self._page):
+            if server is not None:
+                server.stop()
+        self.ctx.quarantine_index.stop()
         self.heartbeat.notifier.close()
         self.ctx.notify.stop()  # a no-op after _shutdown's
         self.signals.restore_handlers()

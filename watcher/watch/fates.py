@@ -77,6 +77,7 @@ class Fates:
             self._held.forget(c)
             self._log.warning("file.vanished", input=c.rel, claim=c.token, why=r.error)
             self._notify("vanished", c, r, reason="missing", error=r.error)
+            self._ctx.board.record("vanished", c.rel, error=r.error)
             claiming.drop_record(c)
         elif r.reason == "write-failed" and "[Errno 36]" in r.error:  # ENAMETOOLONG
             self.quarantine(c, "path-too-long", r.error, r.error_type, list(r.outputs), r)
@@ -101,6 +102,9 @@ class Fates:
         self._ctx.metrics.duration.observe(r.duration)
         self._ctx.metrics.input_bytes.inc(r.bytes_in)
         self._ctx.metrics.output_bytes.inc(r.bytes_out)
+        self._ctx.board.record("processed", c.rel, outputs=tuple(r.outputs), where=where or "",
+                               duration_s=round(r.duration, 3), input_bytes=r.bytes_in,
+                               output_bytes=r.bytes_out)
         self._log.info("file.processed", **common, on_success=self._ctx.settings.watch.on_success,
                        moved_to=where, input_bytes=r.bytes_in, output_bytes=r.bytes_out,
                        **({"warnings": list(r.warnings)} if r.warnings else {}))
@@ -180,6 +184,7 @@ class Fates:
         with contextlib.suppress(OSError):
             claiming.save_record(c)  # the count survives a restart
         self._ctx.counts["retried"] += 1
+        self._ctx.board.record("retried", c.rel, reason=reason, error=error)
         self._ctx.metrics.retried.labels(reason).inc()
         self._log.warning("file.retried", **common, reason=reason, error=error,
                           failures=c.transient_failures, retry_in_s=round(delay, 2),
@@ -202,6 +207,10 @@ class Fates:
             self._held.forget(c)
             self._ctx.counts["quarantined"] += 1
             self._ctx.metrics.quarantined.labels(reason).inc()
+            self._ctx.quarantine_index.add(dest, reason, error)
+            self._ctx.board.record("quarantined", c.rel, reason=reason, error=error,
+                                   where=dest, input_bytes=r.bytes_in if r else 0,
+                                   duration_s=round(r.duration, 3) if r else 0.0)
             self._log.error("file.quarantined", input=c.rel, claim=c.token, reason=reason,
                             error=error,
                             error_type=error_type, quarantined_as=dest,

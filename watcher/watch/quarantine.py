@@ -173,7 +173,7 @@ def table(rows: Sequence[Entry], width: int = 100) -> str:
     """A fixed-width table, one row per file, the error cut to fit ``width`` columns."""
     head = ("NAME", "REASON", "AGE", "SIZE", "ERROR")
     cells = [(visible(e.name), visible(e.reason), human_age(e.age_s), human_size(e.size),
-              visible(_short(e.error))) for e in rows]
+              visible(short_error(e.error))) for e in rows]
     widths = [max([len(head[i])] + [columns(c[i]) for c in cells]) for i in range(4)]
     widths[0] = min(widths[0], 40)
     lines = []
@@ -213,7 +213,7 @@ def _last(text: str, width: int) -> str:
     return _first(text[::-1], width)[::-1]
 
 
-def _short(error: str) -> str:
+def short_error(error: str) -> str:
     """The error on one line, without the leading path of the claimed file it names (the NAME
     column says which file)."""
     error = " ".join(error.split())
