@@ -127,7 +127,7 @@ class Actions:
             raise ConfigError(str(item_id), "no such quarantined file")
         path = os.path.join(self.index.folder, item.name)
         try:
-            moved = lifecycle.requeue(self.ctx.folders, [path])
+            moved = lifecycle.requeue(self.ctx.folders.inbox, self.ctx.folders.quarantine, [path])
         except ConfigError:
             self.index.remove(item_id)  # gone meanwhile (requeued by hand)
             raise
