@@ -17,6 +17,11 @@ JSON lines keep every field; a console line keeps what a person scans for::
   byte counts, where it was moved. A path below the current folder is shown relative to it, a
   claim's work path in an error as the input's name.
 
+Every value shown (a file's name, an error, any field, the lines of a traceback) goes through
+``watcher.textsafe.visible``: a control character or escape sequence in a file's name is shown
+as ``\\x1b[2J``, a newline as ``\\n``, never acted on, so a name can neither clear the screen, set
+the window title nor forge a line.
+
 Colour only where the descriptor is a terminal, never when ``NO_COLOR`` is set to anything but
 the empty string (https://no-color.org), nor on ``TERM=dumb``.
 """
@@ -30,6 +35,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from watcher.textsafe import visible
+
 _RESET, _DIM, _BOLD = "\x1b[0m", "\x1b[2m", "\x1b[1m"
 _RED, _GREEN, _YELLOW, _CYAN = "\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[36m"
 _LEVELS = {"debug": ("DEBUG", _DIM), "info": ("INFO", _GREEN), "warning": ("WARN", _YELLOW),
@@ -41,6 +48,7 @@ _ALWAYS_HIDDEN = frozenset({"event", "level", "timestamp", "role"})
 _FILE_HIDDEN = frozenset({"claim", "seq", "worker_pid", "slot", "input_bytes", "output_bytes",
                           "on_success", "moved_to", "quarantined_as", "error_type"})
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_JSON_LEFT = re.compile("[\x7f-\x9f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 _BLOCKS = ("exception", "traceback")  # multi-line fields: printed below the line
 _SEPARATORS = "_-./ "
 
@@ -87,19 +95,20 @@ class Renderer:
         line = self._line(ev, method, short=False)
         if "outputs" in ev and len(_ANSI.sub("", line)) > self._columns():
             line = self._line(ev, method, short=True)
-        blocks = [str(ev[k]).rstrip("\n") for k in _BLOCKS if ev.get(k)]
+        blocks = ["\n".join(visible(x) for x in str(ev[k]).rstrip("\n").split("\n"))
+                  for k in _BLOCKS if ev.get(k)]
         return self._start + "\n".join([line, *blocks])
 
     def _line(self, ev: dict[str, Any], method: str, *, short: bool) -> str:
         level = str(ev.get("level", method))
         tag, tint = _LEVELS.get(level, (level.upper()[:5], ""))
-        event = str(ev.get("event", ""))
+        event = visible(str(ev.get("event", "")))
         parts = [self._c(_DIM, _clock(ev.get("timestamp"))), self._c(tint, f"{tag:<5}"),
                  self._c(_BOLD, f"{event:<{EVENT_WIDTH}}")]
         hidden = set(_ALWAYS_HIDDEN) | set(_BLOCKS)
         if "input" in ev:
             parts.append(self._file_part(ev, hidden, short))
-        fields = [f"{self._c(_DIM, k + '=')}{_value(k, v)}" for k, v in ev.items()
+        fields = [f"{self._c(_DIM, visible(str(k)) + '=')}{_value(k, v)}" for k, v in ev.items()
                   if k not in hidden and v is not None]
         line = " ".join(p for p in parts if p)
         if fields:
@@ -117,19 +126,19 @@ class Renderer:
         hidden.update(_FILE_HIDDEN, ("input", "outputs", "reason", "error", "duration_ms"))
         if ev.get("attempt") == 1:
             hidden.add("attempt")
-        text = _shorten(str(ev["input"]))
+        text = visible(_shorten(str(ev["input"])))
         outputs = ev.get("outputs")
         if isinstance(outputs, list | tuple) and outputs:
             shown = [_output_path(str(o)) for o in outputs]
             if short:
                 shown = _without_stem(shown, str(ev["input"]))
-            text += " -> " + self._c(_CYAN, brace(shown))
+            text += " -> " + self._c(_CYAN, visible(brace(shown)))
         elif outputs not in (None, [], ()):
             hidden.discard("outputs")
         reason, error = ev.get("reason"), ev.get("error")
         if error:
             error = _shorten(_unclaim(str(error), ev.get("claim"), str(ev["input"])))
-        outcome = ": ".join(str(x) for x in (reason, error) if x)
+        outcome = visible(": ".join(str(x) for x in (reason, error) if x))
         if outcome:
             tint = _RED if ev.get("level") == "error" else _YELLOW
             text += "  " + self._c(tint, outcome)
@@ -223,11 +232,12 @@ def _value(key: str, v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, list | tuple):
         return ",".join(_value(key, x) for x in v) if v else "[]"
-    if isinstance(v, dict):
-        return json.dumps(v, ensure_ascii=False, default=str)
+    if isinstance(v, dict):  # JSON escapes C0 controls; DEL, C1 and the like remain
+        return _JSON_LEFT.sub(lambda m: visible(m.group()),
+                              json.dumps(v, ensure_ascii=False, default=str))
     if isinstance(v, float):
         return f"{v:g}"
-    text = _shorten(str(v)) if isinstance(v, str) else str(v)
+    text = visible(_shorten(str(v)) if isinstance(v, str) else str(v))
     if not text or any(c.isspace() or c in '"=' for c in text):
-        return json.dumps(text, ensure_ascii=False)
+        return '"' + text.replace('"', '\\"') + '"'
     return text
