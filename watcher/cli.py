@@ -135,7 +135,7 @@ def cmd_batch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     fmt = log.resolve_format(args.log_format)
     log.configure("main", fmt, args.log_level)
     settings = config.load(_config_path(args.config), final=False)
-    if args.ops and getattr(args, "output.pipelines", None):
+    if args.ops is not None and getattr(args, "output.pipelines", None):
         parser.error("give --ops or --pipeline, not both")
     try:
         settings = flags.apply_flags(settings, args, "batch")
@@ -150,7 +150,7 @@ def _pipelines(args: argparse.Namespace, settings: config.Settings,
                parser: argparse.ArgumentParser) -> tuple[Any, ...]:
     if args.suffix:
         config.check_suffix(args.suffix, "--suffix")
-    if args.ops:
+    if args.ops is not None:
         steps = config.parse_ops(args.ops, "--ops")
         if not steps:
             parser.error("--ops: no steps given")
