@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import signal
 import threading
@@ -118,11 +119,14 @@ class Report:
 
 # --- inputs -------------------------------------------------------------------------------------
 
-def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
+def expand(args: Iterable[str], inputs: list[Input] | None = None,
+           missing: list[ItemReport] | None = None) -> tuple[list[Input], list[ItemReport]]:
     """Files, folders and globs -> inputs (first occurrence wins); paths that do not exist and
-    globs that match nothing -> failures (reason ``missing``), found before any worker starts."""
-    inputs: list[Input] = []
-    missing: list[ItemReport] = []
+    globs that match nothing -> failures (reason ``missing``), found before any worker starts.
+    ``inputs``, ``missing``: lists to add to (what was found so far is in them when a Ctrl-C
+    stops the walk of a huge tree)."""
+    inputs = [] if inputs is None else inputs
+    missing = [] if missing is None else missing
     seen: set[str] = set()
 
     def add(inp: Input) -> None:
@@ -152,6 +156,26 @@ def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
         else:
             add(Input(arg))
     return inputs, missing
+
+
+def cancelled_report(found: Sequence[Input], failures: Sequence[ItemReport],
+                     signum: int) -> Report:
+    """The report of a batch stopped by ``signum`` before any work began: the inputs found so
+    far cancelled, those known to have failed failed (none at all: it was interrupted before any
+    input was known)."""
+    items = [*failures, *(ItemReport(i.path, "cancelled", reason="cancelled",
+                                     error="interrupted before it started") for i in found)]
+    return Report(items, workers=0, interrupted=signum)
+
+
+def write_report(report: Report, dest: str) -> None:
+    """The report as JSON to ``dest`` (a file, ``-`` for stdout)."""
+    text = json.dumps(report.to_dict(), indent=2)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
 
 
 def _absent(path: str) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from watcher import batch, batchlog, config, log, transforms
+from watcher import batch, batchlog, config, interrupt, log, transforms
 from watcher.commandline import build_parser
 from watcher.config import dump, flags
 from watcher.engine.helpers import start_forkserver
@@ -170,33 +170,33 @@ def _pipelines(args: argparse.Namespace, settings: config.Settings,
 
 def _run_batch(args: argparse.Namespace, settings: config.Settings, pipes: tuple[Any, ...],
                paths: list[str], fmt: str) -> int:
-    lists = list(args.list) + (["-"] if "-" in args.inputs else [])
-    for name in lists:
-        if name == "-":
-            paths += batch.read_list(sys.stdin)
-        else:
-            try:
-                with open(name, encoding="utf-8") as f:
-                    paths += batch.read_list(f)
-            except OSError as exc:
-                raise ConfigError(f"--list {name}", exc.strerror or str(exc)) from exc
-    found, missing = batch.expand(paths)
-    if args.dry_run:
-        from watcher import dryrun  # noqa: PLC0415
+    found: list[batch.Input] = []
+    missing: list[batch.ItemReport] = []
+    try:
+        lists = list(args.list) + (["-"] if "-" in args.inputs else [])
+        for name in lists:
+            if name == "-":
+                paths += batch.read_list(sys.stdin)
+            else:
+                try:
+                    with open(name, encoding="utf-8") as f:
+                        paths += batch.read_list(f)
+                except OSError as exc:
+                    raise ConfigError(f"--list {name}", exc.strerror or str(exc)) from exc
+        batch.expand(paths, found, missing)
+        if args.dry_run:
+            from watcher import dryrun  # noqa: PLC0415
 
-        failing = dryrun.batch_plan(found, missing, args.out, pipes, settings, sys.stdout)
-        return ExitCode.SOME_FAILED if failing else ExitCode.OK
-    progress = sys.stderr.isatty() and not args.no_progress
-    report = batch.run(found, args.out, pipes, settings, progress=progress, log_format=fmt,
-                       log_level="warning", failures=missing, out_where="--out",
-                       report_to=args.report or "")
+            failing = dryrun.batch_plan(found, missing, args.out, pipes, settings, sys.stdout)
+            return ExitCode.SOME_FAILED if failing else ExitCode.OK
+        progress = sys.stderr.isatty() and not args.no_progress
+        report = batch.run(found, args.out, pipes, settings, progress=progress, log_format=fmt,
+                           log_level="warning", failures=missing, out_where="--out",
+                           report_to=args.report or "")
+    except KeyboardInterrupt:  # before the workers ran: expanding, planning, starting
+        return interrupt.finish(args, found, missing)
     if args.report:
-        text = json.dumps(report.to_dict(), indent=2)
-        if args.report == "-":
-            print(text)
-        else:
-            with open(args.report, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+        batch.write_report(report, args.report)
     if report.interrupted:
         return 128 + report.interrupted
     return ExitCode.OK if report.ok else ExitCode.SOME_FAILED
@@ -250,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return ExitCode.OK
         if args.command == "make-samples":
             return cmd_make_samples(args)
+    except KeyboardInterrupt:  # Ctrl-C before the command's own handling began
+        return interrupt.finish(args)
     except ConfigError as exc:
         print(f"watcher: config error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
