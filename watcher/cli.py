@@ -11,9 +11,11 @@ exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -223,35 +225,43 @@ def cmd_transforms() -> int:
     return ExitCode.OK
 
 
+# commands whose output is a listing: a reader that goes away early (``| head``) ends them
+# quietly, as it ends other Unix tools; the daemon, and a batch that processes, are not among them
+_LISTINGS = frozenset({"transforms", "completion", "check-config", "quarantine", "health",
+                       "make-samples"})
+
+
+def _lists(args: argparse.Namespace) -> bool:
+    return args.command in _LISTINGS or (args.command == "batch" and args.dry_run)
+
+
+def _output_closed() -> int:
+    """stdout's reader is gone (``watcher transforms | head -1``): end as ``ls | head`` does,
+    killed by SIGPIPE, nothing said (what is still buffered goes to /dev/null)."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    return 128 + signal.SIGPIPE  # not reached
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "watch":
         start_forkserver()  # already running when started through watcher.launch
     try:
-        if args.command == "batch":
-            return cmd_batch(args, args.subparser)
-        if args.command == "watch":
-            return cmd_watch(args)
-        if args.command == "requeue":
-            return cmd_requeue(args)
-        if args.command == "quarantine":
-            return cmd_quarantine(args)
-        if args.command == "health":
-            return cmd_health(args)
-        if args.command == "check-config":
-            return cmd_check_config(args)
-        if args.command == "transforms":
-            return cmd_transforms()
-        if args.command == "completion":
-            from watcher.completion import script  # noqa: PLC0415
-
-            sys.stdout.write(script(parser, args.shell))
-            return ExitCode.OK
-        if args.command == "make-samples":
-            return cmd_make_samples(args)
+        code = _dispatch(args, parser)
+        if _lists(args):
+            sys.stdout.flush()  # a reader gone is found here, not in the flush at exit
+        return code
     except KeyboardInterrupt:  # Ctrl-C before the command's own handling began
         return interrupt.finish(args)
+    except BrokenPipeError:
+        if _lists(args):
+            return _output_closed()
+        log.get("watcher.cli").exception("watcher.internal_error")
+        return ExitCode.INTERNAL
     except ConfigError as exc:
         print(f"watcher: config error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
@@ -261,6 +271,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 - a bug: log its traceback, exit with the documented code
         log.get("watcher.cli").exception("watcher.internal_error")
         return ExitCode.INTERNAL
+
+
+def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "batch":
+        return cmd_batch(args, args.subparser)
+    if args.command == "watch":
+        return cmd_watch(args)
+    if args.command == "requeue":
+        return cmd_requeue(args)
+    if args.command == "quarantine":
+        return cmd_quarantine(args)
+    if args.command == "health":
+        return cmd_health(args)
+    if args.command == "check-config":
+        return cmd_check_config(args)
+    if args.command == "transforms":
+        return cmd_transforms()
+    if args.command == "completion":
+        from watcher.completion import script  # noqa: PLC0415
+
+        sys.stdout.write(script(parser, args.shell))
+        return ExitCode.OK
+    if args.command == "make-samples":
+        return cmd_make_samples(args)
     parser.error(f"unknown command {args.command!r}")
     return ExitCode.USAGE  # not reached: error() exits
 
