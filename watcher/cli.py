@@ -25,7 +25,8 @@ from watcher import batch, batchlog, config, interrupt, log, transforms
 from watcher.commandline import build_parser
 from watcher.config import dump, flags
 from watcher.engine.helpers import start_forkserver
-from watcher.errors import REASONS, ConfigError, ExitCode, WatcherError
+from watcher.errors import REASONS, ConfigError, ExitCode, RejectedInput, WatcherError
+from watcher.textsafe import visible
 
 __all__ = ["build_parser", "main", "watch_loader"]
 
@@ -122,6 +123,15 @@ def cmd_make_samples(args: argparse.Namespace) -> int:
         bar.update(1)
     try:
         print(samples.write_all(args.folder, args.count, written))
+    except (OSError, RejectedInput) as exc:  # a file, a read-only folder, a full disk
+        bar.close()
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, FileExistsError | NotADirectoryError):
+            what = "a file stands where the folder should be"
+        where = getattr(exc, "filename", None) or args.folder
+        print(f"watcher make-samples: cannot write {visible(str(where))}: {visible(what)}",
+              file=sys.stderr)
+        return ExitCode.USAGE
     finally:
         bar.close()
     return ExitCode.OK
