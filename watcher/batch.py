@@ -122,7 +122,8 @@ class Report:
 def expand(args: Iterable[str], inputs: list[Input] | None = None,
            missing: list[ItemReport] | None = None) -> tuple[list[Input], list[ItemReport]]:
     """Files, folders and globs -> inputs (first occurrence wins); paths that do not exist and
-    globs that match nothing -> failures (reason ``missing``), found before any worker starts.
+    globs that match nothing -> failures (reason ``missing``), and so is a folder the walk cannot
+    enter (``permission-denied``, naming the folder), found before any worker starts.
     ``inputs``, ``missing``: lists to add to (what was found so far is in them when a Ctrl-C
     stops the walk of a huge tree)."""
     inputs = [] if inputs is None else inputs
@@ -135,9 +136,17 @@ def expand(args: Iterable[str], inputs: list[Input] | None = None,
             seen.add(key)
             inputs.append(inp)
 
+    def unreadable(exc: OSError) -> None:  # a folder the walk cannot enter: its files unknown
+        folder = str(exc.filename)
+        reason = "permission-denied" if isinstance(exc, PermissionError) else "io-error"
+        missing.append(ItemReport(folder, "failed", reason=reason,
+                                  error=f"{folder}: cannot list this folder "
+                                        f"({exc.strerror or exc}); the files in it were "
+                                        "not processed"))
+
     for arg in args:
         if os.path.isdir(arg):
-            for path in walk_images(arg):
+            for path in walk_images(arg, unreadable):
                 add(Input(path, os.path.relpath(os.path.dirname(path) or ".", arg)))
         elif not os.path.lexists(arg) and _GLOB & set(arg):
             matches = sorted(glob.glob(arg, recursive=True))
@@ -146,7 +155,7 @@ def expand(args: Iterable[str], inputs: list[Input] | None = None,
                                           error=f"{arg}: no file matches"))
             for m in matches:
                 if os.path.isdir(m):
-                    for path in walk_images(m):
+                    for path in walk_images(m, unreadable):
                         add(Input(path, os.path.relpath(os.path.dirname(path) or ".", m)))
                 else:
                     add(Input(m))
