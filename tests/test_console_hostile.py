@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, make_image
-from tests.test_console import LINE, Terminal
+from tests.conftest import ROOT, make_image, run_cli
+from tests.test_console import COLUMNS, LINE, Terminal, width
 
 pytestmark = pytest.mark.integration
 
@@ -79,3 +79,59 @@ def test_json_lines_keep_the_name_exact(tmp_path: Path) -> None:
     events = [json.loads(x) for x in lines]  # every line is one JSON object
     inputs = {os.fsencode(e["input"]) for e in events if e["event"] == "file.processed"}
     assert {b"in/" + n for n in HOSTILE} <= inputs, inputs
+
+
+def test_the_lines_of_a_batch_of_the_samples_fit_the_terminal(tmp_path: Path) -> None:
+    assert run_cli("make-samples", "samples", cwd=tmp_path, timeout=180).returncode == 0
+    t = Terminal(tmp_path, "batch", "samples", "-o", "out", "--workers", "2", "--no-progress",
+                 "--log-format", "console")
+    try:
+        assert t.finish() == 1  # sample_012.jpg is broken on purpose
+    finally:
+        t.ensure_dead()
+    rows = [r for r in t.rows() if r]
+    for row in rows:
+        assert width(row) <= COLUMNS, f"{width(row)} columns: {row}"
+    (failed,) = t.log_lines("file.failed")
+    assert failed.count("sample_012.jpg") == 1, failed  # the path once, then the error
+    assert re.search(r" samples/sample_012\.jpg  truncated: image file is truncated", failed)
+    assert "internal" not in failed
+    (finished,) = t.log_lines("batch.finished")
+    # what a person scans: the counts, the time, the rate; not the pids nor the settings
+    assert re.search(r"  inputs=13 succeeded=12 failed=1  \d+\.\d\d s  \d+\.\d images/s$",
+                     finished), finished
+    assert "workers=" not in finished and "outputs_written" not in finished
+
+
+def test_a_user_transforms_traceback_is_its_last_line_on_the_terminal(tmp_path: Path) -> None:
+    (tmp_path / "mytf.py").write_text(
+        "def boom(im):\n    raise ValueError('this image is not wanted')\n\n"
+        "def warn(im):\n    import warnings\n    warnings.warn('a warning\\nover two lines')\n"
+        "    return im\n")
+    make_image(tmp_path / "a.png")
+    t = Terminal(tmp_path, "batch", "a.png", "-o", "out", "--ops", "mytf.boom", "--no-progress",
+                 "--log-format", "console", env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    try:
+        assert t.finish() == 1
+    finally:
+        t.ensure_dead()
+    assert "Traceback" not in t.raw() and "File " not in t.raw(), t.raw()
+    (failed,) = t.log_lines("file.failed")
+    assert "transform-failed: mytf.boom: ValueError: this image is not wanted" in failed, failed
+    assert width(failed) <= COLUMNS, failed
+    assert all(LINE.match(r) for r in t.rows() if r), t.rows()
+
+
+def test_wide_characters_count_two_columns(tmp_path: Path) -> None:
+    name = "東京タワーの夜景と富士山の朝焼けの写真.png"  # 16 characters of two columns
+    make_image(tmp_path / "in" / name)
+    t = Terminal(tmp_path, "batch", "in", "-o", "out", "-p", "thumbnail", "-p", "web",
+                 "--no-progress", "--log-format", "console")
+    try:
+        assert t.finish() == 0
+    finally:
+        t.ensure_dead()
+    (done,) = t.log_lines("file.processed")
+    assert len(done) <= COLUMNS < width(done.replace("…", name[:-4])), done  # needs the cut
+    assert width(done) <= COLUMNS, f"{width(done)} columns: {done}"
+    assert " -> …_{thumbnail.png,web.jpg}  " in done, done
