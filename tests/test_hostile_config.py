@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import json_lines, make_image, run_cli
+from watcher.errors import REASONS
 
 pytestmark = pytest.mark.integration
 
@@ -16,7 +17,7 @@ def assert_refused(proc: object, *needles: str) -> str:
     err = proc.stderr  # type: ignore[attr-defined]
     assert proc.returncode == 2, err[-3000:]  # type: ignore[attr-defined]
     assert "Traceback" not in err and "RecursionError" not in err, err[-3000:]
-    assert "internal" not in err, err[-3000:]
+    assert "internal_error" not in err and "internal error" not in err, err[-3000:]
     for needle in needles:
         assert needle in err, err[-3000:]
     return err
@@ -78,3 +79,26 @@ def test_an_empty_ops_is_refused(tmp_path: Path, ops: str) -> None:
     proc = run_cli("batch", "a.png", "-o", "out", "--ops", ops, cwd=tmp_path)
     assert_refused(proc, "usage: watcher batch", "--ops: no steps given")
     assert not (tmp_path / "out").exists()
+
+
+def test_quarantine_list_refuses_an_unknown_reason_listing_the_known_ones(
+        tmp_path: Path) -> None:
+    (tmp_path / "watcher.toml").write_text(
+        '[watch]\ninbox = "in"\noutput = "out"\narchive = "done"\nquarantine = "bad"\n'
+        'work = "work"\n')
+    for d in ("in", "out", "done", "bad", "work"):
+        (tmp_path / d).mkdir()
+    proc = run_cli("quarantine", "list", "--reason", "nope", cwd=tmp_path)
+    err = assert_refused(proc, "usage: watcher quarantine list", "--reason", "'nope'")
+    for reason in REASONS:
+        assert f"'{reason}'" in err, reason
+    ok = run_cli("quarantine", "list", "--reason", "truncated", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_batch_finished_logs_interrupted_as_an_int(tmp_path: Path) -> None:
+    make_image(tmp_path / "a.png")
+    proc = run_cli("batch", "a.png", "-o", "out", "--log-format", "json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (finished,) = [e for e in json_lines(proc.stderr) if e["event"] == "batch.finished"]
+    assert finished["interrupted"] == 0 and type(finished["interrupted"]) is int, finished
