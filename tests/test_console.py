@@ -17,6 +17,7 @@ import subprocess
 import sys
 import termios
 import threading
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,12 @@ LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO |WARN |ERROR) \S")
 # ordinary names: a camera's, a phone's, a scanner's, in a sub-folder
 NAMES = ("IMG_20240512_183045.jpg", "DSC_0042.jpg", "PXL_20240601_101112345.png",
          "scan 0007.tif")
+
+
+def width(text: str) -> int:
+    """The columns a row takes on the terminal (wide characters two, combining marks none)."""
+    return sum(0 if unicodedata.combining(ch) else
+               2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
 class Terminal:
@@ -235,6 +242,12 @@ def test_a_daemon_on_a_terminal_writes_short_lines_and_stops_on_ctrl_c(tmp_path:
     # the claim's path in the work folder is named by the input's name
     assert " broken.jpg  " in quarantined and "work/" not in quarantined, quarantined
     assert t.log_lines("daemon.stopping") and t.log_lines("daemon.stopped"), t.rows()[-5:]
+    for row in t.rows():  # daemon.started and daemon.stopped included
+        assert width(row) <= COLUMNS, f"{width(row)} columns: {row}"
+    (started,) = t.log_lines("daemon.started")
+    assert "inbox=inbox output=processed workers=2 pipelines=thumbnail,web" in started, started
+    (stopped,) = t.log_lines("daemon.stopped")
+    assert "processed=4 quarantined=1" in stopped, stopped
 
 
 def slow_photos(folder: Path, n: int, seconds: float) -> None:

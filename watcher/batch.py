@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import signal
 import threading
@@ -118,11 +119,15 @@ class Report:
 
 # --- inputs -------------------------------------------------------------------------------------
 
-def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
+def expand(args: Iterable[str], inputs: list[Input] | None = None,
+           missing: list[ItemReport] | None = None) -> tuple[list[Input], list[ItemReport]]:
     """Files, folders and globs -> inputs (first occurrence wins); paths that do not exist and
-    globs that match nothing -> failures (reason ``missing``), found before any worker starts."""
-    inputs: list[Input] = []
-    missing: list[ItemReport] = []
+    globs that match nothing -> failures (reason ``missing``), and so is a folder the walk cannot
+    enter (``permission-denied``, naming the folder), found before any worker starts.
+    ``inputs``, ``missing``: lists to add to (what was found so far is in them when a Ctrl-C
+    stops the walk of a huge tree)."""
+    inputs = [] if inputs is None else inputs
+    missing = [] if missing is None else missing
     seen: set[str] = set()
 
     def add(inp: Input) -> None:
@@ -131,9 +136,17 @@ def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
             seen.add(key)
             inputs.append(inp)
 
+    def unreadable(exc: OSError) -> None:  # a folder the walk cannot enter: its files unknown
+        folder = str(exc.filename)
+        reason = "permission-denied" if isinstance(exc, PermissionError) else "io-error"
+        missing.append(ItemReport(folder, "failed", reason=reason,
+                                  error=f"{folder}: cannot list this folder "
+                                        f"({exc.strerror or exc}); the files in it were "
+                                        "not processed"))
+
     for arg in args:
         if os.path.isdir(arg):
-            for path in walk_images(arg):
+            for path in walk_images(arg, unreadable):
                 add(Input(path, os.path.relpath(os.path.dirname(path) or ".", arg)))
         elif not os.path.lexists(arg) and _GLOB & set(arg):
             matches = sorted(glob.glob(arg, recursive=True))
@@ -142,7 +155,7 @@ def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
                                           error=f"{arg}: no file matches"))
             for m in matches:
                 if os.path.isdir(m):
-                    for path in walk_images(m):
+                    for path in walk_images(m, unreadable):
                         add(Input(path, os.path.relpath(os.path.dirname(path) or ".", m)))
                 else:
                     add(Input(m))
@@ -152,6 +165,26 @@ def expand(args: Iterable[str]) -> tuple[list[Input], list[ItemReport]]:
         else:
             add(Input(arg))
     return inputs, missing
+
+
+def cancelled_report(found: Sequence[Input], failures: Sequence[ItemReport],
+                     signum: int) -> Report:
+    """The report of a batch stopped by ``signum`` before any work began: the inputs found so
+    far cancelled, those known to have failed failed (none at all: it was interrupted before any
+    input was known)."""
+    items = [*failures, *(ItemReport(i.path, "cancelled", reason="cancelled",
+                                     error="interrupted before it started") for i in found)]
+    return Report(items, workers=0, interrupted=signum)
+
+
+def write_report(report: Report, dest: str) -> None:
+    """The report as JSON to ``dest`` (a file, ``-`` for stdout)."""
+    text = json.dumps(report.to_dict(), indent=2)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
 
 
 def _absent(path: str) -> bool:

@@ -59,7 +59,7 @@ def log_summary(logger: Any, report: Report, on_conflict: str) -> None:
         extra["why"] = skipped_note(report.skipped, on_conflict)
     logger.info("batch.finished", **report.totals, wall_time_s=round(report.wall_time_s, 3),
                 images_per_s=round(done / wall, 2), workers=report.workers,
-                interrupted=report.interrupted or None, **extra)
+                interrupted=report.interrupted, **extra)  # an int: 0 when not interrupted
 
 
 def skipped_note(count: int, on_conflict: str) -> str:

@@ -11,19 +11,21 @@ exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from watcher import batch, batchlog, config, log, transforms
+from watcher import batch, batchlog, config, interrupt, log, transforms
 from watcher.commandline import build_parser
 from watcher.config import dump, flags
 from watcher.engine.helpers import start_forkserver
-from watcher.errors import REASONS, ConfigError, ExitCode, WatcherError
+from watcher.errors import REASONS, ConfigError, ExitCode, RejectedInput, WatcherError
 from watcher.textsafe import visible
 
 __all__ = ["build_parser", "main", "watch_loader"]
@@ -142,6 +144,15 @@ def cmd_make_samples(args: argparse.Namespace) -> int:
         bar.update(1)
     try:
         print(samples.write_all(args.folder, args.count, written))
+    except (OSError, RejectedInput) as exc:  # a file, a read-only folder, a full disk
+        bar.close()
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, FileExistsError | NotADirectoryError):
+            what = "a file stands where the folder should be"
+        where = getattr(exc, "filename", None) or args.folder
+        print(f"watcher make-samples: cannot write {visible(str(where))}: {visible(what)}",
+              file=sys.stderr)
+        return ExitCode.USAGE
     finally:
         bar.close()
     return ExitCode.OK
@@ -157,7 +168,7 @@ def cmd_batch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     fmt = log.resolve_format(args.log_format)
     log.configure("main", fmt, args.log_level)
     settings = config.load(_config_path(args.config), final=False)
-    if args.ops and getattr(args, "output.pipelines", None):
+    if args.ops is not None and getattr(args, "output.pipelines", None):
         parser.error("give --ops or --pipeline, not both")
     try:
         settings = flags.apply_flags(settings, args, "batch")
@@ -172,7 +183,7 @@ def _pipelines(args: argparse.Namespace, settings: config.Settings,
                parser: argparse.ArgumentParser) -> tuple[Any, ...]:
     if args.suffix:
         config.check_suffix(args.suffix, "--suffix")
-    if args.ops:
+    if args.ops is not None:
         steps = config.parse_ops(args.ops, "--ops")
         if not steps:
             parser.error("--ops: no steps given")
@@ -192,33 +203,33 @@ def _pipelines(args: argparse.Namespace, settings: config.Settings,
 
 def _run_batch(args: argparse.Namespace, settings: config.Settings, pipes: tuple[Any, ...],
                paths: list[str], fmt: str) -> int:
-    lists = list(args.list) + (["-"] if "-" in args.inputs else [])
-    for name in lists:
-        if name == "-":
-            paths += batch.read_list(sys.stdin)
-        else:
-            try:
-                with open(name, encoding="utf-8") as f:
-                    paths += batch.read_list(f)
-            except OSError as exc:
-                raise ConfigError(f"--list {name}", exc.strerror or str(exc)) from exc
-    found, missing = batch.expand(paths)
-    if args.dry_run:
-        from watcher import dryrun  # noqa: PLC0415
+    found: list[batch.Input] = []
+    missing: list[batch.ItemReport] = []
+    try:
+        lists = list(args.list) + (["-"] if "-" in args.inputs else [])
+        for name in lists:
+            if name == "-":
+                paths += batch.read_list(sys.stdin)
+            else:
+                try:
+                    with open(name, encoding="utf-8") as f:
+                        paths += batch.read_list(f)
+                except OSError as exc:
+                    raise ConfigError(f"--list {name}", exc.strerror or str(exc)) from exc
+        batch.expand(paths, found, missing)
+        if args.dry_run:
+            from watcher import dryrun  # noqa: PLC0415
 
-        failing = dryrun.batch_plan(found, missing, args.out, pipes, settings, sys.stdout)
-        return ExitCode.SOME_FAILED if failing else ExitCode.OK
-    progress = sys.stderr.isatty() and not args.no_progress
-    report = batch.run(found, args.out, pipes, settings, progress=progress, log_format=fmt,
-                       log_level="warning", failures=missing, out_where="--out",
-                       report_to=args.report or "")
+            failing = dryrun.batch_plan(found, missing, args.out, pipes, settings, sys.stdout)
+            return ExitCode.SOME_FAILED if failing else ExitCode.OK
+        progress = sys.stderr.isatty() and not args.no_progress
+        report = batch.run(found, args.out, pipes, settings, progress=progress, log_format=fmt,
+                           log_level="warning", failures=missing, out_where="--out",
+                           report_to=args.report or "")
+    except KeyboardInterrupt:  # before the workers ran: expanding, planning, starting
+        return interrupt.finish(args, found, missing)
     if args.report:
-        text = json.dumps(report.to_dict(), indent=2)
-        if args.report == "-":
-            print(text)
-        else:
-            with open(args.report, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+        batch.write_report(report, args.report)
     if report.interrupted:
         return 128 + report.interrupted
     return ExitCode.OK if report.ok else ExitCode.SOME_FAILED
@@ -245,35 +256,43 @@ def cmd_transforms() -> int:
     return ExitCode.OK
 
 
+# commands whose output is a listing: a reader that goes away early (``| head``) ends them
+# quietly, as it ends other Unix tools; the daemon, and a batch that processes, are not among them
+_LISTINGS = frozenset({"transforms", "completion", "check-config", "quarantine", "health",
+                       "status", "make-samples"})
+
+
+def _lists(args: argparse.Namespace) -> bool:
+    return args.command in _LISTINGS or (args.command in ("batch", "watch") and args.dry_run)
+
+
+def _output_closed() -> int:
+    """stdout's reader is gone (``watcher transforms | head -1``): end as ``ls | head`` does,
+    killed by SIGPIPE, nothing said (what is still buffered goes to /dev/null)."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    return 128 + signal.SIGPIPE  # not reached
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "watch" and not args.dry_run:
         start_forkserver()  # already running when started through watcher.launch
     try:
-        if args.command == "batch":
-            return cmd_batch(args, args.subparser)
-        if args.command == "watch":
-            return cmd_watch(args)
-        if args.command == "requeue":
-            return cmd_requeue(args)
-        if args.command == "quarantine":
-            return cmd_quarantine(args)
-        if args.command == "health":
-            return cmd_health(args)
-        if args.command == "status":
-            return cmd_status(args)
-        if args.command == "check-config":
-            return cmd_check_config(args)
-        if args.command == "transforms":
-            return cmd_transforms()
-        if args.command == "completion":
-            from watcher.completion import script  # noqa: PLC0415
-
-            sys.stdout.write(script(parser, args.shell))
-            return ExitCode.OK
-        if args.command == "make-samples":
-            return cmd_make_samples(args)
+        code = _dispatch(args, parser)
+        if _lists(args):
+            sys.stdout.flush()  # a reader gone is found here, not in the flush at exit
+        return code
+    except KeyboardInterrupt:  # Ctrl-C before the command's own handling began
+        return interrupt.finish(args)
+    except BrokenPipeError:
+        if _lists(args):
+            return _output_closed()
+        log.get("watcher.cli").exception("watcher.internal_error")
+        return ExitCode.INTERNAL
     except ConfigError as exc:
         print(f"watcher: config error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
@@ -283,6 +302,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 - a bug: log its traceback, exit with the documented code
         log.get("watcher.cli").exception("watcher.internal_error")
         return ExitCode.INTERNAL
+
+
+def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "batch":
+        return cmd_batch(args, args.subparser)
+    if args.command == "watch":
+        return cmd_watch(args)
+    if args.command == "requeue":
+        return cmd_requeue(args)
+    if args.command == "quarantine":
+        return cmd_quarantine(args)
+    if args.command == "health":
+        return cmd_health(args)
+    if args.command == "status":
+        return cmd_status(args)
+    if args.command == "check-config":
+        return cmd_check_config(args)
+    if args.command == "transforms":
+        return cmd_transforms()
+    if args.command == "completion":
+        from watcher.completion import script  # noqa: PLC0415
+
+        sys.stdout.write(script(parser, args.shell))
+        return ExitCode.OK
+    if args.command == "make-samples":
+        return cmd_make_samples(args)
     parser.error(f"unknown command {args.command!r}")
     return ExitCode.USAGE  # not reached: error() exits
 

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from watcher import __version__
 from watcher.config import flags
-from watcher.errors import ExitCode
+from watcher.errors import REASONS, ExitCode
 
 # What a shell completes for an argument: shtab reads the ``complete`` attribute of an action.
 # These are shtab.FILE and shtab.DIRECTORY, spelt out so that parsing a command line does not
@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="A table of the quarantined files (name, reason, age, size, "
                        "error), and a count by reason on stderr.")
     ql.add_argument("--reason", action="append", default=[], metavar="REASON",
-                    help="only the files quarantined for this reason (repeatable)")
+                    choices=list(REASONS),
+                    help="only the files quarantined for this reason (repeatable; the "
+                         "reasons are listed by 'watcher transforms')")
     qw = qs.add_parser("show", help="everything known of one quarantined file",
                        description="Everything the sidecar of one quarantined file says.")
     _completes(qw.add_argument("name", metavar="NAME",

@@ -3,7 +3,7 @@
 JSON lines keep every field; a console line keeps what a person scans for::
 
     14:02:03 INFO  file.processed   IMG_0001.jpg -> IMG_0001_{thumbnail,web}.jpg  41 ms
-    14:02:03 ERROR file.quarantined broken.jpg  truncated: broken.jpg: Truncated File Read
+    14:02:03 ERROR file.quarantined broken.jpg  truncated: Truncated File Read
     14:02:04 WARN  worker.died       worker_pid=4711 exitcode=-9 held=big.tif
 
 - the local time of day, the level, the event;
@@ -12,10 +12,20 @@ JSON lines keep every field; a console line keeps what a person scans for::
   ``a_thumbnail.jpg`` and ``a_web.jpg``; ``…_{thumbnail,web}.jpg`` where the input's name
   would make the line wider than the terminal), its outcome (reason and error), the time it
   took;
+- on a summary line (``batch.finished``, ``daemon.started``, ``daemon.stopped``) only the fields
+  a person scans: counts, a batch's time and rate (its ``why`` below the line);
 - then the event's other fields as ``key=value``, leaving out what a person does not scan for:
   the process role, and on a file's line its claim token, sequence number, worker pid and slot,
   byte counts, where it was moved. A path below the current folder is shown relative to it, a
-  claim's work path in an error as the input's name.
+  claim's work path in an error as the input's name. An error that starts with the input's
+  name is shown without it; one that would make the line wider than the terminal is cut
+  (``…``), widths measured in columns (East Asian wide characters two); a traceback in
+  ``warnings`` is its last line.
+
+Every value shown (a file's name, an error, any field, the lines of a traceback) goes through
+``watcher.textsafe.visible``: a control character or escape sequence in a file's name is shown
+as ``\\x1b[2J``, a newline as ``\\n``, never acted on, so a name can neither clear the screen, set
+the window title nor forge a line.
 
 Colour only where the descriptor is a terminal, never when ``NO_COLOR`` is set to anything but
 the empty string (https://no-color.org), nor on ``TERM=dumb``.
@@ -26,9 +36,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import textwrap
+import unicodedata
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
+
+from watcher.textsafe import visible
 
 _RESET, _DIM, _BOLD = "\x1b[0m", "\x1b[2m", "\x1b[1m"
 _RED, _GREEN, _YELLOW, _CYAN = "\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[36m"
@@ -40,7 +54,17 @@ _ALWAYS_HIDDEN = frozenset({"event", "level", "timestamp", "role"})
 # on a file's line (one with an input): bookkeeping that stays in the JSON lines
 _FILE_HIDDEN = frozenset({"claim", "seq", "worker_pid", "slot", "input_bytes", "output_bytes",
                           "on_success", "moved_to", "quarantined_as", "error_type"})
+# on a summary line, the fields a person scans (a count of 0 left out but for _ZERO_SHOWN);
+# the rest (pids, the other folders, settings echoed back) stays in the JSON lines
+_SCANNED = {
+    "batch.finished": ("inputs", "succeeded", "failed", "skipped", "cancelled", "interrupted"),
+    "daemon.started": ("inbox", "output", "workers", "pipelines", "backlog", "recovered_claims"),
+    "daemon.stopped": ("processed", "quarantined", "retried", "gave_up", "skipped",
+                       "reconcile_found", "overflows", "left_in_work", "left_in_inbox"),
+}
+_ZERO_SHOWN = frozenset({"inputs", "succeeded", "failed", "processed", "quarantined"})
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_JSON_LEFT = re.compile("[\x7f-\x9f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 _BLOCKS = ("exception", "traceback")  # multi-line fields: printed below the line
 _SEPARATORS = "_-./ "
 
@@ -84,27 +108,53 @@ class Renderer:
             self._start = ""
 
     def __call__(self, logger: Any, method: str, ev: dict[str, Any]) -> str:
+        if isinstance(ev.get("warnings"), list | tuple):  # a traceback: its last line only,
+            error = str(ev.get("error") or "")            # and none the error says already
+            shown = [w for w in (_last_line(str(x)) for x in ev["warnings"])
+                     if w and w not in error]
+            ev = {**ev, "warnings": shown or None}
         line = self._line(ev, method, short=False)
-        if "outputs" in ev and len(_ANSI.sub("", line)) > self._columns():
+        columns = self._columns()
+        if "outputs" in ev and width(_ANSI.sub("", line)) > columns:
             line = self._line(ev, method, short=True)
-        blocks = [str(ev[k]).rstrip("\n") for k in _BLOCKS if ev.get(k)]
+        over = width(_ANSI.sub("", line)) - columns
+        if over > 0 and "input" in ev and ev.get("error"):  # the error cut to fit (JSON: whole)
+            line = self._line(ev, method, short=True, cut=over)
+        blocks = ["\n".join(visible(x) for x in str(ev[k]).rstrip("\n").split("\n"))
+                  for k in _BLOCKS if ev.get(k)]
+        if ev.get("event") in _SCANNED and ev.get("why"):  # the explanation, below the line
+            blocks.append(textwrap.fill(visible(str(ev["why"])), self._columns(),
+                                        initial_indent="  ", subsequent_indent="  "))
         return self._start + "\n".join([line, *blocks])
 
-    def _line(self, ev: dict[str, Any], method: str, *, short: bool) -> str:
+    def _line(self, ev: dict[str, Any], method: str, *, short: bool, cut: int = 0) -> str:
         level = str(ev.get("level", method))
         tag, tint = _LEVELS.get(level, (level.upper()[:5], ""))
-        event = str(ev.get("event", ""))
+        event = visible(str(ev.get("event", "")))
         parts = [self._c(_DIM, _clock(ev.get("timestamp"))), self._c(tint, f"{tag:<5}"),
                  self._c(_BOLD, f"{event:<{EVENT_WIDTH}}")]
         hidden = set(_ALWAYS_HIDDEN) | set(_BLOCKS)
         if "input" in ev:
-            parts.append(self._file_part(ev, hidden, short))
-        fields = [f"{self._c(_DIM, k + '=')}{_value(k, v)}" for k, v in ev.items()
+            parts.append(self._file_part(ev, hidden, short, cut))
+        if event in _SCANNED:
+            return " ".join(p for p in parts if p) + "  " + self._summary(ev, _SCANNED[event])
+        fields = [f"{self._c(_DIM, visible(str(k)) + '=')}{_value(k, v)}" for k, v in ev.items()
                   if k not in hidden and v is not None]
         line = " ".join(p for p in parts if p)
         if fields:
             line += "  " + " ".join(fields)
         return line
+
+    def _summary(self, ev: dict[str, Any], keys: tuple[str, ...]) -> str:
+        """A summary line's scanned fields, then a batch's time and rate."""
+        fields = [f"{self._c(_DIM, k + '=')}{_value(k, ev[k])}" for k in keys
+                  if ev.get(k) is not None and (ev[k] != 0 or k in _ZERO_SHOWN)]
+        text = " ".join(fields)
+        if isinstance(ev.get("wall_time_s"), int | float):
+            text += "  " + self._c(_DIM, f"{float(ev['wall_time_s']):.2f} s")
+        if isinstance(ev.get("images_per_s"), int | float):
+            text += "  " + self._c(_DIM, f"{float(ev['images_per_s']):.1f} images/s")
+        return text
 
     def _columns(self) -> int:
         try:
@@ -112,24 +162,29 @@ class Renderer:
         except OSError:  # not a terminal
             return self.WIDTH
 
-    def _file_part(self, ev: dict[str, Any], hidden: set[str], short: bool) -> str:
-        """input [-> outputs]  [reason: error]  [N ms]: the fields a file's line leads with."""
+    def _file_part(self, ev: dict[str, Any], hidden: set[str], short: bool, cut: int = 0
+                   ) -> str:
+        """input [-> outputs]  [reason: error]  [N ms]: the fields a file's line leads with;
+        ``cut``: the columns to take off the error's end (``…`` where they were)."""
         hidden.update(_FILE_HIDDEN, ("input", "outputs", "reason", "error", "duration_ms"))
         if ev.get("attempt") == 1:
             hidden.add("attempt")
-        text = _shorten(str(ev["input"]))
+        text = visible(_shorten(str(ev["input"])))
         outputs = ev.get("outputs")
         if isinstance(outputs, list | tuple) and outputs:
             shown = [_output_path(str(o)) for o in outputs]
             if short:
                 shown = _without_stem(shown, str(ev["input"]))
-            text += " -> " + self._c(_CYAN, brace(shown))
+            text += " -> " + self._c(_CYAN, visible(brace(shown)))
         elif outputs not in (None, [], ()):
             hidden.discard("outputs")
         reason, error = ev.get("reason"), ev.get("error")
         if error:
             error = _shorten(_unclaim(str(error), ev.get("claim"), str(ev["input"])))
-        outcome = ": ".join(str(x) for x in (reason, error) if x)
+            error = _without_input(error, str(ev["input"]))
+        outcome = visible(": ".join(str(x) for x in (reason, error) if x))
+        if cut and error:
+            outcome = _cut(outcome, max(len(str(reason or "")) + 4, width(outcome) - cut - 1))
         if outcome:
             tint = _RED if ev.get("level") == "error" else _YELLOW
             text += "  " + self._c(tint, outcome)
@@ -179,6 +234,41 @@ def _common_start(texts: list[str]) -> str:
     return first[:n]
 
 
+def width(text: str) -> int:
+    """The columns ``text`` takes on a terminal: East Asian wide and full-width characters take
+    two, combining marks none."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(ch) else
+               2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _without_input(error: str, name: str) -> str:
+    """An error that starts by naming the input (``in/a.jpg: image file is truncated``) without
+    that name: the line shows it already."""
+    for shown in {name, _shorten(name), os.path.abspath(name)}:
+        if shown and error.startswith(shown + ": "):
+            return error[len(shown) + 2:]
+    return error
+
+
+def _cut(text: str, columns: int) -> str:
+    """``text`` in at most ``columns`` columns and a ``…``."""
+    out, used = [], 0
+    for ch in text:
+        used += width(ch)
+        if used > columns:
+            return "".join(out) + "…"
+        out.append(ch)
+    return text
+
+
+def _last_line(text: str) -> str:
+    """A traceback's (or any several-line text's) last line: the exception and its message."""
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    return lines[-1].strip() if lines else ""
+
+
 def _clock(stamp: Any) -> str:
     try:
         when = datetime.fromisoformat(str(stamp)).astimezone()
@@ -223,11 +313,12 @@ def _value(key: str, v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, list | tuple):
         return ",".join(_value(key, x) for x in v) if v else "[]"
-    if isinstance(v, dict):
-        return json.dumps(v, ensure_ascii=False, default=str)
+    if isinstance(v, dict):  # JSON escapes C0 controls; DEL, C1 and the like remain
+        return _JSON_LEFT.sub(lambda m: visible(m.group()),
+                              json.dumps(v, ensure_ascii=False, default=str))
     if isinstance(v, float):
         return f"{v:g}"
-    text = _shorten(str(v)) if isinstance(v, str) else str(v)
+    text = visible(_shorten(str(v)) if isinstance(v, str) else str(v))
     if not text or any(c.isspace() or c in '"=' for c in text):
-        return json.dumps(text, ensure_ascii=False)
+        return '"' + text.replace('"', '\\"') + '"'
     return text

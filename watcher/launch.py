@@ -29,7 +29,8 @@ def run() -> None:
 
     Once the command is done (workers joined, outputs durable, logs written), the interpreter's
     own teardown (freeing every module's objects, about 0.1 s after a batch) does nothing a user
-    can see: the exit handlers run, the streams are flushed, and the process ends.
+    can see: the exit handlers run, the streams are flushed, and the process ends. A Ctrl-C
+    before the command's own handling began is one line and exit 130 (``watcher.interrupt``).
     """
     from watcher import compat  # noqa: PLC0415
 
@@ -37,6 +38,10 @@ def run() -> None:
         code = main()
     except SystemExit as exc:  # argparse's usage errors, --help, --version
         code = exc.code
+    except KeyboardInterrupt:  # Ctrl-C while the modules are imported: one line, exit 130
+        from watcher import interrupt  # noqa: PLC0415
+
+        code = interrupt.finish(sys.argv[1:])
     if code is None:
         code = 0
     elif not isinstance(code, int):

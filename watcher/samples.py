@@ -1,8 +1,10 @@
 """Sample images to try watcher on: photo-like pictures in every supported format and mode, and
 one broken file (a JPEG cut short), so that a first run shows the quarantine too.
 
-Made here, deterministically, so the first run needs nothing but the package. Sizes cycle with
-the kinds, so a large count stays small on disk (about 1.5 MB a file on average).
+Made here, deterministically, so the first run needs nothing but the package. Each sample is
+written under a temp name and renamed when whole: a full disk or a folder that cannot be written
+leaves no partial sample. Sizes cycle with the kinds, so a large count stays small on disk
+(about 1.5 MB a file on average).
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from typing import IO
 
 from PIL import Image, ImageDraw
+
+from watcher.fs.staging import atomic_write
 
 _KINDS = ("jpeg", "png-alpha", "bmp", "webp", "gif-animated", "tiff-16bit", "jpeg-rotated",
           "png-palette", "jpeg-cmyk", "avif", "png-gray", "jpeg-large", "jpeg-truncated")
@@ -70,57 +75,52 @@ def iter_samples(folder: str, count: int = DEFAULT_COUNT) -> Iterator[str]:
 
 
 def _write(folder: str, i: int) -> str:
+    """Write sample ``i`` under a temp name, then rename it: a sample that could not be written
+    whole (a full disk) leaves nothing behind."""
+    ext, save = _render(i)
+    path = os.path.join(folder, f"sample_{i:03d}{ext}")
+    atomic_write(path, save, overwrite=True)
+    return path
+
+
+def _render(i: int) -> tuple[str, Callable[[IO[bytes]], object]]:
+    """Sample ``i``'s extension, and how to write it to a file object."""
     kind = kind_of(i)
     step = i % len(_KINDS)  # sizes cycle with the kinds: many samples stay small
     base = picture(640 + 16 * step, 480 + 8 * step, i)
-    path = os.path.join(folder, f"sample_{i:03d}")
     if kind == "jpeg":
-        path += ".jpg"
-        base.save(path, quality=90)
-    elif kind == "png-alpha":
-        path += ".png"
+        return ".jpg", lambda f: base.save(f, "JPEG", quality=90)
+    if kind == "png-alpha":
         im = base.convert("RGBA")
         im.putalpha(Image.linear_gradient("L").resize(base.size))
-        im.save(path)
-    elif kind == "bmp":
-        path += ".bmp"
-        base.save(path)
-    elif kind == "webp":
-        path += ".webp"
-        base.save(path, quality=85)
-    elif kind == "gif-animated":
-        path += ".gif"
+        return ".png", lambda f: im.save(f, "PNG")
+    if kind == "bmp":
+        return ".bmp", lambda f: base.save(f, "BMP")
+    if kind == "webp":
+        return ".webp", lambda f: base.save(f, "WEBP", quality=85)
+    if kind == "gif-animated":
         frames = [picture(320, 240, i + k) for k in range(4)]
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=200, loop=0)
-    elif kind == "tiff-16bit":
-        path += ".tif"
+        return ".gif", lambda f: frames[0].save(f, "GIF", save_all=True,
+                                                append_images=frames[1:], duration=200, loop=0)
+    if kind == "tiff-16bit":
         gray = base.convert("L").point(lambda v: v * 257, "I").convert("I;16")
-        gray.save(path)
-    elif kind == "jpeg-rotated":
-        path += ".jpg"
+        return ".tif", lambda f: gray.save(f, "TIFF")
+    if kind == "jpeg-rotated":
         exif = Image.Exif()
         exif[0x0112] = 6  # stored sideways; auto_orient turns it upright
-        base.save(path, quality=90, exif=exif.tobytes())
-    elif kind == "png-palette":
-        path += ".png"
-        base.quantize(64).save(path)
-    elif kind == "jpeg-cmyk":
-        path += ".jpg"
-        base.convert("CMYK").save(path, quality=90)
-    elif kind == "avif":
-        path += ".avif"
-        base.save(path, quality=70)
-    elif kind == "png-gray":
-        path += ".png"
-        base.convert("L").save(path)
-    elif kind == "jpeg-large":
-        path += ".jpg"  # a 12 MP photo (shrink-on-load); 3 MP after the first
+        return ".jpg", lambda f: base.save(f, "JPEG", quality=90, exif=exif.tobytes())
+    if kind == "png-palette":
+        return ".png", lambda f: base.quantize(64).save(f, "PNG")
+    if kind == "jpeg-cmyk":
+        return ".jpg", lambda f: base.convert("CMYK").save(f, "JPEG", quality=90)
+    if kind == "avif":
+        return ".avif", lambda f: base.save(f, "AVIF", quality=70)
+    if kind == "png-gray":
+        return ".png", lambda f: base.convert("L").save(f, "PNG")
+    if kind == "jpeg-large":  # a 12 MP photo (shrink-on-load); 3 MP after the first
         w, h = (4000, 3000) if i < len(_KINDS) else (2000, 1500)
-        picture(w, h, i).save(path, quality=90)
-    else:  # BROKEN: a JPEG cut off after its first third
-        path += ".jpg"
-        buf = io.BytesIO()
-        base.save(buf, "JPEG", quality=90)
-        with open(path, "wb") as f:
-            f.write(buf.getvalue()[: buf.tell() // 3])
-    return path
+        return ".jpg", lambda f: picture(w, h, i).save(f, "JPEG", quality=90)
+    # BROKEN: a JPEG cut off after its first third
+    buf = io.BytesIO()
+    base.save(buf, "JPEG", quality=90)
+    return ".jpg", lambda f: f.write(buf.getvalue()[: buf.tell() // 3])

@@ -19,8 +19,10 @@ def _escape(ch: str) -> str:
         return _NAMED[ch]
     if code < 0x20 or 0x7F <= code <= 0x9F:
         return f"\\x{code:02x}"
-    if code in _UNICODE_CONTROLS or 0xD800 <= code <= 0xDFFF:  # lone surrogates: undecodable
-        return f"\\u{code:04x}"                               # bytes of a file name
+    if 0xDC80 <= code <= 0xDCFF:  # a file name's byte that is not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if code in _UNICODE_CONTROLS or 0xD800 <= code <= 0xDFFF:
+        return f"\\u{code:04x}"
     return ch
 
 
@@ -32,10 +34,10 @@ def visible(text: str) -> str:
     shown as text, never acted on), DEL U+007F and the C1 controls U+0080..U+009F (``\\xNN``;
     U+009B is a one-character CSI), U+2028/U+2029 (line and paragraph separators), the
     bidirectional embeddings, overrides and isolates U+202A..U+202E and U+2066..U+2069
-    (``\\uNNNN``: they would reorder the rest of the line) and lone surrogates (a file name's
-    undecodable bytes, ``\\udcNN``). A backslash is doubled so an escape shown can never be
-    mistaken for one made. Every other character, printable non-ASCII included, is left as it
-    is.
+    (``\\uNNNN``: they would reorder the rest of the line) and lone surrogates (``\\uNNNN``; a
+    file name's byte that is not UTF-8, decoded as U+DC80..U+DCFF, is shown as that byte,
+    ``\\xNN``). A backslash is doubled so an escape shown can never be mistaken for one made.
+    Every other character, printable non-ASCII included, is left as it is.
     """
     if text.isprintable() and "\\" not in text:
         return text

@@ -157,16 +157,57 @@ def load(path: str | os.PathLike[str] | None, *, final: bool = True,
     return apply_overrides(settings, final=final, **overrides)
 
 
+MAX_NESTING = 100  # arrays and inline tables in a config file (tomllib recurses on each)
+
+
 def _read(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            text = f.read().decode()
+        line = _too_deep(text)
+        if line:
+            raise ConfigError(path, f"line {line}: arrays or inline tables nested more than "
+                                    f"{MAX_NESTING} deep")
+        return tomllib.loads(text)
     except FileNotFoundError as exc:
         raise ConfigError(path, "config file not found") from exc
     except (tomllib.TOMLDecodeError, ValueError) as exc:  # an int of 4300+ digits, not UTF-8
         raise ConfigError(path, f"not valid TOML: {exc}") from exc
+    except RecursionError as exc:  # what the scan below did not foresee
+        raise ConfigError(path, "not valid TOML: nested too deeply") from exc
     except OSError as exc:
         raise ConfigError(path, f"cannot read: {exc.strerror}") from exc
+
+
+def _too_deep(text: str) -> int:
+    """The line on which arrays and inline tables nest deeper than ``MAX_NESTING`` (0: none),
+    brackets in strings and comments not counted."""
+    depth, line, i, n = 0, 1, 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\n":
+            line += 1
+        elif ch == "#":
+            i = text.find("\n", i)
+            if i < 0:
+                return 0
+            continue
+        elif ch in "\"'":
+            quote = text[i:i + 3] if text.startswith(ch * 3, i) else ch
+            j = i + len(quote)
+            while j < n and not text.startswith(quote, j):
+                j += 2 if text[j] == "\\" and ch == '"' else 1
+            line += text.count("\n", i, j)
+            i = j + len(quote)
+            continue
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return line
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        i += 1
+    return 0
 
 
 def parse(doc: Mapping[str, Any], name: str = "watcher.toml", *, final: bool = True) -> Settings:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from watcher import transforms
-from watcher.config.stepsyntax import read_step
+from watcher.config.stepsyntax import NAME_SHOWN, read_step
 from watcher.engine.mainscript import ByValue, main_importable
 from watcher.errors import ConfigError
 from watcher.imaging.pipeline import Pipeline, Step
@@ -40,6 +40,7 @@ def builtin_pipelines() -> dict[str, Pipeline]:
 # --- steps and --ops strings --------------------------------------------------------------------
 
 _SPLIT = re.compile(r"[|;]")
+MAX_NAME = 200  # characters in a step's (dotted) name
 
 
 def split_ops(text: str) -> list[str]:
@@ -84,6 +85,9 @@ def parse_ops(text: str, where: str) -> list[Step]:
 
 def make_step(name: str, args: Sequence[Any], kwargs: Mapping[str, Any], where: str) -> Step:
     """A registry name, or ``package.module.function`` (a user transform, imported here)."""
+    if len(name) > MAX_NAME:  # refused, cut: the name is not repeated whole in the message
+        raise ConfigError(where or "step", f"a step name of {len(name)} characters (at most "
+                                           f"{MAX_NAME}): {name[:NAME_SHOWN - 1] + '…'!r}")
     if "." in name and name not in transforms.REGISTRY:
         return _imported_step(name, args, kwargs, where)
     spec = transforms.lookup(name, f"{where}[{name}]" if where else name)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from watcher.errors import ConfigError
+from watcher.textsafe import visible
 
 SYNTAX = ("a step is NAME or NAME(ARG, ...), an ARG a number, 'text', true/false or KEY=VALUE,\n"
           "e.g. thumbnail(128, 128) or resize(width=800); steps are separated by ',' ';' or '|'")
@@ -46,10 +47,15 @@ class _Fault(Exception):  # noqa: N818 - internal: becomes a ConfigError with th
         self.pos, self.message, self.hint = pos, message, hint
 
 
+MAX_NESTING = 32  # lists in lists in a step's argument
+NAME_SHOWN, LINE_SHOWN = 60, 100  # characters of a long step shown in a message
+
+
 class _Reader:
     def __init__(self, text: str) -> None:
         self.text = text
         self.pos = 0
+        self.depth = 0  # lists open at pos
         self.step = "NAME"  # the step's name, once read (for hints)
 
     def ws(self) -> None:
@@ -152,6 +158,9 @@ class _Reader:
             return self._text(ch)
         if ch in ("[", "("):
             close = "]" if ch == "[" else ")"
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise _Fault(at, f"lists nested more than {MAX_NESTING} deep")
             self.pos += 1
             items = []
             while self.peek() != close:
@@ -163,6 +172,7 @@ class _Reader:
                 elif self.peek() != close:
                     raise _Fault(self.pos, f"expected ',' or {close!r} in a list")
             self.pos += 1
+            self.depth -= 1
             return items if ch == "[" else tuple(items)
         m = _NUMBER.match(self.text, self.pos)
         if m:
@@ -219,12 +229,20 @@ def read_step(text: str, where: str, source: str | None = None, offset: int = 0)
 def explain(step: str, pos: int, message: str, hint: str = "", source: str | None = None,
             offset: int = 0) -> str:
     """``cannot read step ...: message``, the user's line with a caret under ``pos``, a hint,
-    and the syntax in one line."""
+    and the syntax in one line. A long step is cut: its first ``NAME_SHOWN`` characters in the
+    message, ``LINE_SHOWN`` around the fault on the caret's line; control characters in it are
+    shown as escapes (``watcher.textsafe.visible``)."""
     line, col = (source, offset + pos) if source is not None else (step, pos)
     line = line.replace("\t", " ").replace("\n", " ")
-    lines = [f"cannot read step {step.strip()!r}: {message}", f"    {line}",
-             "    " + " " * col + "^"]
+    start = max(0, min(col - LINE_SHOWN // 2, len(line) - LINE_SHOWN))
+    end = start + LINE_SHOWN
+    head = ("…" if start else "") + visible(line[start:col])
+    shown = head + visible(line[col:end]) + ("…" if end < len(line) else "")
+    name = step.strip()
+    name = name if len(name) <= NAME_SHOWN else name[:NAME_SHOWN - 1] + "…"
+    lines = [f"cannot read step {name!r}: {message}", f"    {shown}",
+             "    " + " " * len(head) + "^"]
     if hint:
-        lines.append(f"  {hint}")
+        lines.append(f"  {visible(hint[:2 * LINE_SHOWN])}")
     lines += [f"  {part}" for part in SYNTAX.splitlines()]
     return "\n".join(lines)

@@ -169,9 +169,12 @@ def remove_output(final: str, root: str) -> bool:
     return True
 
 
-def walk_images(root: str) -> Iterator[str]:
-    """Every regular file under ``root``, sorted, skipping dot-files and not following links."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+def walk_images(root: str, on_error: Callable[[OSError], object] | None = None
+                ) -> Iterator[str]:
+    """Every regular file under ``root``, sorted, skipping dot-files and not following links.
+    ``on_error(exc)``: a folder that cannot be listed (permission denied), ``exc.filename``
+    naming it; without it such a folder is skipped."""
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith(".") or name.endswith(TEMP_SUFFIX):
