@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 
 from watcher.imaging import formats
-from watcher.imaging.pil import Image
+from watcher.imaging.pil import Image, register_external
 from watcher.settings.schema import OutputOptions
 
 
@@ -22,6 +22,10 @@ def output_ext(opts: OutputOptions, path: str, allowed: Sequence[str]) -> str:
     ext = os.path.splitext(path)[1]
     if ext.lower() in formats.OUTPUT_EXTENSIONS:
         return ext
+    read_only = formats.READ_ONLY_EXTENSIONS.get(ext.lower())
+    if read_only is not None:  # a camera's RAW: written as the format it reads as (JPEG)
+        return formats.extension(read_only) or ".png"
+    register_external(tuple(allowed))
     limit = Image.MAX_IMAGE_PIXELS
     try:  # an unusual or missing extension: ask the header (no pixels are decoded, so no
         Image.MAX_IMAGE_PIXELS = None  # pixel limit: the worker applies the run's own)

@@ -70,7 +70,8 @@ def _formats(value: tuple[str, ...], where: str) -> tuple[str, ...]:
     out = []
     for i, v in enumerate(value):
         name = v.upper()
-        name = {"JPG": "JPEG", "TIF": "TIFF"}.get(name, name)
+        name = {"JPG": "JPEG", "TIF": "TIFF", "HEIC": "HEIF", "JPEGXL": "JXL", "DNG": "RAW"}.get(
+            name, name)
         codec.ensure_formats((name,))  # all ~40 plugins (about 0.1 s) only for a rare one
         if name not in codec.Image.OPEN:
             raise ConfigError(f"{where}[{i}]", f"unknown format {v!r}; known: "
@@ -138,9 +139,13 @@ SETTINGS: tuple[Setting, ...] = (
            "in hand are given up (0: for ever)"),
     # -- [input]: what is decoded --------------------------------------------------------------
     S(section="input", name="formats", kind="list", default=DEFAULT_FORMATS, check=_formats,
-      metavar="F,F", help="formats opened (Pillow names; jpg and tif accepted)"),
+      metavar="F,F", help="formats opened (Pillow names; jpg, tif, heic, jpegxl and dng accepted)"),
     S(section="input", name="pixel_limit", kind="int", default=89_478_485, lo=1, metavar="N",
       help="inputs with more pixels are refused as decompression-bomb"),
+    S(section="input", name="raw", kind="choice", default="auto",
+      choices=("auto", "preview", "demosaic"),
+      help="a camera RAW (DNG, CR2, NEF...): its embedded preview (fast), a full demosaic, or "
+           "auto: the preview where it is at least as large as every pipeline needs"),
     S(section="input", name="max_file_size", kind="size", default=0, metavar="SIZE",
       help="inputs larger than this are refused as too-large (0: no limit)"),
     # -- [output]: which pipelines, and existing outputs ---------------------------------------
@@ -225,7 +230,7 @@ SETTINGS: tuple[Setting, ...] = (
     S(section="pipeline", name="progressive", kind="bool", default=False, env=None,
       help="progressive JPEG"),
     S(section="pipeline", name="lossless", kind="bool", default=False, env=None,
-      help="lossless WebP/AVIF"),
+      help="lossless WebP/AVIF/HEIF/JPEG XL"),
     # (end of declarations)
 )
 
