@@ -70,7 +70,7 @@ def mosaic(picture: Image.Image, white: int = 4000, black: int = 64) -> bytes:
 
 
 def make_dng(picture: Image.Image, *, orientation: int = 1,
-             preview: Image.Image | None = None) -> bytes:
+             preview: Image.Image | None = None, taken: str = "") -> bytes:
     """A DNG of ``picture`` (even width and height) with ``orientation`` (EXIF numbering:
     the stored mosaic is shown turned) and, if given, ``preview`` as its embedded RGB preview."""
     w, h = picture.size
@@ -78,14 +78,14 @@ def make_dng(picture: Image.Image, *, orientation: int = 1,
     pixels = mosaic(picture, 4000, 64)
     pv = preview.convert("RGB").tobytes() if preview is not None else b""
     # as cameras do, the directories come first: laid out once to learn their length
-    head = _layout(w, h, orientation, preview, 0, 0)
+    head = _layout(w, h, orientation, preview, 0, 0, taken)
     start = len(head) + len(head) % 2
-    out = _layout(w, h, orientation, preview, start, start + len(pixels))
+    out = _layout(w, h, orientation, preview, start, start + len(pixels), taken)
     return out.ljust(start, b"\x00") + pixels + pv
 
 
 def _layout(w: int, h: int, orientation: int, preview: Image.Image | None, raw_at: int,
-            pv_at: int) -> bytes:
+            pv_at: int, taken: str) -> bytes:
     white, black = 4000, 64
     wr = _Writer()
     raw_tags = {
@@ -106,6 +106,8 @@ def _layout(w: int, h: int, orientation: int, preview: Image.Image | None, raw_a
                             0.0557, -0.2040, 1.0570]),
         50728: (RATIONAL, [1.0, 1.0, 1.0]), 50778: (SHORT, [21]),
     }
+    if taken:
+        common[306] = (ASCII, [taken])  # DateTime, "YYYY:MM:DD HH:MM:SS"
     if preview is None:
         tags = {**raw_tags, **common}
         tags[273] = (LONG, [raw_at])

@@ -117,7 +117,27 @@ class RawImageFile(ImageFile.ImageFile):
         self._mode = "RGB"
         self._preview: Image.Image | None = None
         self.info["raw_flip"] = self._flip
+        if data.startswith(_TIFF):
+            self._camera_exif(data)
         self.tile = []
+
+    def _camera_exif(self, data: bytes) -> None:
+        """A small EXIF block for the outputs and the capture time: the RAW's (a TIFF's) make,
+        model and time taken (DateTimeOriginal, else its DateTime), no orientation."""
+        try:
+            found = Image.Exif()
+            found.load(data)
+            when = found.get_ifd(0x8769).get(0x9003) or found.get(0x0132)
+            kept = Image.Exif()
+            for tag in (0x010F, 0x0110):  # Make, Model
+                if isinstance(found.get(tag), str):
+                    kept[tag] = found[tag]
+            if isinstance(when, str):  # (a RAW's DateTime is written when it is taken)
+                kept.get_ifd(0x8769)[0x9003] = when
+            if len(kept):
+                self.info["exif"] = kept.tobytes()
+        except Exception:  # noqa: BLE001, S110 - a RAW's odd directory: no EXIF passed on
+            pass
 
     def _turned(self, size: tuple[int, int]) -> tuple[int, int]:
         return (size[1], size[0]) if self._flip in (5, 6) else size

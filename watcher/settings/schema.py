@@ -14,6 +14,7 @@ from dataclasses import field, make_dataclass
 from typing import Any
 
 from watcher.errors import ConfigError
+from watcher.fs import template
 from watcher.imaging.formats import DEFAULT_FORMATS, OUTPUT_FORMATS
 from watcher.settings.setting import Setting, parse_size
 
@@ -231,6 +232,11 @@ SETTINGS: tuple[Setting, ...] = (
       help="progressive JPEG"),
     S(section="pipeline", name="lossless", kind="bool", default=False, env=None,
       help="lossless WebP/AVIF/HEIF/JPEG XL"),
+    S(section="pipeline", name="name_template", kind="str", default="", env=None,
+      check=template.check, allow_empty=True, metavar="TEMPLATE",
+      help="the output's name below the output folder, from {stem}, {suffix}, {ext} and "
+           "{taken:%Y/%m/%d} (EXIF/XMP capture time, else the file's time), e.g. "
+           "\"{taken:%Y/%m}/{stem}_{suffix}{ext}\"; empty: {stem}_{suffix}{ext}"),
     # (end of declarations)
 )
 

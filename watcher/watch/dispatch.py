@@ -10,7 +10,7 @@ import stat
 import time
 from dataclasses import replace
 
-from watcher.extensions import output_ext
+from watcher.extensions import output_ext, place
 from watcher.fs import files, naming
 from watcher.tasks import OutputPlan, Task
 from watcher.watch import claiming, moves
@@ -122,10 +122,14 @@ class Dispatch:
         stem = os.path.splitext(name)[0]
         folder = os.path.join(self._ctx.folders.output, rel_dir)
         formats = self._ctx.settings.limits.formats
-        outputs = tuple(OutputPlan(pipeline=p.name, path=self._held.names.claim(
-            folder, stem, p.suffix, output_ext(p.output, c.work_path, formats),
-            avoid_existing=True, owner=c.seq)) for p in pipes)
-        return outputs, False
+        outputs = []
+        for p in pipes:
+            ext = output_ext(p.output, c.work_path, formats)
+            where, name, suffix = place(p.output, folder, stem, p.suffix, ext, c.work_path,
+                                        formats)
+            outputs.append(OutputPlan(pipeline=p.name, path=self._held.names.claim(
+                where, name, suffix, ext, avoid_existing=True, owner=c.seq)))
+        return tuple(outputs), False
 
     def natural_outputs(self, rel: str, path: str) -> list[str]:
         """The first-choice output paths of an input (keep mode: are they there already?)."""
@@ -133,8 +137,12 @@ class Dispatch:
         stem = os.path.splitext(name)[0]
         folder = os.path.join(self._ctx.folders.output, rel_dir)
         formats = self._ctx.settings.limits.formats
-        return [os.path.join(folder, naming.output_name(
-            stem, p.suffix, output_ext(p.output, path, formats))) for p in self._ctx.pipelines]
+        out = []
+        for p in self._ctx.pipelines:
+            ext = output_ext(p.output, path, formats)
+            where, name, suffix = place(p.output, folder, stem, p.suffix, ext, path, formats)
+            out.append(os.path.join(where, naming.output_name(name, suffix, ext)))
+        return out
 
     def submit(self, c: Claim) -> None:
         assert self._ctx.engine is not None
