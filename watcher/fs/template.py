@@ -59,10 +59,10 @@ def uses_taken(value: str) -> bool:
 def render(value: str, *, stem: str, suffix: str, ext: str,
            taken: Callable[[], datetime]) -> str:
     """The relative path ``value`` names (``taken`` is only called when the template uses it)."""
-    fields: dict[str, object] = {"stem": stem, "suffix": suffix, "ext": ext}
+    values: dict[str, object] = {"stem": stem, "suffix": suffix, "ext": ext}
     if uses_taken(value):
-        fields["taken"] = taken()
-    return value.format(**fields)
+        values["taken"] = taken()
+    return value.format(**values)
 
 
 def _split(path: str, where: str) -> tuple[list[str], str]:

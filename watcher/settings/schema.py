@@ -193,6 +193,14 @@ SETTINGS: tuple[Setting, ...] = (
       help="tries after failures not the input's fault, then it is quarantined as gave-up"),
     S(section="watch", name="retry_max_age", kind="float", default=3600.0, lo=1,
       hi=30 * 86400, metavar="S", help="seconds after the first such failure to keep trying"),
+    S(section="watch", name="duplicates", kind="choice", default="skip",
+      choices=("skip", "process"),
+      help="an input whose bytes and pipeline configuration were processed before: skip it "
+           "(archived as on_success says, with a file.duplicate line naming the earlier "
+           "input) or process it again"),
+    S(section="watch", name="duplicates_max_age", kind="float", default=90 * 86400.0, lo=60,
+      hi=100 * 365 * 86400.0, metavar="S",
+      help="seconds a processed input is remembered (older records are pruned)"),
     S(section="watch", name="metrics_port", kind="int", default=0, lo=0, hi=65535,
       metavar="PORT", help="serve /metrics, /healthz, /readyz on this port (0: off)"),
     S(section="watch", name="metrics_host", kind="str", default="127.0.0.1", metavar="ADDR",

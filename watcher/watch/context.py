@@ -14,6 +14,7 @@ from watcher.fs.naming import OutputNames
 from watcher.imaging.pipeline import Pipeline
 from watcher.ops.metrics import Metrics
 from watcher.watch.claiming import Claim
+from watcher.watch.duplicates import Seen
 from watcher.watch.lifecycle import Folders
 
 if TYPE_CHECKING:
@@ -34,6 +35,16 @@ class Context:
                        "reconcile_found": 0, "gave_up": 0, "overflows": 0}
         self.metrics = Metrics()
         self.metrics.know_pipelines(p.name for p in self.pipelines)
+        self._seen: Seen | None = None
+
+    def seen(self) -> Seen:
+        """The database of processed inputs, opened on first use: in the work folder, or with
+        several instances in the one that holds theirs (they share it)."""
+        if self._seen is None:
+            self._seen = Seen(self.folders.work_root or self.folders.work,
+                              self.settings.watch.duplicates_max_age)
+        self._seen.max_age = self.settings.watch.duplicates_max_age  # (a reload may change it)
+        return self._seen
 
     @property
     def pipelines(self) -> tuple[Pipeline, ...]:

@@ -6,6 +6,7 @@ over again when their back-off has passed.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import time
 from dataclasses import replace
@@ -13,7 +14,7 @@ from dataclasses import replace
 from watcher.extensions import output_ext, place
 from watcher.fs import files, naming
 from watcher.tasks import OutputPlan, Task
-from watcher.watch import claiming, moves
+from watcher.watch import claiming, duplicates, moves
 from watcher.watch.claiming import Claim, identity
 from watcher.watch.context import Context, InFlight
 from watcher.watch.fates import Fates
@@ -146,6 +147,8 @@ class Dispatch:
 
     def submit(self, c: Claim) -> None:
         assert self._ctx.engine is not None
+        if not c.digest and self._duplicate(c):
+            return
         outputs, own = self._plan(c)
         c.outputs = tuple((o.pipeline, o.path) for o in outputs)
         try:
@@ -162,6 +165,25 @@ class Dispatch:
         self._held.claims[c.seq] = c
         self._ctx.engine.submit(task)
         self._log.info("file.queued", input=c.rel, seq=c.seq)
+
+    def _duplicate(self, c: Claim) -> bool:
+        """Hash ``c`` (its bytes, the configuration); True when it is a duplicate of an input
+        processed before and was handed to its fate (``duplicates = "skip"``)."""
+        c.digest = duplicates.content_hash(c.work_path) or ""
+        c.config = duplicates.config_hash(self._ctx.pipelines, self._ctx.settings.limits)
+        ws = self._ctx.settings.watch
+        # (keep mode puts an input back in the inbox: a duplicate kept there would come back)
+        if not c.digest or ws.duplicates != "skip" or ws.on_success == "keep":
+            return False
+        try:
+            earlier = self._ctx.seen().lookup(c.digest, c.config)
+        except (sqlite3.Error, OSError) as exc:
+            self._fates.seen_unavailable(exc)
+            return False
+        if earlier is None:
+            return False
+        self._fates.duplicate(c, earlier)
+        return True
 
     def retry_due(self) -> None:
         now = time.monotonic()
