@@ -157,7 +157,7 @@ def test_a_rerun_that_skips_everything_says_why_and_what_to_do(tmp_path: Path) -
     assert not [e for e in logs if e["event"] == "worker.started"]
     done = [e for e in logs if e["event"] == "batch.finished"]
     assert len(done) == 1 and done[0]["skipped"] == 12 and done[0]["workers"] == 0
-    assert done[0]["why"].startswith("12 skipped: their outputs exist (on_conflict=skip); use "
+    assert done[0]["why"].startswith("12 up to date: their outputs exist (on_conflict=skip); use "
                                       "--on-conflict overwrite")
     # and the advice works
     redo = run_cli("batch", "samples", "--out", "processed", "--on-conflict", "overwrite",

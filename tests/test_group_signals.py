@@ -104,7 +104,9 @@ def watch(root: Path, *args: str, env: dict[str, str] | None = None) -> Group:
     g = Group(root, "watch", "--inbox", str(root / "inbox"), "--output", str(root / "processed"),
               "--archive", str(root / "archive"), "--quarantine", str(root / "quarantine"),
               "--work", str(root / "work"), "--settle", "0.3", "--reconcile-interval", "1",
-              "--log-format", "json", *args, env=env)
+              "--log-format", "json", *args,
+              # its pictures are the same bytes under other names: each one a new input
+              env={"WATCHER_DUPLICATES": "process", **(env or {})})
     try:
         g.wait_for("daemon.started", timeout=30)
     except BaseException:
@@ -115,7 +117,7 @@ def watch(root: Path, *args: str, env: dict[str, str] | None = None) -> Group:
 
 def files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.is_file() and p.name != ".watcher-heartbeat.json"
+                  if p.is_file() and not p.name.startswith(".watcher-")
                   and not p.name.endswith(".claim"))
 
 

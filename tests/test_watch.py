@@ -51,8 +51,10 @@ class Daemon:
         self.proc = subprocess.Popen(
             cmd, cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=self.stderr, text=True,
+            # the pictures these tests drop are often the same bytes under other names: each
+            # is a new input here (tests/test_duplicates.py turns duplicates = "skip" back on)
             env={**os.environ, "PYTHONPATH": str(ROOT), "WATCHER_TEST_TAG": self.tag,
-                 **(env or {})})
+                 "WATCHER_DUPLICATES": "process", **(env or {})})
         threading.Thread(target=self._read, daemon=True).start()
         self.wait_for("daemon.started", timeout=30)
 
@@ -115,9 +117,10 @@ def drop(root: Path, name: str, **kw: Any) -> Path:
 
 
 def files(folder: Path) -> list[str]:
-    """Everything below ``folder`` but the daemon's heartbeat and claim records."""
+    """Everything below ``folder`` but the daemon's own files (heartbeat, database of
+    processed inputs) and claim records."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if (p.is_file() or p.is_symlink()) and p.name != ".watcher-heartbeat.json"
+                  if (p.is_file() or p.is_symlink()) and not p.name.startswith(".watcher-")
                   and not p.name.endswith(".claim"))
 
 

@@ -25,7 +25,7 @@ from watcher.config import Settings
 from watcher.engine.factory import create_executor
 from watcher.engine.mainscript import refuse_in_bootstrap
 from watcher.errors import ConfigError
-from watcher.extensions import output_ext
+from watcher.extensions import output_ext, place
 from watcher.fs.durable import fsync_dir
 from watcher.fs.files import remove_dead_temps, walk_images
 from watcher.fs.folders import writable_folder
@@ -232,7 +232,8 @@ def plan(inputs: Sequence[Input], out_dir: str, pipelines: Sequence[Pipeline],
         existing: list[str] = []
         for p in pipelines:
             ext = output_ext(p.output, inp.path, allowed)
-            path = alloc.claim(folder, stem, p.suffix, ext, avoid_existing=on_conflict == "rename")
+            where, name, suffix = place(p.output, folder, stem, p.suffix, ext, inp.path, allowed)
+            path = alloc.claim(where, name, suffix, ext, avoid_existing=on_conflict == "rename")
             if on_conflict == "skip" and os.path.lexists(path):
                 existing.append(path)
             else:

@@ -63,8 +63,8 @@ def log_summary(logger: Any, report: Report, on_conflict: str) -> None:
 
 
 def skipped_note(count: int, on_conflict: str) -> str:
-    """``12 skipped: their outputs exist (on_conflict=skip); ...`` for the summary line."""
-    return (f"{count} skipped: their outputs exist (on_conflict={on_conflict}); use "
+    """``12 up to date: their outputs exist (on_conflict=skip); ...`` for the summary line."""
+    return (f"{count} up to date: their outputs exist (on_conflict={on_conflict}); use "
             "--on-conflict overwrite (on_conflict=\"overwrite\") to redo them, or rename to "
             "keep both")
 

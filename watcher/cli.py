@@ -26,6 +26,7 @@ from watcher.commandline import build_parser
 from watcher.config import dump, flags
 from watcher.engine.helpers import start_forkserver
 from watcher.errors import REASONS, ConfigError, ExitCode, RejectedInput, WatcherError
+from watcher.imaging import formats
 from watcher.textsafe import visible
 
 __all__ = ["build_parser", "main", "watch_loader"]
@@ -252,6 +253,9 @@ def cmd_transforms() -> int:
         print(f"{name}({params})\n    {doc}")
     aliases = ", ".join(f"{a} = {b}" for a, b in sorted(transforms.ALIASES.items()))
     print(f"\naliases: {aliases}")
+    print("\nformats (read/write, library):")
+    for f in formats.FORMATS:
+        print(f"    {f.name}: {'read/write' if f.output else 'read'}, {f.library}")
     print("\nfailure reasons: " + ", ".join(REASONS))
     return ExitCode.OK
 

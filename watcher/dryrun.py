@@ -18,7 +18,7 @@ from typing import TextIO
 from watcher import batch
 from watcher.config.loader import Settings
 from watcher.errors import ConfigError, RejectedInput
-from watcher.extensions import output_ext
+from watcher.extensions import output_ext, place
 from watcher.fs import naming, safefs
 from watcher.imaging import codec
 from watcher.imaging.pipeline import Pipeline
@@ -99,9 +99,11 @@ def watch_plan(settings: Settings, pipelines: Sequence[Pipeline], out: TextIO) -
         rel_dir, name = os.path.split(rel)
         stem = os.path.splitext(name)[0]
         for p in pipelines:
-            ext = output_ext(p.output, os.path.join(inbox, rel), settings.limits.formats)
-            dest = os.path.join(folders["output"], rel_dir,
-                                naming.output_name(stem, p.suffix, ext))
+            src = os.path.join(inbox, rel)
+            ext = output_ext(p.output, src, settings.limits.formats)
+            where, base, suffix = place(p.output, os.path.join(folders["output"], rel_dir),
+                                        stem, p.suffix, ext, src, settings.limits.formats)
+            dest = os.path.join(where, naming.output_name(base, suffix, ext))
             taken = " (exists: a free name with a counter)" if os.path.lexists(dest) else ""
             print(f"           -> {visible(dest)}  [{p.name}]{taken}", file=out)
     print(f"dry run: {counts['process']} to process, {counts['quarantine']} to quarantine; "

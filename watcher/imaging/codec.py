@@ -31,19 +31,23 @@ from typing import TYPE_CHECKING, Any
 
 from watcher.errors import RejectedInput
 from watcher.imaging import inputfile
-from watcher.imaging.formats import SCALABLE_FORMATS, sniff
+from watcher.imaging.formats import EXTERNAL, SCALABLE_FORMATS, open_order, sniff
 from watcher.imaging.inputfile import InputFile
-from watcher.imaging.pil import Image, UnidentifiedImageError, load_plugins
+from watcher.imaging.pil import Image, UnidentifiedImageError, load_plugins, register_external
 
 if TYPE_CHECKING:  # the settings types; the schema checks formats with this module
     from watcher.settings.schema import DecodeLimits
 
 ORIENTATION = 0x0112  # the EXIF tag
+# Formats whose decoder tells some metadata (a JPEG XL's ICC profile) only with the pixels.
+_LATE_METADATA = frozenset({"JXL", "RAW"})
 
 
 def ensure_formats(formats: tuple[str, ...]) -> None:
     """Image.open(formats=...) only knows loaded plugins: load the default formats' plugins
-    when one is missing, and all ~40 only when that is not enough."""
+    when one is missing, and all ~40 only when that is not enough. A format from another
+    library (HEIF, JXL, RAW) is registered when it is allowed."""
+    register_external(formats)
     if any(f not in Image.OPEN for f in formats):
         load_plugins()
     if any(f not in Image.OPEN for f in formats):
@@ -82,7 +86,8 @@ def _classify(path: str, exc: BaseException, failure: OSError | None) -> Rejecte
         return RejectedInput("too-large", f"{path}: decoding it needed more memory than the "
                              "worker's max_worker_memory allows")
     text = str(exc)
-    if "truncated" in text.lower() or isinstance(exc, EOFError):
+    # ("unexpected end of file": libheif's word for a cut file)
+    if "truncated" in text.lower() or "end of file" in text.lower() or isinstance(exc, EOFError):
         return RejectedInput("truncated", f"{path}: {text or type(exc).__name__}")
     return RejectedInput("corrupt", f"{path}: {type(exc).__name__}: {text}")
 
@@ -131,6 +136,10 @@ def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
         load_plugins()
         ensure_formats(limits.formats)
         Image.MAX_IMAGE_PIXELS = limits.pixel_limit
+        if "RAW" in limits.formats:
+            from watcher.imaging import raw as raw_plugin  # noqa: PLC0415 - loaded by now
+
+            raw_plugin.MODE = limits.raw
         im, fmt, n_frames, meta = _header(f, path, limits)
         stored = im.size
         draft = plan(im) if plan is not None and fmt in SCALABLE_FORMATS and n_frames == 1 \
@@ -147,6 +156,8 @@ def decode(path: str, *, limits: DecodeLimits, nofollow: bool = False,
             im.load()
         if n_frames == 1:
             f.close()  # keep the file only where more frames may be read
+        if fmt in _LATE_METADATA:
+            meta = _metadata(im)
         icc, exif, xmp = meta
         return Source(image=im, format=fmt, size=stored, n_frames=n_frames, bytes_in=nbytes,
                       icc=icc, exif=exif, xmp=xmp, file=f if n_frames > 1 else None)
@@ -178,7 +189,7 @@ def _header(f: InputFile, path: str, limits: DecodeLimits,
     pixels yet), its format, frame count and metadata."""
     with _parsing(f, path):
         try:
-            im = Image.open(f, formats=limits.formats)
+            im = Image.open(f, formats=open_order(limits.formats))
         except UnidentifiedImageError as exc:
             raise _unidentified(f, path, limits) from exc
         if im.width <= 0 or im.height <= 0:
@@ -198,6 +209,7 @@ def _unidentified(f: InputFile, path: str, limits: DecodeLimits) -> RejectedInpu
     head = f.read(16)
     f.seek(0)
     Image.init()  # every format, to tell "not allowed" from "not an image"
+    register_external(tuple(EXTERNAL))
     try:
         with Image.open(f) as other:
             fmt = other.format

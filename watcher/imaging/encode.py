@@ -69,6 +69,12 @@ def _exif_bytes(src_exif: bytes | None, policy: str, oriented: bool,
         return None
 
 
+def exif_to_box(exif: bytes) -> bytes:
+    """EXIF (as Pillow gives it) as a JPEG XL ``Exif`` box holds it: a zero offset to the TIFF
+    header, then the TIFF structure."""
+    return b"\x00\x00\x00\x00" + (exif[6:] if exif.startswith(b"Exif\x00\x00") else exif)
+
+
 _XMP_ORIENT = re.compile(rb'tiff:Orientation(="|>)([0-9])')
 
 
@@ -89,12 +95,20 @@ def save(images: list[tuple[Image.Image, int]], fp: IO[bytes], fmt: str, opts: O
         params["lossless"] = opts.lossless
     if fmt == "TIFF":
         params["compression"] = "tiff_deflate"
+    if fmt == "HEIF" and opts.lossless:
+        params["quality"] = -1  # pillow-heif's lossless
+    if fmt == "JXL":
+        # libjxl's quality is calibrated to libjpeg's (cjxl -q 90 looks like a JPEG of 90);
+        # 100 is lossless. Never a JPEG re-wrap: what is encoded is the processed image.
+        params.update(lossless=opts.quality >= 100 or opts.lossless, lossless_jpeg=False,
+                      effort=7)
     icc = output_icc(first, src.icc, opts.colour)
     if icc and spec.icc:
         params["icc_profile"] = icc
     exif = _exif_bytes(src.exif, opts.metadata, oriented, notes)
     if exif and spec.exif:
-        params["exif"] = exif
+        # the JPEG XL writer stores its bytes as the box: it must start with the offset
+        params["exif"] = exif_to_box(exif) if fmt == "JXL" else exif
     if opts.metadata == "keep" and src.xmp and spec.xmp:
         params["xmp"] = _XMP_ORIENT.sub(rb'tiff:Orientation\g<1>1', src.xmp) if oriented \
             else src.xmp

@@ -19,7 +19,8 @@ class Format:
 
     name: str  # the user's name for it ([output] format = "jpeg")
     pillow: str  # Pillow's name for it (Image.format, Image.open(formats=...))
-    plugin: str  # the Pillow module that decodes it
+    plugin: str  # the module that decodes it: a Pillow module, or "package.module:register"
+    library: str = "Pillow"  # the library (and its licence) that decodes and encodes it
     extension: str  # the extension an output in this format (or written from it) is given
     other_extensions: tuple[str, ...] = ()  # further extensions that name it
     default: bool = True  # opened unless the configuration lists the formats
@@ -52,6 +53,25 @@ FORMATS: tuple[Format, ...] = (
            animation=True, icc=False, signature=rb"GIF8"),
     Format(name="bmp", pillow="BMP", plugin="BmpImagePlugin", extension=".bmp",
            signature=rb"BM"),
+    # HEIF/HEIC (an iPhone's photos): libheif through pillow-heif. libheif applies the file's
+    # rotation and mirroring itself, and its EXIF orientation is then reset to 1.
+    Format(name="heif", pillow="HEIF", plugin="pillow_heif:register_heif_opener",
+           library="pillow-heif (libheif, libde265, x265)", extension=".heic",
+           other_extensions=(".heif", ".hif"), alpha=True, quality=True, exif=True, xmp=True,
+           signature=rb"....ftyp(heic|heix|heim|heis|hevc|hevx|hevm|hevs|mif1|msf1)"),
+    # JPEG XL: libjxl through pillow-jxl-plugin, its header read first (watcher.imaging.jxl).
+    Format(name="jxl", pillow="JXL", plugin="watcher.imaging.jxl:register",
+           library="pillow-jxl-plugin (libjxl)", extension=".jxl", alpha=True, quality=True,
+           exif=True, xmp=True, signature=rb"\xff\x0a|\x00\x00\x00\x0cJXL \r\n\x87\n"),
+    # A camera's RAW (DNG, CR2, CR3, NEF, ARW, RAF, ORF, RW2...): LibRaw through rawpy
+    # (watcher.imaging.raw), tried before TIFF (a DNG is a TIFF). Read, never written: an output
+    # of format "same" is a JPEG.
+    Format(name="raw", pillow="RAW", plugin="watcher.imaging.raw:register",
+           library="rawpy (LibRaw)", extension=".jpg",
+           other_extensions=(".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".srf", ".sr2",
+                             ".raf", ".orf", ".rw2", ".pef", ".srw", ".3fr", ".iiq", ".x3f"),
+           output=False, scalable=True,
+           signature=rb"....ftypcrx |FUJIFILMCCD-RAW|IIRO|IIRS|MMOR|IIU\x00"),
     Format(name="tiff", pillow="TIFF", plugin="TiffImagePlugin", extension=".tif",
            other_extensions=(".tiff",), alpha=True, animation=True, exif=True,
            signature=rb"II\*\x00|MM\x00\*|II\+\x00|MM\x00\+"),
@@ -62,18 +82,23 @@ FORMATS: tuple[Format, ...] = (
 )
 
 _BY_PILLOW = {f.pillow: f for f in FORMATS}
+# Formats whose plugin is not Pillow's own: Pillow name -> "module:function" registering it.
+EXTERNAL = {f.pillow: f.plugin for f in FORMATS if ":" in f.plugin}
 # The formats watcher writes, by Pillow name.
 OUTPUTS = {f.pillow: f for f in FORMATS if f.output}
 
 # Formats opened by default (Pillow names), in the order they are tried.
 DEFAULT_FORMATS = tuple(f.pillow for f in FORMATS if f.default)
 # The Pillow plugins of the default formats (the ones a worker loads before its first image).
-DEFAULT_PLUGINS = tuple(f.plugin for f in FORMATS if f.default)
+DEFAULT_PLUGINS = tuple(f.plugin for f in FORMATS if f.default and ":" not in f.plugin)
 # The user's output format names -> Pillow's ("same" is not one: it keeps the input's).
 OUTPUT_FORMATS = {f.name: f.pillow for f in OUTPUTS.values()}
 # An output's extension (lower case) -> the Pillow format it is encoded in.
 OUTPUT_EXTENSIONS = {ext: f.pillow for f in OUTPUTS.values() for ext in (f.extension,
                                                                   *f.other_extensions)}
+# The extensions of formats watcher reads but does not write (a RAW's .dng, .nef...).
+READ_ONLY_EXTENSIONS = {ext: f.pillow for f in FORMATS if not f.output
+                        for ext in f.other_extensions}
 ALPHA_FORMATS = frozenset(f.pillow for f in OUTPUTS.values() if f.alpha)
 ANIMATED_FORMATS = frozenset(f.pillow for f in OUTPUTS.values() if f.animation)
 ONE_FRAME_SIZE_FORMATS = frozenset(f.pillow for f in OUTPUTS.values() if f.one_frame_size)
@@ -86,6 +111,22 @@ def extension(pillow: str) -> str | None:
     or None for a format watcher does not write."""
     f = _BY_PILLOW.get(pillow)
     return f.extension if f is not None else None
+
+
+def open_order(allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """``allowed`` in the order decoders are tried: a camera's RAW before TIFF (a DNG, a CR2 or
+    a NEF is a TIFF whose first page is only its small preview)."""
+    if "RAW" in allowed and "TIFF" in allowed and allowed.index("TIFF") < allowed.index("RAW"):
+        rest = [f for f in allowed if f != "RAW"]
+        rest.insert(rest.index("TIFF"), "RAW")
+        return tuple(rest)
+    return allowed
+
+
+def library(pillow: str) -> str:
+    """The library that reads (and writes) ``pillow`` format."""
+    f = _BY_PILLOW.get(pillow)
+    return f.library if f is not None else "Pillow"
 
 
 def sniff(head: bytes) -> str | None:

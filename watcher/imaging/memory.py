@@ -48,7 +48,12 @@ _STORED = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2
 # Pillow 11): WebP's decoder keeps a canvas and hands back copies, AVIF decodes to YUV first,
 # GIF keeps the previous frame; a progressive JPEG keeps every DCT coefficient (2 bytes for each
 # of ~1.5 samples per pixel).
-_DECODER = {"WEBP": 12.0, "AVIF": 8.0, "GIF": 2.0}
+_DECODER = {"WEBP": 12.0, "AVIF": 8.0, "GIF": 2.0,
+            # Not measured, by the libraries' designs: libheif decodes to YCbCr planes and
+            # pillow-heif copies them out; libjxl works in 32-bit floats per channel and
+            # pillow-jxl-plugin hands back a copy of the pixels; LibRaw holds the sensor's
+            # 16-bit samples, its 4x16-bit image while demosaicing and rawpy's 8-bit output.
+            "HEIF": 8.0, "JXL": 24.0, "RAW": 16.0}
 _PROGRESSIVE_JPEG = 3.0
 # A 16-bit or float image scaled to 8 bits goes through 32-bit and float copies.
 _DEEP = 8.0
@@ -56,7 +61,7 @@ _DEEP = 8.0
 # its bytes, libwebp's ARGB and YUV pictures and analysis; libavif's YUV and libaom's frames;
 # libjpeg's coefficients when optimising or progressive.
 _ENCODER = {"JPEG": 0.5, "WEBP": 38.0, "AVIF": 36.0, "PNG": 0.5, "TIFF": 1.0, "BMP": 1.0,
-            "GIF": 3.0}
+            "GIF": 3.0, "HEIF": 36.0, "JXL": 40.0}  # (HEIF's x265 and libjxl: not measured)
 # (libwebp's buffers grow with the image's entropy and alpha, and nothing in a header tells:
 # measured on 4 MP, 8-16 for flat images, 11-32 for smooth ones, 20-37 for noise, the RGBA copy
 # of an image without alpha included; the estimate takes the worst)

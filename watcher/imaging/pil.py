@@ -16,7 +16,7 @@ from types import ModuleType
 import PIL  # the package itself is a few lines
 from PIL import UnidentifiedImageError
 
-from watcher.imaging.formats import DEFAULT_PLUGINS
+from watcher.imaging.formats import DEFAULT_FORMATS, DEFAULT_PLUGINS, EXTERNAL
 
 
 def _lazy(name: str) -> ModuleType:
@@ -57,7 +57,24 @@ def load_plugins() -> None:
     for name in ("Image", "ImageCms", "ImageColor", "ImageOps", *DEFAULT_PLUGINS):
         # reading any attribute of a lazy module executes it
         getattr(importlib.import_module(f"PIL.{name}"), "__name__", None)
+    register_external(DEFAULT_FORMATS)
     _loaded = True
+
+
+_registered: set[str] = set()
+
+
+def register_external(formats: tuple[str, ...]) -> None:
+    """Register with Pillow the plugins of ``formats`` that come from another library
+    (``formats.EXTERNAL``: HEIF from pillow-heif, JXL and RAW through watcher's own plugin
+    modules), each once."""
+    for fmt in formats:
+        target = EXTERNAL.get(fmt)
+        if target is None or fmt in _registered:
+            continue
+        module, _, function = target.partition(":")
+        getattr(importlib.import_module(module), function)()
+        _registered.add(fmt)
 
 
 __all__ = [
@@ -69,4 +86,5 @@ __all__ = [
     "ImageOps",
     "UnidentifiedImageError",
     "load_plugins",
+    "register_external",
 ]

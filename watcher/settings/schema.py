@@ -14,6 +14,7 @@ from dataclasses import field, make_dataclass
 from typing import Any
 
 from watcher.errors import ConfigError
+from watcher.fs import template
 from watcher.imaging.formats import DEFAULT_FORMATS, OUTPUT_FORMATS
 from watcher.settings.setting import Setting, parse_size
 
@@ -73,7 +74,8 @@ def _formats(value: tuple[str, ...], where: str) -> tuple[str, ...]:
     out = []
     for i, v in enumerate(value):
         name = v.upper()
-        name = {"JPG": "JPEG", "TIF": "TIFF"}.get(name, name)
+        name = {"JPG": "JPEG", "TIF": "TIFF", "HEIC": "HEIF", "JPEGXL": "JXL", "DNG": "RAW"}.get(
+            name, name)
         codec.ensure_formats((name,))  # all ~40 plugins (about 0.1 s) only for a rare one
         if name not in codec.Image.OPEN:
             raise ConfigError(f"{where}[{i}]", f"unknown format {v!r}; known: "
@@ -174,9 +176,13 @@ SETTINGS: tuple[Setting, ...] = (
            "in hand are given up (0: for ever)"),
     # -- [input]: what is decoded --------------------------------------------------------------
     S(section="input", name="formats", kind="list", default=DEFAULT_FORMATS, check=_formats,
-      metavar="F,F", help="formats opened (Pillow names; jpg and tif accepted)"),
+      metavar="F,F", help="formats opened (Pillow names; jpg, tif, heic, jpegxl and dng accepted)"),
     S(section="input", name="pixel_limit", kind="int", default=89_478_485, lo=1, metavar="N",
       help="inputs with more pixels are refused as decompression-bomb"),
+    S(section="input", name="raw", kind="choice", default="auto",
+      choices=("auto", "preview", "demosaic"),
+      help="a camera RAW (DNG, CR2, NEF...): its embedded preview (fast), a full demosaic, or "
+           "auto: the preview where it is at least as large as every pipeline needs"),
     S(section="input", name="max_file_size", kind="size", default=0, metavar="SIZE",
       help="inputs larger than this are refused as too-large (0: no limit)"),
     # -- [output]: which pipelines, and existing outputs ---------------------------------------
@@ -223,6 +229,14 @@ SETTINGS: tuple[Setting, ...] = (
       help="tries after failures not the input's fault, then it is quarantined as gave-up"),
     S(section="watch", name="retry_max_age", kind="float", default=3600.0, lo=1,
       hi=30 * 86400, metavar="S", help="seconds after the first such failure to keep trying"),
+    S(section="watch", name="duplicates", kind="choice", default="skip",
+      choices=("skip", "process"),
+      help="an input whose bytes and pipeline configuration were processed before: skip it "
+           "(archived as on_success says, with a file.duplicate line naming the earlier "
+           "input) or process it again"),
+    S(section="watch", name="duplicates_max_age", kind="float", default=90 * 86400.0, lo=60,
+      hi=100 * 365 * 86400.0, metavar="S",
+      help="seconds a processed input is remembered (older records are pruned)"),
     S(section="watch", name="metrics_port", kind="int", default=0, lo=0, hi=65535,
       metavar="PORT", help="serve /metrics, /healthz, /readyz on this port (0: off)"),
     S(section="watch", name="metrics_host", kind="str", default="127.0.0.1", metavar="ADDR",
@@ -309,7 +323,12 @@ SETTINGS: tuple[Setting, ...] = (
     S(section="pipeline", name="progressive", kind="bool", default=False, env=None,
       help="progressive JPEG"),
     S(section="pipeline", name="lossless", kind="bool", default=False, env=None,
-      help="lossless WebP/AVIF"),
+      help="lossless WebP/AVIF/HEIF/JPEG XL"),
+    S(section="pipeline", name="name_template", kind="str", default="", env=None,
+      check=template.check, allow_empty=True, metavar="TEMPLATE",
+      help="the output's name below the output folder, from {stem}, {suffix}, {ext} and "
+           "{taken:%Y/%m/%d} (EXIF/XMP capture time, else the file's time), e.g. "
+           "\"{taken:%Y/%m}/{stem}_{suffix}{ext}\"; empty: {stem}_{suffix}{ext}"),
     # (end of declarations)
 )
 

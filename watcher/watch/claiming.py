@@ -59,6 +59,8 @@ class Claim:
     token: str = ""  # its name in the work folder ("" for a claim of the old layout)
     submitted_at: float = 0.0  # monotonic time it was last handed to the engine
     adopted: bool = False  # taken over from a stale instance: its outputs are not surely ours
+    digest: str = ""  # SHA-256 of its bytes when it was submitted ("" not known: duplicates)
+    config: str = ""  # the hash of the pipeline configuration it was submitted under
     seen: tuple[int, int, int] | None = None  # (size, mtime, ctime) when last handed over
 
     @property

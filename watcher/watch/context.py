@@ -16,6 +16,7 @@ from watcher.ops.metrics import Metrics
 from watcher.ops.status import Board
 from watcher.ops.webhooks import Notifications
 from watcher.watch.claiming import Claim
+from watcher.watch.duplicates import Seen
 from watcher.watch.lifecycle import Folders
 from watcher.watch.qindex import QuarantineIndex
 
@@ -42,6 +43,16 @@ class Context:
                                     log.get("watcher.notify"))
         self.board = Board()  # what the status page and ``watcher status`` show
         self.quarantine_index = QuarantineIndex(self.folders.quarantine)
+        self._seen: Seen | None = None
+
+    def seen(self) -> Seen:
+        """The database of processed inputs, opened on first use: in the work folder, or with
+        several instances in the one that holds theirs (they share it)."""
+        if self._seen is None:
+            self._seen = Seen(self.folders.work_root or self.folders.work,
+                              self.settings.watch.duplicates_max_age)
+        self._seen.max_age = self.settings.watch.duplicates_max_age  # (a reload may change it)
+        return self._seen
 
     @property
     def pipelines(self) -> tuple[Pipeline, ...]:

@@ -6,14 +6,15 @@ over again when their back-off has passed.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import time
 from dataclasses import replace
 
-from watcher.extensions import output_ext
+from watcher.extensions import output_ext, place
 from watcher.fs import files, naming
 from watcher.tasks import OutputPlan, Task
-from watcher.watch import claiming, moves
+from watcher.watch import claiming, duplicates, moves
 from watcher.watch.claiming import Claim, identity
 from watcher.watch.context import Context, InFlight
 from watcher.watch.fates import Fates
@@ -122,10 +123,14 @@ class Dispatch:
         stem = os.path.splitext(name)[0]
         folder = os.path.join(self._ctx.folders.output, rel_dir)
         formats = self._ctx.settings.limits.formats
-        outputs = tuple(OutputPlan(pipeline=p.name, path=self._held.names.claim(
-            folder, stem, p.suffix, output_ext(p.output, c.work_path, formats),
-            avoid_existing=True, owner=c.seq)) for p in pipes)
-        return outputs, False
+        outputs = []
+        for p in pipes:
+            ext = output_ext(p.output, c.work_path, formats)
+            where, name, suffix = place(p.output, folder, stem, p.suffix, ext, c.work_path,
+                                        formats)
+            outputs.append(OutputPlan(pipeline=p.name, path=self._held.names.claim(
+                where, name, suffix, ext, avoid_existing=True, owner=c.seq)))
+        return tuple(outputs), False
 
     def natural_outputs(self, rel: str, path: str) -> list[str]:
         """The first-choice output paths of an input (keep mode: are they there already?)."""
@@ -133,11 +138,17 @@ class Dispatch:
         stem = os.path.splitext(name)[0]
         folder = os.path.join(self._ctx.folders.output, rel_dir)
         formats = self._ctx.settings.limits.formats
-        return [os.path.join(folder, naming.output_name(
-            stem, p.suffix, output_ext(p.output, path, formats))) for p in self._ctx.pipelines]
+        out = []
+        for p in self._ctx.pipelines:
+            ext = output_ext(p.output, path, formats)
+            where, name, suffix = place(p.output, folder, stem, p.suffix, ext, path, formats)
+            out.append(os.path.join(where, naming.output_name(name, suffix, ext)))
+        return out
 
     def submit(self, c: Claim) -> None:
         assert self._ctx.engine is not None
+        if not c.digest and self._duplicate(c):
+            return
         outputs, own = self._plan(c)
         c.outputs = tuple((o.pipeline, o.path) for o in outputs)
         try:
@@ -154,6 +165,25 @@ class Dispatch:
         self._held.claims[c.seq] = c
         self._ctx.engine.submit(task)
         self._log.info("file.queued", input=c.rel, seq=c.seq)
+
+    def _duplicate(self, c: Claim) -> bool:
+        """Hash ``c`` (its bytes, the configuration); True when it is a duplicate of an input
+        processed before and was handed to its fate (``duplicates = "skip"``)."""
+        c.digest = duplicates.content_hash(c.work_path) or ""
+        c.config = duplicates.config_hash(self._ctx.pipelines, self._ctx.settings.limits)
+        ws = self._ctx.settings.watch
+        # (keep mode puts an input back in the inbox: a duplicate kept there would come back)
+        if not c.digest or ws.duplicates != "skip" or ws.on_success == "keep":
+            return False
+        try:
+            earlier = self._ctx.seen().lookup(c.digest, c.config)
+        except (sqlite3.Error, OSError) as exc:
+            self._fates.seen_unavailable(exc)
+            return False
+        if earlier is None:
+            return False
+        self._fates.duplicate(c, earlier)
+        return True
 
     def retry_due(self) -> None:
         now = time.monotonic()

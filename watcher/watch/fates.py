@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 from watcher.errors import TRANSIENT_REASONS
 from watcher.fs import files
 from watcher.tasks import Result
-from watcher.watch import claiming, fatedoc, moves
+from watcher.watch import claiming, duplicates, fatedoc, moves
 from watcher.watch.claiming import Claim, identity
 from watcher.watch.context import Context, InFlight
 
@@ -54,6 +55,7 @@ class Fates:
         self._kept = kept
         self.deferred: list[_Deferred] = []  # fates decided whose move failed (a full disk)
         self._successes = 0  # inputs processed since start: evidence for isolated failures
+        self._seen_warned = False
 
     def fate(self, r: Result) -> None:
         c = self._held.claims.pop(r.seq, None)
@@ -95,6 +97,7 @@ class Fates:
 
     def _processed(self, c: Claim, r: Result, common: dict[str, Any]) -> None:
         where = self._success(c)
+        self._remember(c, list(r.outputs))
         self._held.forget(c)
         self._ctx.counts["processed"] += 1
         for p in self._ctx.pipelines:
@@ -110,6 +113,40 @@ class Fates:
                        **({"warnings": list(r.warnings)} if r.warnings else {}))
         self._notify("processed", c, r, outputs=list(r.outputs), moved_to=where)
         claiming.drop_record(c)  # after the line: a kill between leaves it for the next start
+
+    def _remember(self, c: Claim, outputs: list[str]) -> None:
+        """Record a processed input for duplicates, now that its fate was carried out."""
+        if not c.digest:
+            return
+        try:
+            self._ctx.seen().record(c.digest, c.config, c.rel, outputs)
+        except (sqlite3.Error, OSError) as exc:
+            self.seen_unavailable(exc)
+
+    def seen_unavailable(self, exc: BaseException) -> None:
+        if not self._seen_warned:
+            self._seen_warned = True
+            self._log.warning("duplicates.unavailable", error=str(exc),
+                              database=self._ctx.seen().path,
+                              why="the database of processed inputs cannot be used; inputs "
+                                  "are processed as if new")
+
+    def duplicate(self, c: Claim, earlier: duplicates.Earlier) -> None:
+        """``c`` has the bytes of ``earlier`` under the same configuration: not processed
+        again; its input leaves the work folder as a processed one would."""
+        def act() -> None:
+            where = self._success(c)
+            self._held.forget(c)
+            self._log.info("file.duplicate", input=c.rel, claim=c.token,
+                           earlier_input=earlier.input, earlier_outputs=earlier.outputs,
+                           earlier_at=time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                                    time.localtime(earlier.at)),
+                           on_success=self._ctx.settings.watch.on_success, moved_to=where,
+                           why="its bytes and the pipeline configuration were processed "
+                               "before (duplicates = \"process\" processes it again)")
+            claiming.drop_record(c)
+
+        self._carry_out(c, "archive", act)
 
     def _success(self, c: Claim) -> str | None:
         mode = self._ctx.settings.watch.on_success
