@@ -48,7 +48,9 @@ def _one(watcher: Path, base: Path, small: list[Path], idle: int, page: bool) ->
     cmd = [str(watcher), "watch", "--inbox", str(base / "inbox"), "--output",
            str(base / "processed"), "--archive", str(base / "archive"), "--quarantine",
            str(base / "quarantine"), "--work", str(base / "work"), "--workers", "2",
-           "--log-format", "json", "--reconcile-interval", "600", "--pipeline", "thumbnail"]
+           "--log-format", "json", "--reconcile-interval", "600", "--pipeline", "thumbnail",
+           # both runs drop the same images: measure processing, not the duplicate check
+           "--duplicates", "process"]
     if page:
         cmd += ["--status-port", str(port)]
     polling = threading.Event()
